@@ -1,1 +1,27 @@
-//! imaged
+//! imaged: the CRI ImageService. It pulls images from OCI registries (through hosts.toml
+//! mirrors), keeps them in a content-addressed store, unpacks layers into snapshots and
+//! answers the kubelet's image RPCs.
+//!
+//! The flow of a pull is in [`pull`]; the RPC semantics in [`service`]; the gRPC edge in
+//! [`cri`] and [`internal_api`]; start-up in [`daemon`]. The `imaged` binary's client
+//! commands live in [`cli`].
+
+pub mod cli;
+pub mod config;
+pub mod content;
+pub mod cri;
+pub mod daemon;
+pub mod digest;
+pub mod du;
+pub mod error;
+pub mod gc;
+pub mod images;
+pub mod internal_api;
+pub mod locks;
+pub mod manifest;
+pub mod pull;
+pub mod reference;
+pub mod registry;
+pub mod service;
+
+pub use error::Error;

@@ -8,7 +8,7 @@ const BUFFER: usize = 256 * 1024;
 
 /// Wraps a gzip stream; concatenated members are read as one stream, like `gzip -d`.
 pub(crate) fn decoder<'a>(input: Stream<'a>) -> Stream<'a> {
-    Box::new(flate2::bufread::MultiGzDecoder::new(BufReader::with_capacity(
-        BUFFER, input,
-    )))
+    Box::new(flate2::bufread::MultiGzDecoder::new(
+        BufReader::with_capacity(BUFFER, input),
+    ))
 }

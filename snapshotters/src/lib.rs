@@ -1,1 +1,161 @@
-//! snapshotters
+//! Snapshotters for imaged, following containerd's snapshotter model, and the safe
+//! application of OCI layer tar streams into them.
+//!
+//! - [`Snapshotter`] is the interface the rest of the workspace uses; [`Overlay`] implements
+//!   it on overlayfs.
+//! - [`Mount`] describes how to mount a snapshot; the snapshotter only returns mounts, and
+//!   whoever needs the filesystem calls [`Mount::mount_all`] and [`unmount`].
+//! - `metastore` keeps keys, ids, kinds, parents, labels and frozen usage in redb, shared by
+//!   every backend; `apply` turns a layer tar into files, whiteouts included, without ever
+//!   leaving the snapshot directory.
+#![deny(missing_docs)]
+
+mod apply;
+mod error;
+mod fsutil;
+mod metastore;
+mod mount;
+mod overlayfs;
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::Path;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+pub use apply::{ApplyLimits, MAX_EXTENSION_SIZE};
+pub use error::{Error, ErrorKind, LayerError, MetadataError};
+pub use mount::{Mount, unmount};
+pub use overlayfs::Overlay;
+
+/// The kind of a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Kind {
+    /// Writable; named by a key; can be committed.
+    Active,
+    /// Read-only; named by a key; can never be committed.
+    View,
+    /// Immutable; named by a name; the only kind that can be a parent.
+    Committed,
+}
+
+/// What [`Snapshotter::stat`] and [`Snapshotter::walk`] report about a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Info {
+    /// Active, View or Committed.
+    pub kind: Kind,
+    /// The key (Active, View) or name (Committed).
+    pub name: String,
+    /// Name of the committed parent; `None` for a snapshot that starts empty.
+    pub parent: Option<String>,
+    /// Labels as last set by prepare/view, commit or update.
+    pub labels: BTreeMap<String, String>,
+    /// When the snapshot was created (a commit keeps the creation time of its active key).
+    pub created: SystemTime,
+    /// When the snapshot was last changed (created, committed or relabelled).
+    pub updated: SystemTime,
+}
+
+/// Disk usage of one snapshot alone, parents excluded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Bytes as `du` counts them: `st_blocks * 512`, each hardlinked inode once.
+    pub size: u64,
+    /// Number of inodes, the snapshot's root directory included.
+    pub inodes: u64,
+}
+
+/// What one layer application did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ApplyStats {
+    /// Tar entries applied (extension headers such as PAX or GNU long names not counted).
+    pub entries: u64,
+    /// Bytes of regular file content written.
+    pub bytes: u64,
+}
+
+/// The containerd snapshotter model.
+///
+/// A *key* names an Active or View snapshot, a *name* a Committed one; keys and names share
+/// one namespace. A *parent* is always the name of a Committed snapshot, and `None` means the
+/// snapshot starts as an empty directory.
+///
+/// - [`prepare`](Snapshotter::prepare) creates an **Active** snapshot: writable mounts that
+///   start with the parent's content. Only an Active snapshot can be committed.
+/// - [`view`](Snapshotter::view) creates a **View**: read-only mounts of the parent, never
+///   committed.
+/// - [`commit`](Snapshotter::commit) turns an Active key into a **Committed** name: the key
+///   disappears, the content is frozen and its usage recorded, and it can now be a parent.
+///
+/// Methods return mounts and never mount anything themselves (except that
+/// [`apply`](Snapshotter::apply) writes into the snapshot's own directory). Labels are never
+/// inherited: each call sets exactly the labels it is given.
+pub trait Snapshotter: Send + Sync {
+    /// Creates Active `key` on top of `parent` and returns its mounts.
+    ///
+    /// Errors: `key` taken → AlreadyExists; `parent` missing → NotFound; `parent` not
+    /// Committed → InvalidArgument.
+    fn prepare(
+        &self,
+        key: &str,
+        parent: Option<&str>,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>, Error>;
+
+    /// Creates View `key` of `parent` and returns its read-only mounts. Errors as `prepare`.
+    fn view(
+        &self,
+        key: &str,
+        parent: Option<&str>,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>, Error>;
+
+    /// Commits Active `key` as `name`, with exactly `labels`.
+    ///
+    /// `parent: Some(p)` rebases: the snapshot was prepared with no parent (layers are applied
+    /// in parallel, each independently) and gets committed parent `p` now; `p` must be
+    /// Committed. Errors: `name` taken → AlreadyExists (and `key` stays Active); `key` is not
+    /// Active → FailedPrecondition; `key` missing → NotFound.
+    fn commit(
+        &self,
+        name: &str,
+        key: &str,
+        parent: Option<&str>,
+        labels: BTreeMap<String, String>,
+    ) -> Result<(), Error>;
+
+    /// Removes a snapshot of any kind. Errors: children exist → FailedPrecondition.
+    fn remove(&self, key: &str) -> Result<(), Error>;
+
+    /// Describes one snapshot.
+    fn stat(&self, key: &str) -> Result<Info, Error>;
+
+    /// Changes labels, the only mutable field. `fieldpaths` empty or containing `labels`
+    /// replaces all labels with `info.labels`; `labels.<k>` sets (or, when absent from
+    /// `info.labels`, deletes) label `k` alone. Any other path → InvalidArgument.
+    fn update(&self, info: &Info, fieldpaths: &[&str]) -> Result<Info, Error>;
+
+    /// Recomputes the mounts of an Active or View snapshot; Committed → FailedPrecondition.
+    fn mounts(&self, key: &str) -> Result<Vec<Mount>, Error>;
+
+    /// Usage of the snapshot alone: measured now for Active and View, frozen at commit for
+    /// Committed.
+    fn usage(&self, key: &str) -> Result<Usage, Error>;
+
+    /// Calls `f` for every snapshot, in key order.
+    fn walk(&self, f: &mut dyn FnMut(&Info)) -> Result<(), Error>;
+
+    /// Applies an uncompressed OCI layer tar stream into Active `key` (into its own layer
+    /// directory, directly; nothing is mounted) and then reads `tar` to EOF, so a caller that
+    /// hashes every byte also covers data after the end-of-archive blocks. A failed layer
+    /// leaves the Active snapshot in place for the caller to [`remove`](Snapshotter::remove).
+    fn apply(&self, key: &str, tar: &mut dyn Read) -> Result<ApplyStats, Error>;
+
+    /// Removes on-disk directories that no metadata refers to (crash leftovers, temporary
+    /// `new-*` and `rm-*` directories).
+    fn cleanup(&self) -> Result<(), Error>;
+
+    /// Directory holding this snapshotter's data.
+    fn root(&self) -> &Path;
+}

@@ -1,0 +1,34 @@
+# imaged: see README.md. `make demo` shows it working; `make test` runs every test.
+CARGO ?= cargo
+export PATH := $(CURDIR)/target/tools:$(PATH)
+
+.PHONY: all build deps test unit critest demo clean fmt lint
+
+all: build
+
+deps:
+	./scripts/install-deps.sh
+
+build:
+	$(CARGO) build --workspace --bins
+
+test: deps
+	$(CARGO) build --workspace --bins --tests
+	$(CARGO) nextest run --workspace --no-fail-fast
+	./scripts/critest.sh
+
+critest: deps build
+	./scripts/critest.sh
+
+demo: deps
+	$(CARGO) build --release -p imaged -p fixtures
+	./scripts/demo.sh
+
+fmt:
+	$(CARGO) fmt --all
+
+lint:
+	$(CARGO) clippy --workspace --all-targets
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,187 @@
+//! Daemon configuration: a raw TOML file where every key is optional, resolved into a
+//! [`Config`] with defaults filled in and paths checked.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Errors reading the configuration file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading config {path}: {source}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown or mistyped keys.
+    #[error("parsing config {path}: {message}")]
+    Parse {
+        /// File.
+        path: PathBuf,
+        /// Parser message (names the key and line).
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("config {path}: {key}: {message}")]
+    Invalid {
+        /// File.
+        path: PathBuf,
+        /// Key.
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The configuration file as written: every field optional, unknown fields refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    root: Option<PathBuf>,
+    state: Option<PathBuf>,
+    address: Option<PathBuf>,
+    max_concurrent_downloads: Option<usize>,
+    pinned_images: Option<Vec<String>>,
+    registry: Option<RawRegistry>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRegistry {
+    config_path: Option<String>,
+}
+
+/// Resolved configuration.
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    /// Persistent data: content store, snapshots, metadata.
+    pub root: PathBuf,
+    /// Runtime state: the socket.
+    pub state: PathBuf,
+    /// The unix socket the daemon listens on.
+    pub address: PathBuf,
+    /// How many layers of one pull download at the same time.
+    pub max_concurrent_downloads: usize,
+    /// Images reported as pinned (kubelet's image GC leaves them alone).
+    pub pinned_images: Vec<String>,
+    /// Registry settings.
+    pub registry: RegistryConfig,
+}
+
+/// `[registry]` settings.
+#[derive(Debug, Clone, Serialize)]
+pub struct RegistryConfig {
+    /// Directory of `<host>/hosts.toml` files (containerd's `certs.d` layout); several
+    /// directories may be joined with `:`.
+    pub config_path: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self::resolve(RawConfig::default())
+    }
+}
+
+impl Config {
+    /// Reads `path`; with no path, the defaults.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let Some(path) = path else {
+            return Ok(Self::default());
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let raw: RawConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        if raw.max_concurrent_downloads == Some(0) {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                key: "max_concurrent_downloads",
+                message: "must be at least 1".into(),
+            });
+        }
+        for (key, value) in [("root", &raw.root), ("state", &raw.state)] {
+            if let Some(dir) = value
+                && !dir.is_absolute()
+            {
+                return Err(ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    key,
+                    message: format!("{} is not an absolute path", dir.display()),
+                });
+            }
+        }
+        Ok(Self::resolve(raw))
+    }
+
+    fn resolve(raw: RawConfig) -> Self {
+        let root = raw.root.unwrap_or_else(|| "/var/lib/imaged".into());
+        let state = raw.state.unwrap_or_else(|| "/run/imaged".into());
+        let address = raw.address.unwrap_or_else(|| state.join("imaged.sock"));
+        Self {
+            root,
+            state,
+            address,
+            max_concurrent_downloads: raw.max_concurrent_downloads.unwrap_or(3),
+            pinned_images: raw
+                .pinned_images
+                .unwrap_or_else(|| vec!["registry.k8s.io/pause:3.10".into()]),
+            registry: RegistryConfig {
+                config_path: raw
+                    .registry
+                    .and_then(|r| r.config_path)
+                    .unwrap_or_else(|| "/etc/imaged/certs.d".into()),
+            },
+        }
+    }
+
+    /// The full default configuration as TOML.
+    pub fn default_toml() -> String {
+        toml::to_string_pretty(&Self::default()).expect("config serialises")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_toml_reads_back_as_the_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, Config::default_toml()).unwrap();
+        let loaded = Config::load(Some(&file)).unwrap();
+        assert_eq!(loaded.root, Path::new("/var/lib/imaged"));
+        assert_eq!(loaded.address, Path::new("/run/imaged/imaged.sock"));
+        assert_eq!(loaded.max_concurrent_downloads, 3);
+        assert_eq!(loaded.registry.config_path, "/etc/imaged/certs.d");
+    }
+
+    #[test]
+    fn address_follows_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "state = \"/tmp/s\"\n[registry]\nconfig_path = \"/x\"\n",
+        )
+        .unwrap();
+        let loaded = Config::load(Some(&file)).unwrap();
+        assert_eq!(loaded.address, Path::new("/tmp/s/imaged.sock"));
+        assert_eq!(loaded.registry.config_path, "/x");
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "rooot = \"/x\"\n").unwrap();
+        let err = Config::load(Some(&file)).unwrap_err().to_string();
+        assert!(err.contains("rooot"), "{err}");
+    }
+}

@@ -1,0 +1,176 @@
+//! Start-up and serving: opens the stores, recovers from a crash, and serves the CRI image
+//! service and the internal API on one unix socket until told to stop.
+
+use crate::config::Config;
+use crate::content::{ContentError, ContentStore};
+use crate::cri::CriImageService;
+use crate::gc::Leases;
+use crate::images::{ImageStore, ImageStoreError};
+use crate::internal_api::InternalApi;
+use crate::locks::KeyedLocks;
+use crate::manifest::HostPlatform;
+use crate::pull::Puller;
+use crate::registry::Registry;
+use crate::service::ImageService;
+use proto::cri::image_service_server::ImageServiceServer;
+use proto::imaged::images_server::ImagesServer;
+use proto::imaged::snapshots_server::SnapshotsServer;
+use snapshotters::{Kind, Overlay, Snapshotter};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+
+/// Why the daemon could not start or serve.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A file system operation failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The metadata database could not be opened.
+    #[error("opening {path}: {message}")]
+    Database {
+        /// Database file.
+        path: PathBuf,
+        /// Cause.
+        message: String,
+    },
+    /// The content store could not be opened.
+    #[error(transparent)]
+    Content(#[from] ContentError),
+    /// Image records could not be loaded.
+    #[error(transparent)]
+    Images(#[from] ImageStoreError),
+    /// The snapshotter could not be opened or cleaned.
+    #[error("snapshotter: {0}")]
+    Snapshotter(#[from] snapshotters::Error),
+    /// The gRPC server failed.
+    #[error("serving {path}: {message}")]
+    Serve {
+        /// Socket.
+        path: PathBuf,
+        /// Cause.
+        message: String,
+    },
+}
+
+/// A daemon ready to serve.
+pub struct Daemon {
+    service: Arc<ImageService>,
+    address: PathBuf,
+}
+
+impl Daemon {
+    /// Opens the stores under `config.root` and recovers from an earlier crash.
+    pub async fn open(config: &Config) -> Result<Self, StartError> {
+        let root = &config.root;
+        create_dir(root)?;
+        let db_path = root.join("meta.redb");
+        let db = redb::Database::create(&db_path).map_err(|e| StartError::Database {
+            path: db_path.clone(),
+            message: e.to_string(),
+        })?;
+        let db = Arc::new(db);
+        let content = Arc::new(ContentStore::open(root)?);
+        let images = Arc::new(ImageStore::open(db.clone())?);
+        let snapshotter: Arc<dyn Snapshotter> =
+            Arc::new(Overlay::open(root.join("snapshots/overlayfs"), db)?);
+        drop_unfinished_extractions(snapshotter.as_ref())?;
+        let puller = Arc::new(Puller {
+            content,
+            images,
+            snapshotter,
+            registry: Registry::new(&config.registry.config_path),
+            processors: processors::Chain::builtin(),
+            leases: Arc::new(Leases::default()),
+            max_concurrent_downloads: config.max_concurrent_downloads,
+            chain_locks: KeyedLocks::default(),
+            platform: HostPlatform::current(),
+        });
+        let service = Arc::new(ImageService::new(
+            puller,
+            &config.pinned_images,
+            root.clone(),
+        ));
+        if let Err(e) = service.collect_garbage().await {
+            tracing::warn!(error = %e, "start-up garbage collection failed");
+        }
+        Ok(Self {
+            service,
+            address: config.address.clone(),
+        })
+    }
+
+    /// Serves until `shutdown` resolves, then lets running requests finish.
+    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), StartError> {
+        let listener = bind(&self.address)?;
+        tracing::info!(socket = %self.address.display(), "serving CRI image service");
+        let internal = InternalApi::new(self.service.clone());
+        let result = tonic::transport::Server::builder()
+            .add_service(ImageServiceServer::new(CriImageService::new(
+                self.service.clone(),
+            )))
+            .add_service(ImagesServer::new(internal.clone()))
+            .add_service(SnapshotsServer::new(internal))
+            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+            .await;
+        let _ = std::fs::remove_file(&self.address);
+        result.map_err(|e| StartError::Serve {
+            path: self.address.clone(),
+            message: crate::registry::error_chain(&e),
+        })
+    }
+}
+
+fn create_dir(path: &Path) -> Result<(), StartError> {
+    std::fs::create_dir_all(path).map_err(|source| StartError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Snapshots of layers that were being unpacked when an earlier process stopped.
+fn drop_unfinished_extractions(snapshotter: &dyn Snapshotter) -> Result<(), StartError> {
+    let mut stale = Vec::new();
+    snapshotter.walk(&mut |info| {
+        if info.kind == Kind::Active && info.name.starts_with("extract-") {
+            stale.push(info.name.clone());
+        }
+    })?;
+    for key in stale {
+        tracing::info!(key, "removing unfinished layer snapshot");
+        snapshotter.remove(&key)?;
+    }
+    snapshotter.cleanup()?;
+    Ok(())
+}
+
+/// Binds the socket: parent created, a stale socket replaced, mode 0660.
+fn bind(path: &Path) -> Result<UnixListener, StartError> {
+    let io = |source| StartError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(parent) = path.parent() {
+        create_dir(parent)?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path).map_err(io)?,
+        Ok(_) => {
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "exists and is not a socket",
+            )));
+        }
+        Err(_) => {}
+    }
+    let listener = UnixListener::bind(path).map_err(io)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(io)?;
+    Ok(listener)
+}

@@ -1,0 +1,154 @@
+//! Garbage collection: blobs and snapshots that no image references, and that no running
+//! pull has leased, are deleted. Runs after RemoveImage and at start-up.
+
+use crate::content::ContentStore;
+use crate::digest::Digest;
+use crate::images::ImageStore;
+use snapshotters::{Kind, Snapshotter};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+/// Errors while collecting.
+#[derive(Debug, thiserror::Error)]
+pub enum GcError {
+    /// Deleting a blob failed.
+    #[error(transparent)]
+    Content(#[from] crate::content::ContentError),
+    /// Removing a snapshot failed.
+    #[error("removing snapshot: {0}")]
+    Snapshot(#[from] snapshotters::Error),
+}
+
+/// Digests held by running pulls, counted.
+#[derive(Debug, Default)]
+pub struct Leases {
+    held: tokio::sync::Mutex<HashMap<Digest, usize>>,
+}
+
+/// Releases its digests when dropped.
+#[derive(Debug)]
+pub struct Lease {
+    leases: Arc<Leases>,
+    digests: Vec<Digest>,
+}
+
+impl Leases {
+    /// Leases `digests` until the returned guard drops. Waits while a collection runs.
+    pub async fn acquire(self: &Arc<Self>, digests: Vec<Digest>) -> Lease {
+        let mut held = self.held.lock().await;
+        for digest in &digests {
+            *held.entry(digest.clone()).or_default() += 1;
+        }
+        Lease {
+            leases: self.clone(),
+            digests,
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let leases = self.leases.clone();
+        let digests = std::mem::take(&mut self.digests);
+        let release = async move {
+            let mut held = leases.held.lock().await;
+            for digest in digests {
+                if let Some(count) = held.get_mut(&digest) {
+                    *count -= 1;
+                    if *count == 0 {
+                        held.remove(&digest);
+                    }
+                }
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn(release);
+            }
+            Err(_) => tracing::warn!("lease dropped outside the runtime"),
+        }
+    }
+}
+
+/// What a collection removed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Collected {
+    /// Blobs deleted.
+    pub blobs: usize,
+    /// Snapshots removed.
+    pub snapshots: usize,
+}
+
+/// Deletes unreferenced blobs and committed snapshots. Holds the lease table for the whole
+/// run so no pull can start using something that is being deleted.
+pub async fn collect(
+    images: Arc<ImageStore>,
+    content: Arc<ContentStore>,
+    snapshotter: Arc<dyn Snapshotter>,
+    leases: Arc<Leases>,
+) -> Result<Collected, GcError> {
+    let held = leases.held.lock().await;
+    let leased: HashSet<Digest> = held.keys().cloned().collect();
+    let result = tokio::task::spawn_blocking(move || {
+        let (mut blobs, mut chains) = images.referenced();
+        blobs.extend(leased.iter().cloned());
+        chains.extend(leased);
+        sweep(&content, snapshotter.as_ref(), &blobs, &chains)
+    })
+    .await
+    .expect("gc task");
+    drop(held);
+    result
+}
+
+fn sweep(
+    content: &ContentStore,
+    snapshotter: &dyn Snapshotter,
+    blobs: &HashSet<Digest>,
+    chains: &HashSet<Digest>,
+) -> Result<Collected, GcError> {
+    let mut collected = Collected::default();
+    for digest in content.list()? {
+        if !blobs.contains(&digest) {
+            content.delete(&digest)?;
+            collected.blobs += 1;
+        }
+    }
+    let mut committed: HashMap<String, Option<String>> = HashMap::new();
+    let mut active_parents: HashSet<String> = HashSet::new();
+    snapshotter.walk(&mut |info| {
+        if info.kind == Kind::Committed {
+            committed.insert(info.name.clone(), info.parent.clone());
+        } else if let Some(parent) = &info.parent {
+            active_parents.insert(parent.clone());
+        }
+    })?;
+    let mut victims: HashSet<String> = committed
+        .keys()
+        .filter(|name| Digest::parse(name).map_or(true, |d| !chains.contains(&d)))
+        .cloned()
+        .collect();
+    // Children first: a snapshot can go once no remaining snapshot names it as parent.
+    while !victims.is_empty() {
+        let parents: HashSet<&String> = committed
+            .values()
+            .flatten()
+            .chain(&active_parents)
+            .collect();
+        let ready: Vec<String> = victims
+            .iter()
+            .filter(|v| !parents.contains(v))
+            .cloned()
+            .collect();
+        if ready.is_empty() {
+            break;
+        }
+        for name in ready {
+            snapshotter.remove(&name)?;
+            committed.remove(&name);
+            victims.remove(&name);
+            collected.snapshots += 1;
+        }
+    }
+    Ok(collected)
+}

@@ -1,0 +1,106 @@
+//! imaged's internal API (`imaged.v1`): pull with progress for the CLI, and snapshots on
+//! top of images for the runtime.
+
+use crate::cri::status::to_status;
+use crate::registry::auth::Credentials;
+use crate::service::ImageService;
+use proto::imaged::{
+    self, MountsResponse, PrepareRequest, PullEvent, PullRequest, RemoveSnapshotRequest,
+    VersionResponse, images_server, snapshots_server,
+};
+use std::pin::Pin;
+use std::sync::Arc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::{Request, Response, Status};
+
+/// Server side of `imaged.v1.Images` and `imaged.v1.Snapshots`.
+#[derive(Clone)]
+pub struct InternalApi {
+    service: Arc<ImageService>,
+}
+
+impl InternalApi {
+    /// Wraps the service.
+    pub fn new(service: Arc<ImageService>) -> Self {
+        Self { service }
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<PullEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl images_server::Images for InternalApi {
+    type PullStream = EventStream;
+
+    async fn pull(&self, request: Request<PullRequest>) -> Result<Response<EventStream>, Status> {
+        let request = request.into_inner();
+        let credentials = if request.username.is_empty() {
+            Credentials::Anonymous
+        } else {
+            Credentials::Basic {
+                username: request.username,
+                password: request.password,
+            }
+        };
+        let (events, receiver) = tokio::sync::mpsc::unbounded_channel();
+        let (results, result_stream) = tokio::sync::mpsc::unbounded_channel();
+        let service = self.service.clone();
+        tokio::spawn(async move {
+            if let Err(e) = service
+                .pull(&request.image, credentials, Some(events))
+                .await
+            {
+                let _ = results.send(Err(to_status(&e)));
+            }
+        });
+        let progress = UnboundedReceiverStream::new(receiver)
+            .map(|event| Ok(PullEvent { event: Some(event) }));
+        let failure = UnboundedReceiverStream::new(result_stream);
+        Ok(Response::new(Box::pin(progress.chain(failure))))
+    }
+
+    async fn version(&self, _request: Request<()>) -> Result<Response<VersionResponse>, Status> {
+        Ok(Response::new(VersionResponse {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl snapshots_server::Snapshots for InternalApi {
+    async fn prepare(
+        &self,
+        request: Request<PrepareRequest>,
+    ) -> Result<Response<MountsResponse>, Status> {
+        let request = request.into_inner();
+        let mounts = self
+            .service
+            .prepare(&request.image, &request.key, request.readonly)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(MountsResponse {
+            mounts: mounts
+                .into_iter()
+                .map(|m| imaged::Mount {
+                    r#type: m.kind,
+                    source: m.source,
+                    options: m.options,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn remove(
+        &self,
+        request: Request<RemoveSnapshotRequest>,
+    ) -> Result<Response<()>, Status> {
+        self.service
+            .remove_snapshot(&request.into_inner().key)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(()))
+    }
+}
+
+use tokio_stream::StreamExt as _;

@@ -1,0 +1,169 @@
+//! The `imaged` binary: `serve` runs the daemon; the other commands are clients of it.
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use imaged::cli::{self, Format};
+use imaged::config::Config;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "imaged",
+    version,
+    about = "CRI image service: pulls, stores and unpacks OCI images"
+)]
+struct Args {
+    /// Socket of the daemon (client commands).
+    #[arg(
+        long,
+        global = true,
+        env = "IMAGED_SOCKET",
+        default_value = "/run/imaged/imaged.sock"
+    )]
+    socket: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon.
+    Serve {
+        /// Configuration file (TOML; every key optional).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Configuration helpers.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Pull an image, showing progress.
+    Pull {
+        /// Image reference.
+        image: String,
+        /// Registry credentials as USER:PASSWORD.
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// List images.
+    Images {
+        /// Output format.
+        #[arg(long, short, value_enum, default_value = "table")]
+        output: Format,
+        /// Print image ids only.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Show one image.
+    Inspect {
+        /// Name, digest reference or id.
+        image: String,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value = "json")]
+        output: Format,
+    },
+    /// Remove images.
+    Rmi {
+        /// Names, digest references or ids.
+        #[arg(required = true)]
+        images: Vec<String>,
+    },
+    /// Show the image filesystem usage.
+    Fsinfo {
+        /// Output format.
+        #[arg(long, short, value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Show the registry hosts a reference is pulled from (hosts.toml resolution).
+    Hosts {
+        /// Image reference.
+        image: String,
+        /// Configuration file, for `registry.config_path`.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the default configuration.
+    Default,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(run(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("imaged: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    match args.command {
+        Command::Serve { config } => serve(config).await,
+        Command::Config {
+            command: ConfigCommand::Default,
+        } => {
+            print!("{}", Config::default_toml());
+            Ok(())
+        }
+        Command::Hosts { image, config } => {
+            let config = Config::load(config.as_deref())?;
+            imaged::cli::print_hosts(&config, &image)?;
+            Ok(())
+        }
+        command => client(&args.socket, command).await,
+    }
+}
+
+async fn client(socket: &std::path::Path, command: Command) -> anyhow::Result<()> {
+    let channel = cli::connect(socket).await?;
+    match command {
+        Command::Pull { image, user } => {
+            cli::pull(channel, &image, user.as_deref()).await?;
+        }
+        Command::Images { output, quiet } => cli::images(channel, output, quiet).await?,
+        Command::Inspect { image, output } => cli::inspect(channel, &image, output).await?,
+        Command::Rmi { images } => cli::remove(channel, &images).await?,
+        Command::Fsinfo { output } => cli::fs_info(channel, output).await?,
+        Command::Serve { .. } | Command::Config { .. } | Command::Hosts { .. } => {
+            unreachable!("handled without a connection")
+        }
+    }
+    Ok(())
+}
+
+async fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("IMAGED_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = Config::load(config.as_deref())?;
+    let daemon = imaged::daemon::Daemon::open(&config)
+        .await
+        .with_context(|| format!("starting with root {}", config.root.display()))?;
+    daemon.serve(shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: finishing running requests"),
+        _ = int.recv() => tracing::info!("SIGINT: finishing running requests"),
+    }
+}

@@ -1,0 +1,696 @@
+//! The pull pipeline, top to bottom: resolve the reference, fetch and verify manifest and
+//! config, then download, verify, decompress and apply every missing layer concurrently,
+//! commit the snapshots in order and record the image.
+//!
+//! Each layer body flows through one pass: HTTP chunks -> content-store ingest (digest
+//! checked) -> processor chain -> diff_id hash -> tar applier. Layers are applied into
+//! independent snapshots with no parent and get their parent when committed, so no layer
+//! waits for the one below it.
+
+use crate::content::{ContentError, ContentStore, Writer};
+use crate::digest::{Digest, chain_ids};
+use crate::gc::Leases;
+use crate::images::{ImageRecord, ImageStore, LayerRecord};
+use crate::locks::KeyedLocks;
+use crate::manifest::{self, Document, HostPlatform, ImageConfig, Manifest, ManifestError};
+use crate::reference::Reference;
+use crate::registry::auth::Credentials;
+use crate::registry::{Registry, RegistryError, Session, error_chain};
+use bytes::Bytes;
+use proto::imaged::pull_event::Event;
+use proto::imaged::{Done, Layer, LayerProgress, Resolved};
+use sha2::{Digest as _, Sha256};
+use snapshotters::Snapshotter;
+use std::collections::BTreeMap;
+use std::io::{self, BufReader, Read};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::sync::{Semaphore, mpsc};
+
+/// Where progress events go, if anyone listens.
+pub type Progress = Option<mpsc::UnboundedSender<Event>>;
+
+/// Why a pull failed. Every variant names the reference or digest concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    /// The registry could not deliver.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// A manifest, index or config was refused.
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    /// Storing a blob failed, or it did not match its digest.
+    #[error("layer {digest}: {source}")]
+    Blob {
+        /// Layer blob.
+        digest: Digest,
+        /// Cause.
+        source: ContentError,
+    },
+    /// Storing a manifest or config failed.
+    #[error(transparent)]
+    Content(#[from] ContentError),
+    /// The uncompressed layer does not hash to the config's diff_id.
+    #[error("layer {digest}: diff_id mismatch: config says {expected}, content is {actual}")]
+    DiffId {
+        /// Layer blob.
+        digest: Digest,
+        /// diff_id from the config.
+        expected: Digest,
+        /// Digest of the uncompressed stream.
+        actual: Digest,
+    },
+    /// No processor turns the layer into tar.
+    #[error("layer {digest}: {source}")]
+    Processor {
+        /// Layer blob.
+        digest: Digest,
+        /// Cause.
+        source: processors::Error,
+    },
+    /// The download broke off.
+    #[error("layer {digest}: download interrupted: {detail}")]
+    Stream {
+        /// Layer blob.
+        digest: Digest,
+        /// What happened.
+        detail: String,
+    },
+    /// The tar stream could not be applied (corrupt compression, hostile entries...).
+    #[error("layer {digest}: {source}")]
+    Apply {
+        /// Layer blob.
+        digest: Digest,
+        /// Cause.
+        source: snapshotters::Error,
+    },
+    /// Snapshot bookkeeping failed.
+    #[error("snapshot {key}: {source}")]
+    Snapshot {
+        /// Snapshot key or name.
+        key: String,
+        /// Cause.
+        source: snapshotters::Error,
+    },
+    /// Recording the image failed.
+    #[error(transparent)]
+    Images(#[from] crate::images::ImageStoreError),
+}
+
+/// Everything a pull needs; one per daemon.
+pub struct Puller {
+    /// Blob store.
+    pub content: Arc<ContentStore>,
+    /// Image records.
+    pub images: Arc<ImageStore>,
+    /// Where layers are unpacked.
+    pub snapshotter: Arc<dyn Snapshotter>,
+    /// Registry access.
+    pub registry: Arc<Registry>,
+    /// Layer processors.
+    pub processors: processors::Chain,
+    /// Digests in use by running pulls (kept from the garbage collector).
+    pub leases: Arc<Leases>,
+    /// Layer downloads per pull.
+    pub max_concurrent_downloads: usize,
+    /// One lock per chain ID, so a layer is unpacked once however many pulls want it.
+    pub chain_locks: KeyedLocks,
+    /// The platform picked from indexes.
+    pub platform: HostPlatform,
+}
+
+struct Resolution {
+    /// Digest the reference resolved to (index or manifest).
+    top: Digest,
+    index: Option<(Digest, Bytes)>,
+    manifest: Manifest,
+    manifest_digest: Digest,
+    manifest_bytes: Bytes,
+}
+
+impl Puller {
+    /// Pulls `reference` and returns the stored image.
+    pub async fn pull(
+        self: &Arc<Self>,
+        reference: &Reference,
+        credentials: Credentials,
+        progress: Progress,
+    ) -> Result<ImageRecord, PullError> {
+        let session = self.registry.session(reference, credentials)?;
+        let resolution = self.resolve(&session).await?;
+        let config_digest = resolution.manifest.config.digest.clone();
+        let mut held = vec![
+            resolution.top.clone(),
+            resolution.manifest_digest.clone(),
+            config_digest.clone(),
+        ];
+        let _documents = self.leases.acquire(held.clone()).await;
+        self.store_documents(&resolution)?;
+        let config = self.fetch_config(&session, &resolution.manifest).await?;
+        let record = self.record(&resolution, &config);
+        held.extend(
+            record
+                .layers
+                .iter()
+                .flat_map(|l| [l.digest.clone(), l.chain_id.clone()]),
+        );
+        let _layers = self.leases.acquire(held).await;
+        let resolved = Resolved {
+            reference: reference.to_string(),
+            manifest_digest: resolution.top.to_string(),
+            layers: vec![],
+        };
+        self.unpack(&session, &record.layers, resolved, &progress)
+            .await?;
+        self.images
+            .put(&record, &names(reference, &resolution.top))?;
+        send(
+            &progress,
+            Event::Done(Done {
+                image_id: record.id.to_string(),
+            }),
+        );
+        Ok(record)
+    }
+
+    async fn resolve(&self, session: &Session) -> Result<Resolution, PullError> {
+        let top = session.resolve().await?;
+        match manifest::parse_document(top.content_type.as_deref(), &top.bytes, &top.digest)? {
+            Document::Manifest(manifest) => Ok(Resolution {
+                top: top.digest.clone(),
+                index: None,
+                manifest,
+                manifest_digest: top.digest,
+                manifest_bytes: top.bytes,
+            }),
+            Document::Index(index) => {
+                let chosen = self.platform.select(&index, &top.digest)?.digest.clone();
+                let fetched = session.manifest(&chosen).await?;
+                let doc = manifest::parse_document(
+                    fetched.content_type.as_deref(),
+                    &fetched.bytes,
+                    &chosen,
+                )?;
+                let Document::Manifest(manifest) = doc else {
+                    return Err(ManifestError::Unsupported {
+                        what: "manifest",
+                        media_type: "nested index".into(),
+                        digest: chosen,
+                    }
+                    .into());
+                };
+                Ok(Resolution {
+                    top: top.digest.clone(),
+                    index: Some((top.digest, top.bytes)),
+                    manifest,
+                    manifest_digest: chosen,
+                    manifest_bytes: fetched.bytes,
+                })
+            }
+        }
+    }
+
+    fn store_documents(&self, resolution: &Resolution) -> Result<(), ContentError> {
+        if let Some((digest, bytes)) = &resolution.index {
+            self.content.write_verified(digest, bytes)?;
+        }
+        self.content
+            .write_verified(&resolution.manifest_digest, &resolution.manifest_bytes)
+    }
+
+    async fn fetch_config(
+        &self,
+        session: &Session,
+        manifest: &Manifest,
+    ) -> Result<ImageConfig, PullError> {
+        let digest = &manifest.config.digest;
+        let bytes = match self.content.read(digest) {
+            Ok(bytes) => Bytes::from(bytes),
+            Err(ContentError::NotFound(_)) => {
+                let bytes = session.small_blob(digest, manifest::MAX_CONFIG).await?;
+                self.content.write_verified(digest, &bytes)?;
+                bytes
+            }
+            Err(e) => return Err(e.into()),
+        };
+        Ok(manifest::parse_config(&bytes, digest, manifest)?)
+    }
+
+    fn record(&self, resolution: &Resolution, config: &ImageConfig) -> ImageRecord {
+        let manifest = &resolution.manifest;
+        let chains = chain_ids(&config.rootfs.diff_ids);
+        let layers: Vec<LayerRecord> = manifest
+            .layers
+            .iter()
+            .zip(&config.rootfs.diff_ids)
+            .zip(chains)
+            .map(|((layer, diff_id), chain_id)| LayerRecord {
+                digest: layer.digest.clone(),
+                diff_id: diff_id.clone(),
+                chain_id,
+                size: layer.size,
+                media_type: layer.media_type.clone(),
+            })
+            .collect();
+        let index_size = resolution.index.as_ref().map_or(0, |(_, b)| b.len() as u64);
+        let size = index_size
+            + resolution.manifest_bytes.len() as u64
+            + manifest.config.size
+            + layers.iter().map(|l| l.size).sum::<u64>();
+        let (uid, username) = manifest::user_of(config);
+        ImageRecord {
+            id: manifest.config.digest.clone(),
+            manifest: resolution.manifest_digest.clone(),
+            index: resolution.index.as_ref().map(|(d, _)| d.clone()),
+            layers,
+            size,
+            uid,
+            username,
+        }
+    }
+
+    /// Unpacks the layers whose chain is not committed yet, then commits them in order.
+    async fn unpack(
+        self: &Arc<Self>,
+        session: &Session,
+        layers: &[LayerRecord],
+        resolved: Resolved,
+        progress: &Progress,
+    ) -> Result<(), PullError> {
+        // Locks are taken base first by every pull, so two pulls cannot deadlock.
+        let mut guards = Vec::with_capacity(layers.len());
+        for layer in layers {
+            guards.push(self.chain_locks.lock(layer.chain_id.as_str()).await);
+        }
+        let missing = self.missing_layers(layers).await?;
+        send(
+            progress,
+            Event::Resolved(Resolved {
+                layers: layers
+                    .iter()
+                    .enumerate()
+                    .map(|(i, l)| Layer {
+                        digest: l.digest.to_string(),
+                        size: l.size,
+                        present: !missing.contains(&i),
+                    })
+                    .collect(),
+                ..resolved
+            }),
+        );
+        let downloads = Arc::new(Semaphore::new(self.max_concurrent_downloads));
+        let tasks: Vec<_> = missing
+            .iter()
+            .map(|&i| {
+                let this = self.clone();
+                let job = LayerJob {
+                    session: session.clone(),
+                    layer: layers[i].clone(),
+                    progress: progress.clone(),
+                };
+                let downloads = downloads.clone();
+                tokio::spawn(async move {
+                    let _permit = downloads.acquire_owned().await.expect("semaphore open");
+                    this.unpack_layer(job).await
+                })
+            })
+            .collect();
+        let mut keys = Vec::with_capacity(tasks.len());
+        let mut failure = None;
+        for task in tasks {
+            match task.await.expect("layer task") {
+                Ok(key) => keys.push(key),
+                Err(e) => failure = failure.or(Some(e)),
+            }
+        }
+        let snapshotter = self.snapshotter.clone();
+        let plan: Vec<(LayerRecord, Option<Digest>)> = missing
+            .iter()
+            .map(|&i| {
+                (
+                    layers[i].clone(),
+                    i.checked_sub(1).map(|p| layers[p].chain_id.clone()),
+                )
+            })
+            .collect();
+        let committed = tokio::task::spawn_blocking(move || match failure {
+            Some(e) => {
+                remove_all(snapshotter.as_ref(), &keys);
+                Err(e)
+            }
+            None => commit_in_order(snapshotter.as_ref(), &plan, &keys),
+        })
+        .await
+        .expect("commit task");
+        drop(guards);
+        committed
+    }
+
+    async fn missing_layers(&self, layers: &[LayerRecord]) -> Result<Vec<usize>, PullError> {
+        let snapshotter = self.snapshotter.clone();
+        let chains: Vec<Digest> = layers.iter().map(|l| l.chain_id.clone()).collect();
+        tokio::task::spawn_blocking(move || {
+            let mut missing = Vec::new();
+            for (i, chain) in chains.iter().enumerate() {
+                match snapshotter.stat(chain.as_str()) {
+                    Ok(info) if info.kind == snapshotters::Kind::Committed => {}
+                    Ok(_) | Err(snapshotters::Error::NotFound { .. }) => missing.push(i),
+                    Err(source) => {
+                        return Err(PullError::Snapshot {
+                            key: chain.to_string(),
+                            source,
+                        });
+                    }
+                }
+            }
+            Ok(missing)
+        })
+        .await
+        .expect("stat task")
+    }
+
+    /// Prepares a parentless snapshot and fills it; returns its key, or removes it on error.
+    async fn unpack_layer(self: Arc<Self>, job: LayerJob) -> Result<String, PullError> {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let key = format!(
+            "extract-{nanos}-{} {}",
+            std::process::id(),
+            job.layer.chain_id
+        );
+        let labels = BTreeMap::from([(
+            "containerd.io/snapshot.ref".to_string(),
+            job.layer.chain_id.to_string(),
+        )]);
+        let snapshotter = self.snapshotter.clone();
+        let prepare_key = key.clone();
+        tokio::task::spawn_blocking(move || snapshotter.prepare(&prepare_key, None, labels))
+            .await
+            .expect("prepare task")
+            .map_err(|source| PullError::Snapshot {
+                key: key.clone(),
+                source,
+            })?;
+        let result = self.fill(&job, &key).await;
+        if result.is_err() {
+            let snapshotter = self.snapshotter.clone();
+            let remove_key = key.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                remove_all(snapshotter.as_ref(), &[remove_key])
+            })
+            .await;
+        }
+        result.map(|()| key)
+    }
+
+    async fn fill(&self, job: &LayerJob, key: &str) -> Result<(), PullError> {
+        let layer = &job.layer;
+        let source = if self.content.contains(&layer.digest) {
+            let file = self.content.open_blob(&layer.digest)?;
+            send_layer(&job.progress, layer, layer.size, true);
+            BlobReader::local(file)
+        } else {
+            let response = job.session.blob(&layer.digest).await?;
+            let writer = self
+                .content
+                .writer(&layer.digest, layer.size)
+                .map_err(|source| PullError::Blob {
+                    digest: layer.digest.clone(),
+                    source,
+                })?;
+            BlobReader::remote(pump(response, layer.clone(), job.progress.clone()), writer)
+        };
+        let snapshotter = self.snapshotter.clone();
+        let processors = self.processors.clone();
+        let layer = layer.clone();
+        let key = key.to_string();
+        tokio::task::spawn_blocking(move || {
+            apply_blob(snapshotter.as_ref(), &processors, &key, &layer, source)
+        })
+        .await
+        .expect("apply task")
+    }
+}
+
+struct LayerJob {
+    session: Session,
+    layer: LayerRecord,
+    progress: Progress,
+}
+
+fn names(reference: &Reference, top: &Digest) -> Vec<String> {
+    match &reference.digest {
+        Some(digest) => vec![reference.with_digest(digest)],
+        None => vec![reference.to_string(), reference.with_digest(top)],
+    }
+}
+
+fn send(progress: &Progress, event: Event) {
+    if let Some(tx) = progress {
+        let _ = tx.send(event);
+    }
+}
+
+fn send_layer(progress: &Progress, layer: &LayerRecord, downloaded: u64, finished: bool) {
+    send(
+        progress,
+        Event::Layer(LayerProgress {
+            digest: layer.digest.to_string(),
+            downloaded,
+            size: layer.size,
+            finished,
+        }),
+    );
+}
+
+/// Forwards the HTTP body into a bounded channel; the bound is the back-pressure that keeps
+/// memory flat while the applier is slower than the network.
+fn pump(
+    mut response: reqwest::Response,
+    layer: LayerRecord,
+    progress: Progress,
+) -> mpsc::Receiver<io::Result<Bytes>> {
+    const REPORT_EVERY: u64 = 1 << 20;
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        let mut received = 0u64;
+        let mut reported = 0u64;
+        loop {
+            let item = match response.chunk().await {
+                Ok(Some(chunk)) => {
+                    received += chunk.len() as u64;
+                    if received - reported >= REPORT_EVERY {
+                        send_layer(&progress, &layer, received, false);
+                        reported = received;
+                    }
+                    Ok(chunk)
+                }
+                Ok(None) => {
+                    send_layer(&progress, &layer, received, true);
+                    return;
+                }
+                Err(e) => Err(io::Error::other(error_chain(&e))),
+            };
+            let failed = item.is_err();
+            if tx.send(item).await.is_err() || failed {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// The compressed blob as a `Read`: from the network (teed into the content store) or
+/// from a blob already committed.
+enum BlobReader {
+    Remote {
+        rx: mpsc::Receiver<io::Result<Bytes>>,
+        chunk: Bytes,
+        writer: Writer,
+        failure: Option<String>,
+    },
+    Local(BufReader<std::fs::File>),
+}
+
+impl BlobReader {
+    fn remote(rx: mpsc::Receiver<io::Result<Bytes>>, writer: Writer) -> Self {
+        Self::Remote {
+            rx,
+            chunk: Bytes::new(),
+            writer,
+            failure: None,
+        }
+    }
+
+    fn local(file: std::fs::File) -> Self {
+        Self::Local(BufReader::with_capacity(1 << 20, file))
+    }
+
+    /// Reads what is left, then checks and stores the blob (remote) or does nothing (local).
+    fn finish(mut self, layer: &LayerRecord) -> Result<Option<Writer>, PullError> {
+        let drained = io::copy(&mut self, &mut io::sink());
+        match self {
+            Self::Local(_) => Ok(None),
+            Self::Remote {
+                mut writer,
+                failure,
+                ..
+            } => {
+                if let Some(detail) = failure {
+                    return Err(PullError::Stream {
+                        digest: layer.digest.clone(),
+                        detail,
+                    });
+                }
+                let blob_error = |source| PullError::Blob {
+                    digest: layer.digest.clone(),
+                    source,
+                };
+                writer.check().map_err(blob_error)?;
+                drained.map_err(|e| PullError::Stream {
+                    digest: layer.digest.clone(),
+                    detail: e.to_string(),
+                })?;
+                Ok(Some(writer))
+            }
+        }
+    }
+}
+
+impl Read for BlobReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Self::Local(file) => file.read(buf),
+            Self::Remote {
+                rx,
+                chunk,
+                writer,
+                failure,
+            } => {
+                while chunk.is_empty() {
+                    match rx.blocking_recv() {
+                        None => return Ok(0),
+                        Some(Ok(next)) => {
+                            if let Err(e) = writer.write(&next) {
+                                *failure = Some(e.to_string());
+                                return Err(io::Error::other(e.to_string()));
+                            }
+                            *chunk = next;
+                        }
+                        Some(Err(e)) => {
+                            *failure = Some(e.to_string());
+                            return Err(e);
+                        }
+                    }
+                }
+                let n = buf.len().min(chunk.len());
+                buf[..n].copy_from_slice(&chunk.split_to(n));
+                Ok(n)
+            }
+        }
+    }
+}
+
+/// Hashes every byte read through it: the diff_id of the uncompressed layer.
+struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Runs on a blocking thread: decompress, hash and apply one layer, then verify the blob and
+/// the diff_id before the blob becomes visible in the store.
+fn apply_blob(
+    snapshotter: &dyn Snapshotter,
+    processors: &processors::Chain,
+    key: &str,
+    layer: &LayerRecord,
+    mut source: BlobReader,
+) -> Result<(), PullError> {
+    let applied = apply_tar(snapshotter, processors, key, layer, &mut source);
+    // The compressed digest is checked first: a lying blob explains any later failure.
+    let writer = source.finish(layer)?;
+    let actual = applied?;
+    if actual != layer.diff_id {
+        return Err(PullError::DiffId {
+            digest: layer.digest.clone(),
+            expected: layer.diff_id.clone(),
+            actual,
+        });
+    }
+    if let Some(writer) = writer {
+        writer.commit().map_err(|source| PullError::Blob {
+            digest: layer.digest.clone(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+fn apply_tar(
+    snapshotter: &dyn Snapshotter,
+    processors: &processors::Chain,
+    key: &str,
+    layer: &LayerRecord,
+    source: &mut BlobReader,
+) -> Result<Digest, PullError> {
+    let tar = processors
+        .open(&layer.media_type, Box::new(source))
+        .map_err(|source| PullError::Processor {
+            digest: layer.digest.clone(),
+            source,
+        })?;
+    let mut hashing = HashingReader {
+        inner: tar,
+        hasher: Sha256::new(),
+    };
+    snapshotter
+        .apply(key, &mut hashing)
+        .map_err(|source| PullError::Apply {
+            digest: layer.digest.clone(),
+            source,
+        })?;
+    Ok(Digest::from_hasher(hashing.hasher))
+}
+
+fn commit_in_order(
+    snapshotter: &dyn Snapshotter,
+    plan: &[(LayerRecord, Option<Digest>)],
+    keys: &[String],
+) -> Result<(), PullError> {
+    for (done, ((layer, parent), key)) in plan.iter().zip(keys).enumerate() {
+        let labels = BTreeMap::from([(
+            "containerd.io/snapshot.ref".to_string(),
+            layer.chain_id.to_string(),
+        )]);
+        if let Err(source) = snapshotter.commit(
+            layer.chain_id.as_str(),
+            key,
+            parent.as_ref().map(Digest::as_str),
+            labels,
+        ) {
+            remove_all(snapshotter, &keys[done..]);
+            return Err(PullError::Snapshot {
+                key: layer.chain_id.to_string(),
+                source,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn remove_all(snapshotter: &dyn Snapshotter, keys: &[String]) {
+    for key in keys {
+        if let Err(e) = snapshotter.remove(key) {
+            tracing::warn!(key, error = %e, "removing an unfinished snapshot failed");
+        }
+    }
+}

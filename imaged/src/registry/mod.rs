@@ -1,0 +1,617 @@
+//! Registry client: manifests, configs and layer streams over the distribution API, through
+//! the hosts that hosts.toml lists, with basic and bearer-token authentication.
+//!
+//! Written on reqwest rather than oci-client because hosts.toml needs per-host TLS, client
+//! certificates, headers, path-prefixed mirrors and fallback across hosts.
+
+pub mod auth;
+pub mod hosts;
+
+use crate::digest::Digest;
+use crate::reference::Reference;
+use auth::{Challenge, Credentials};
+use bytes::Bytes;
+use hosts::Host;
+use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use reqwest::{Method, Response, StatusCode};
+use sha2::{Digest as _, Sha256};
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+/// The broad class of a failed registry operation, which decides the gRPC code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum FailureKind {
+    /// Could not connect, TLS failed, timed out.
+    Unavailable,
+    /// 404 / unknown manifest or blob.
+    NotFound,
+    /// Content did not match its digest.
+    Corrupt,
+    /// 401 / 403 after authenticating.
+    Unauthenticated,
+    /// Any other HTTP status.
+    Failed,
+}
+
+/// One host's failure.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    /// The URL tried.
+    pub url: String,
+    /// Class of failure.
+    pub kind: FailureKind,
+    /// What happened.
+    pub detail: String,
+}
+
+/// Errors of the registry client.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// hosts.toml could not be used.
+    #[error(transparent)]
+    Hosts(#[from] hosts::HostsError),
+    /// No configured host may do what was asked.
+    #[error("no host for {registry} has the {capability} capability (check hosts.toml)")]
+    NoHosts {
+        /// Registry.
+        registry: String,
+        /// `resolve` or `pull`.
+        capability: &'static str,
+    },
+    /// Every host failed.
+    #[error("{what}: {}", Attempts(.attempts))]
+    Fetch {
+        /// What was fetched (names the reference or digest).
+        what: String,
+        /// The most telling failure across hosts.
+        kind: FailureKind,
+        /// Every host tried, in order.
+        attempts: Vec<Attempt>,
+    },
+}
+
+struct Attempts<'a>(&'a [Attempt]);
+
+impl fmt::Display for Attempts<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, a) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{}: {}", a.url, a.detail)?;
+        }
+        Ok(())
+    }
+}
+
+/// A fetched manifest or index.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    /// Digest of the bytes.
+    pub digest: Digest,
+    /// `Content-Type` as sent.
+    pub content_type: Option<String>,
+    /// The document.
+    pub bytes: Bytes,
+}
+
+/// Shared HTTP clients and token cache; one per daemon.
+#[derive(Debug)]
+pub struct Registry {
+    config_path: String,
+    clients: Mutex<HashMap<String, reqwest::Client>>,
+    tokens: Mutex<HashMap<String, String>>,
+}
+
+impl Registry {
+    /// A client reading hosts.toml files under `config_path`.
+    pub fn new(config_path: &str) -> Arc<Self> {
+        Arc::new(Self {
+            config_path: config_path.to_string(),
+            clients: Mutex::default(),
+            tokens: Mutex::default(),
+        })
+    }
+
+    /// The hosts to try for a registry, re-read from disk each time.
+    pub fn hosts(&self, registry: &str) -> Result<Vec<Host>, RegistryError> {
+        Ok(hosts::hosts_for(&self.config_path, registry)?)
+    }
+
+    /// Starts the work for one pull of `reference`.
+    pub fn session(
+        self: &Arc<Self>,
+        reference: &Reference,
+        credentials: Credentials,
+    ) -> Result<Session, RegistryError> {
+        Ok(Session {
+            registry: self.clone(),
+            reference: reference.clone(),
+            hosts: Arc::new(self.hosts(&reference.registry)?),
+            credentials,
+        })
+    }
+
+    fn client(&self, host: &Host) -> Result<reqwest::Client, String> {
+        let key = format!(
+            "{}|{:?}|{:?}|{:?}",
+            host.skip_verify, host.ca, host.client, host.dial_timeout
+        );
+        if let Some(client) = self.clients.lock().expect("client cache").get(&key) {
+            return Ok(client.clone());
+        }
+        let mut builder = reqwest::Client::builder()
+            .user_agent(concat!("imaged/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(host.dial_timeout)
+            .tls_danger_accept_invalid_certs(host.skip_verify);
+        for ca in &host.ca {
+            let pem = std::fs::read(ca).map_err(|e| format!("reading ca {}: {e}", ca.display()))?;
+            for cert in reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| format!("ca {}: {e}", ca.display()))?
+            {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        for (cert, key) in &host.client {
+            let mut pem = std::fs::read(cert)
+                .map_err(|e| format!("reading client cert {}: {e}", cert.display()))?;
+            if let Some(key) = key {
+                pem.extend(
+                    std::fs::read(key)
+                        .map_err(|e| format!("reading client key {}: {e}", key.display()))?,
+                );
+            }
+            let identity = reqwest::Identity::from_pem(&pem)
+                .map_err(|e| format!("client certificate {}: {e}", cert.display()))?;
+            builder = builder.identity(identity);
+        }
+        let client = builder.build().map_err(|e| format!("TLS setup: {e}"))?;
+        self.clients
+            .lock()
+            .expect("client cache")
+            .insert(key, client.clone());
+        Ok(client)
+    }
+}
+
+/// Registry access for one pull: the reference, its hosts and the caller's credentials.
+#[derive(Debug, Clone)]
+pub struct Session {
+    registry: Arc<Registry>,
+    reference: Reference,
+    hosts: Arc<Vec<Host>>,
+    credentials: Credentials,
+}
+
+enum Object<'a> {
+    Manifest(&'a str),
+    Blob(&'a Digest),
+}
+
+impl Session {
+    /// Resolves the reference's tag or digest to a manifest or index.
+    pub async fn resolve(&self) -> Result<Fetched, RegistryError> {
+        let object = self.reference.object().to_string();
+        let expected = self.reference.digest.clone();
+        self.fetch_document(&object, expected.as_ref(), expected.is_none())
+            .await
+    }
+
+    /// Fetches a manifest by digest.
+    pub async fn manifest(&self, digest: &Digest) -> Result<Fetched, RegistryError> {
+        self.fetch_document(digest.as_str(), Some(digest), false)
+            .await
+    }
+
+    /// Fetches a small blob (the config) whole, verifying its digest.
+    pub async fn small_blob(&self, digest: &Digest, limit: u64) -> Result<Bytes, RegistryError> {
+        let what = format!("blob {digest} of {}", self.reference);
+        self.each_host(&what, false, |host| async move {
+            let response = self.get(&host, Object::Blob(digest), None).await?;
+            let url = response.url().to_string();
+            let bytes = read_limited(response, limit).await?;
+            verify(&bytes, digest, &url)?;
+            Ok(bytes)
+        })
+        .await
+    }
+
+    /// Opens a streaming GET of a blob; the caller verifies what it reads.
+    pub async fn blob(&self, digest: &Digest) -> Result<Response, RegistryError> {
+        let what = format!("blob {digest} of {}", self.reference);
+        self.each_host(&what, false, |host| async move {
+            self.get(&host, Object::Blob(digest), None).await
+        })
+        .await
+    }
+
+    async fn fetch_document(
+        &self,
+        object: &str,
+        expected: Option<&Digest>,
+        by_tag: bool,
+    ) -> Result<Fetched, RegistryError> {
+        let what = if by_tag || self.reference.digest.as_ref() == expected {
+            format!("manifest {}", self.reference)
+        } else {
+            format!("manifest {object} of {}", self.reference.name())
+        };
+        self.each_host(&what, by_tag, |host| async move {
+            let response = self
+                .get(
+                    &host,
+                    Object::Manifest(object),
+                    Some(crate::manifest::ACCEPT),
+                )
+                .await?;
+            let content_type = response
+                .headers()
+                .get(CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let url = response.url().to_string();
+            let bytes = read_limited(response, crate::manifest::MAX_MANIFEST).await?;
+            let digest = match expected {
+                Some(d) => {
+                    verify(&bytes, d, &url)?;
+                    d.clone()
+                }
+                None => Digest::of(&bytes),
+            };
+            Ok(Fetched {
+                digest,
+                content_type,
+                bytes,
+            })
+        })
+        .await
+    }
+
+    async fn each_host<T, F, Fut>(
+        &self,
+        what: &str,
+        resolving: bool,
+        attempt: F,
+    ) -> Result<T, RegistryError>
+    where
+        F: Fn(Host) -> Fut,
+        Fut: Future<Output = Result<T, Attempt>>,
+    {
+        let candidates: Vec<&Host> = self
+            .hosts
+            .iter()
+            .filter(|h| h.capabilities.pull && (!resolving || h.capabilities.resolve))
+            .collect();
+        if candidates.is_empty() {
+            return Err(RegistryError::NoHosts {
+                registry: self.reference.registry.clone(),
+                capability: if resolving { "resolve" } else { "pull" },
+            });
+        }
+        let mut attempts = Vec::new();
+        for host in candidates {
+            match attempt(host.clone()).await {
+                Ok(value) => return Ok(value),
+                Err(failure) => {
+                    tracing::debug!(url = %failure.url, detail = %failure.detail, "registry host failed");
+                    attempts.push(failure);
+                }
+            }
+        }
+        let kind = attempts
+            .iter()
+            .map(|a| a.kind)
+            .max()
+            .unwrap_or(FailureKind::Failed);
+        Err(RegistryError::Fetch {
+            what: what.to_string(),
+            kind,
+            attempts,
+        })
+    }
+
+    fn url(&self, host: &Host, object: &Object<'_>) -> reqwest::Url {
+        let (kind, name) = match object {
+            Object::Manifest(name) => ("manifests", *name),
+            Object::Blob(digest) => ("blobs", digest.as_str()),
+        };
+        let base = host.base.as_str().trim_end_matches('/');
+        let mut url = reqwest::Url::parse(&format!(
+            "{base}/{}/{kind}/{name}",
+            self.reference.repository
+        ))
+        .expect("valid registry URL");
+        if !self.is_upstream(host) {
+            url.query_pairs_mut()
+                .append_pair("ns", &self.reference.registry);
+        }
+        url
+    }
+
+    fn is_upstream(&self, host: &Host) -> bool {
+        host.authority == self.reference.registry
+            || (self.reference.registry == "docker.io" && host.authority == "registry-1.docker.io")
+    }
+
+    /// Credentials may go over TLS, or in clear only to this machine.
+    fn may_send_credentials(url: &reqwest::Url) -> bool {
+        url.scheme() == "https" || url.host_str().is_some_and(|h| hosts::is_loopback(h))
+    }
+
+    async fn get(
+        &self,
+        host: &Host,
+        object: Object<'_>,
+        accept: Option<&str>,
+    ) -> Result<Response, Attempt> {
+        let url = self.url(host, &object);
+        let fail = |kind, detail: String| Attempt {
+            url: url.to_string(),
+            kind,
+            detail,
+        };
+        let client = self
+            .registry
+            .client(host)
+            .map_err(|e| fail(FailureKind::Unavailable, e))?;
+        let scope = format!("repository:{}:pull", self.reference.repository);
+        let cache_key = format!("{}|{scope}|{}", host.authority, self.credential_id());
+        let mut authorization = self
+            .registry
+            .tokens
+            .lock()
+            .expect("token cache")
+            .get(&cache_key)
+            .cloned();
+        for round in 0..2 {
+            let mut request = client.request(Method::GET, url.clone());
+            for (name, value) in &host.headers {
+                request = request.header(name, value);
+            }
+            if let Some(accept) = accept {
+                request = request.header(ACCEPT, accept);
+            }
+            if let Some(auth) = &authorization {
+                request = request.header(AUTHORIZATION, auth);
+            }
+            let response = request
+                .send()
+                .await
+                .map_err(|e| fail(FailureKind::Unavailable, error_chain(&e)))?;
+            let status = response.status();
+            if status.is_success() {
+                if round == 1
+                    && let Some(auth) = authorization
+                {
+                    self.registry
+                        .tokens
+                        .lock()
+                        .expect("token cache")
+                        .insert(cache_key, auth);
+                }
+                return Ok(response);
+            }
+            if status == StatusCode::UNAUTHORIZED && round == 0 {
+                let challenge = response
+                    .headers()
+                    .get_all(WWW_AUTHENTICATE)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .find_map(auth::parse_challenge);
+                let Some(challenge) = challenge else {
+                    return Err(fail(
+                        FailureKind::Unauthenticated,
+                        "401 Unauthorized without a usable WWW-Authenticate challenge".into(),
+                    ));
+                };
+                authorization = Some(
+                    self.authorize(&client, &url, challenge, &scope)
+                        .await
+                        .map_err(|detail| fail(FailureKind::Unauthenticated, detail))?,
+                );
+                continue;
+            }
+            return Err(status_failure(status, &url, response).await);
+        }
+        Err(fail(
+            FailureKind::Unauthenticated,
+            "401 Unauthorized: credentials were refused".into(),
+        ))
+    }
+
+    fn credential_id(&self) -> String {
+        let text = match &self.credentials {
+            Credentials::Anonymous => return "anonymous".into(),
+            Credentials::Basic { username, password } => format!("b{username}:{password}"),
+            Credentials::Identity(t) => format!("i{t}"),
+            Credentials::Token(t) => format!("t{t}"),
+        };
+        hex::encode(&Sha256::digest(text.as_bytes())[..16])
+    }
+
+    async fn authorize(
+        &self,
+        client: &reqwest::Client,
+        url: &reqwest::Url,
+        challenge: Challenge,
+        default_scope: &str,
+    ) -> Result<String, String> {
+        let credentials = if Self::may_send_credentials(url) {
+            &self.credentials
+        } else {
+            &Credentials::Anonymous
+        };
+        match (challenge, credentials) {
+            (_, Credentials::Token(token)) => Ok(format!("Bearer {token}")),
+            (Challenge::Basic, Credentials::Basic { username, password }) => {
+                use base64::Engine as _;
+                let encoded = base64::engine::general_purpose::STANDARD
+                    .encode(format!("{username}:{password}"));
+                Ok(format!("Basic {encoded}"))
+            }
+            (Challenge::Basic, _) => Err(
+                "401 Unauthorized: registry asks for basic auth and no credentials were given"
+                    .into(),
+            ),
+            (
+                Challenge::Bearer {
+                    realm,
+                    service,
+                    scope,
+                    ..
+                },
+                credentials,
+            ) => {
+                let scope = scope.unwrap_or_else(|| default_scope.to_string());
+                let token =
+                    fetch_token(client, &realm, service.as_deref(), &scope, credentials).await?;
+                Ok(format!("Bearer {token}"))
+            }
+        }
+    }
+}
+
+async fn fetch_token(
+    client: &reqwest::Client,
+    realm: &str,
+    service: Option<&str>,
+    scope: &str,
+    credentials: &Credentials,
+) -> Result<String, String> {
+    let realm_url =
+        reqwest::Url::parse(realm).map_err(|e| format!("token realm {realm:?}: {e}"))?;
+    if !matches!(realm_url.scheme(), "http" | "https") {
+        return Err(format!("token realm {realm:?} is not http(s)"));
+    }
+    let credentials = if Session::may_send_credentials(&realm_url) {
+        credentials
+    } else {
+        &Credentials::Anonymous
+    };
+    let mut query = vec![("scope", scope)];
+    if let Some(service) = service {
+        query.push(("service", service));
+    }
+    let request = match credentials {
+        Credentials::Identity(refresh) => {
+            let mut form = vec![
+                ("grant_type", "refresh_token"),
+                ("refresh_token", refresh.as_str()),
+                ("client_id", "imaged"),
+            ];
+            form.extend(query.iter().copied());
+            client.post(realm_url).form(&form)
+        }
+        Credentials::Basic { username, password } => client
+            .get(realm_url)
+            .query(&query)
+            .basic_auth(username, Some(password)),
+        _ => client.get(realm_url).query(&query),
+    };
+    let response = request
+        .send()
+        .await
+        .map_err(|e| format!("token request to {realm}: {}", error_chain(&e)))?;
+    let status = response.status();
+    if !status.is_success() {
+        return Err(format!(
+            "token request to {realm}: HTTP {status}: credentials refused"
+        ));
+    }
+    let body = read_limited(response, 1 << 20)
+        .await
+        .map_err(|a| format!("token response from {realm}: {}", a.detail))?;
+    #[derive(serde::Deserialize)]
+    struct TokenResponse {
+        token: Option<String>,
+        access_token: Option<String>,
+    }
+    let parsed: TokenResponse =
+        serde_json::from_slice(&body).map_err(|e| format!("token response from {realm}: {e}"))?;
+    parsed
+        .token
+        .or(parsed.access_token)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| format!("token response from {realm} holds no token"))
+}
+
+async fn status_failure(status: StatusCode, url: &reqwest::Url, response: Response) -> Attempt {
+    let kind = match status {
+        StatusCode::NOT_FOUND => FailureKind::NotFound,
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => FailureKind::Unauthenticated,
+        _ => FailureKind::Failed,
+    };
+    let body = read_limited(response, 4096).await.unwrap_or_default();
+    let code = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["errors"][0]["code"].as_str().map(str::to_string));
+    let detail = match code {
+        Some(code) => format!("HTTP {status} ({code})"),
+        None => format!("HTTP {status}"),
+    };
+    Attempt {
+        url: url.to_string(),
+        kind,
+        detail: if kind == FailureKind::NotFound {
+            format!("{detail}: not found")
+        } else {
+            detail
+        },
+    }
+}
+
+async fn read_limited(mut response: Response, limit: u64) -> Result<Bytes, Attempt> {
+    let url = response.url().to_string();
+    let fail = |kind, detail| Attempt {
+        url: url.clone(),
+        kind,
+        detail,
+    };
+    if response.content_length().is_some_and(|n| n > limit) {
+        return Err(fail(
+            FailureKind::Failed,
+            format!("response larger than {limit} bytes"),
+        ));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| fail(FailureKind::Unavailable, error_chain(&e)))?
+    {
+        if (body.len() + chunk.len()) as u64 > limit {
+            return Err(fail(
+                FailureKind::Failed,
+                format!("response larger than {limit} bytes"),
+            ));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.into())
+}
+
+fn verify(bytes: &[u8], expected: &Digest, url: &str) -> Result<(), Attempt> {
+    let actual = Digest::of(bytes);
+    if &actual == expected {
+        Ok(())
+    } else {
+        Err(Attempt {
+            url: url.to_string(),
+            kind: FailureKind::Corrupt,
+            detail: format!("digest mismatch: expected {expected}, got {actual}"),
+        })
+    }
+}
+
+/// The error and its causes on one line (reqwest hides the useful part in sources).
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

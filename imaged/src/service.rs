@@ -1,0 +1,216 @@
+//! The image service's logic on plain Rust types: what each CRI RPC (and the internal API)
+//! does, without gRPC concerns.
+
+use crate::content::ContentStore;
+use crate::digest::Digest;
+use crate::error::Error;
+use crate::gc::{self, Leases};
+use crate::images::{ImageStore, NamedImage};
+use crate::pull::{Progress, Puller};
+use crate::reference::Reference;
+use crate::registry::auth::Credentials;
+use proto::cri;
+use snapshotters::{Mount, Snapshotter};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// imaged's image service.
+pub struct ImageService {
+    puller: Arc<Puller>,
+    pinned: HashSet<String>,
+    root: PathBuf,
+}
+
+impl ImageService {
+    /// A service over the given puller; `pinned` lists image names reported as pinned.
+    pub fn new(puller: Arc<Puller>, pinned: &[String], root: PathBuf) -> Self {
+        let pinned = pinned
+            .iter()
+            .filter_map(|p| Reference::parse(p).ok())
+            .map(|r| match &r.digest {
+                Some(d) => r.with_digest(d),
+                None => r.to_string(),
+            })
+            .collect();
+        Self {
+            puller,
+            pinned,
+            root,
+        }
+    }
+
+    fn images(&self) -> &Arc<ImageStore> {
+        &self.puller.images
+    }
+
+    fn content(&self) -> &Arc<ContentStore> {
+        &self.puller.content
+    }
+
+    fn snapshotter(&self) -> &Arc<dyn Snapshotter> {
+        &self.puller.snapshotter
+    }
+
+    /// Pulls an image; returns its id.
+    pub async fn pull(
+        &self,
+        image: &str,
+        credentials: Credentials,
+        progress: Progress,
+    ) -> Result<String, Error> {
+        let reference = Reference::parse(image)?;
+        // The pull runs in its own task so a caller that goes away cannot leave it half done.
+        let puller = self.puller.clone();
+        let record =
+            tokio::spawn(async move { puller.pull(&reference, credentials, progress).await })
+                .await
+                .expect("pull task")?;
+        Ok(record.id.to_string())
+    }
+
+    /// The CRI view of an image, or `None` if nothing matches.
+    pub fn status(&self, image: &str) -> Result<Option<cri::Image>, Error> {
+        Ok(self
+            .images()
+            .lookup(image)?
+            .map(|named| self.to_cri(&named)))
+    }
+
+    /// `ImageStatusResponse.info` for verbose status: the chain ID and the image config.
+    pub fn info(&self, image: &cri::Image) -> Result<HashMap<String, String>, Error> {
+        let Some(named) = self.images().lookup(&image.id)? else {
+            return Ok(HashMap::new());
+        };
+        let config_bytes = self.content().read(&named.record.id)?;
+        let config: serde_json::Value =
+            serde_json::from_slice(&config_bytes).unwrap_or(serde_json::Value::Null);
+        let info = serde_json::json!({
+            "chainID": named.record.top_chain().map(Digest::to_string),
+            "imageSpec": config,
+            "manifestDigest": named.record.manifest.to_string(),
+            "size": named.record.size,
+        });
+        Ok(HashMap::from([("info".to_string(), info.to_string())]))
+    }
+
+    /// Every image, or the one the filter names.
+    pub fn list(&self, filter: Option<&str>) -> Result<Vec<cri::Image>, Error> {
+        let named = match filter.filter(|f| !f.is_empty()) {
+            Some(text) => self.images().lookup(text)?.into_iter().collect(),
+            None => self.images().list(),
+        };
+        let mut images: Vec<cri::Image> = named.iter().map(|n| self.to_cri(n)).collect();
+        images.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(images)
+    }
+
+    /// Removes an image under all its names; absent images are fine.
+    pub async fn remove(&self, image: &str) -> Result<(), Error> {
+        let Some(named) = self.images().lookup(image)? else {
+            return Ok(());
+        };
+        self.images().remove(&named.record.id)?;
+        self.collect_garbage().await
+    }
+
+    /// Deletes blobs and snapshots no image needs.
+    pub async fn collect_garbage(&self) -> Result<(), Error> {
+        let collected = gc::collect(
+            self.images().clone(),
+            self.content().clone(),
+            self.snapshotter().clone(),
+            self.leases().clone(),
+        )
+        .await?;
+        tracing::debug!(?collected, "garbage collected");
+        Ok(())
+    }
+
+    fn leases(&self) -> &Arc<Leases> {
+        &self.puller.leases
+    }
+
+    /// Usage of the filesystem holding content and snapshots.
+    pub async fn fs_info(&self) -> cri::FilesystemUsage {
+        let root = self.root.clone();
+        let (bytes, inodes) = tokio::task::spawn_blocking(move || crate::du::disk_usage(&root))
+            .await
+            .expect("du task");
+        let timestamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as i64);
+        cri::FilesystemUsage {
+            timestamp,
+            fs_id: Some(cri::FilesystemIdentifier {
+                mountpoint: self.root.display().to_string(),
+            }),
+            used_bytes: Some(cri::UInt64Value { value: bytes }),
+            inodes_used: Some(cri::UInt64Value { value: inodes }),
+        }
+    }
+
+    /// Creates a snapshot `key` on top of an image's layers and returns its mounts.
+    pub async fn prepare(
+        &self,
+        image: &str,
+        key: &str,
+        readonly: bool,
+    ) -> Result<Vec<Mount>, Error> {
+        if key.is_empty() {
+            return Err(Error::InvalidRequest("snapshot key is empty"));
+        }
+        let named = self
+            .images()
+            .lookup(image)?
+            .ok_or_else(|| Error::ImageNotFound(image.to_string()))?;
+        let parent = named.record.top_chain().map(Digest::to_string);
+        let snapshotter = self.snapshotter().clone();
+        let key = key.to_string();
+        tokio::task::spawn_blocking(move || {
+            let labels = BTreeMap::new();
+            let mounts = if readonly {
+                snapshotter.view(&key, parent.as_deref(), labels)
+            } else {
+                snapshotter.prepare(&key, parent.as_deref(), labels)
+            };
+            mounts.map_err(|source| Error::Snapshot { key, source })
+        })
+        .await
+        .expect("prepare task")
+    }
+
+    /// Removes a snapshot made by [`Self::prepare`]; absent keys are fine.
+    pub async fn remove_snapshot(&self, key: &str) -> Result<(), Error> {
+        let snapshotter = self.snapshotter().clone();
+        let key = key.to_string();
+        tokio::task::spawn_blocking(move || match snapshotter.remove(&key) {
+            Ok(()) | Err(snapshotters::Error::NotFound { .. }) => Ok(()),
+            Err(source) => Err(Error::Snapshot { key, source }),
+        })
+        .await
+        .expect("remove task")
+    }
+
+    fn to_cri(&self, named: &NamedImage) -> cri::Image {
+        let record = &named.record;
+        let pinned = named
+            .tags
+            .iter()
+            .chain(&named.digests)
+            .any(|n| self.pinned.contains(n));
+        cri::Image {
+            id: record.id.to_string(),
+            repo_tags: named.tags.clone(),
+            repo_digests: named.digests.clone(),
+            size: record.size,
+            uid: record.uid.map(|value| cri::Int64Value { value }),
+            username: record.username.clone(),
+            spec: Some(cri::ImageSpec {
+                image: record.id.to_string(),
+                ..Default::default()
+            }),
+            pinned,
+        }
+    }
+}

@@ -1,0 +1,23 @@
+#!/bin/sh
+# Installs what the tests and the demo need, when missing: a registry, skopeo, htpasswd,
+# openssl, and crictl/critest from the shared cri-tools folder.
+set -eu
+here=$(cd "$(dirname "$0")/.." && pwd)
+missing=""
+for pair in docker-registry:docker-registry skopeo:skopeo htpasswd:apache2-utils openssl:openssl; do
+  command -v "${pair%%:*}" >/dev/null 2>&1 || missing="$missing ${pair#*:}"
+done
+if [ -n "$missing" ]; then
+  echo "installing:$missing"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
+fi
+# The Debian package starts a registry on :5000 we do not use; tests start their own.
+if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet docker-registry 2>/dev/null; then
+  systemctl stop docker-registry || true
+fi
+tools="$here/../shared/tools/cri-tools"
+if [ -x "$tools/install" ]; then
+  "$tools/install" "$here/target/tools" >/dev/null
+fi
+modprobe overlay 2>/dev/null || true

@@ -1,0 +1,55 @@
+# Shared helpers for the demo and critest scripts: a fixture registry and an imaged daemon,
+# both under a temporary directory and both stopped on exit.
+
+bin_dir=${BIN_DIR:-target/debug}
+work=$(mktemp -d /tmp/imaged.XXXXXX)
+pids=()
+
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  # Snapshot directories are owned by root with odd modes; remove them as a whole.
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+# start_registry SET: starts a docker-registry holding the fixture SET; sets $registry.
+start_registry() {
+  "$bin_dir/fixtures" registry --dir "$work/registry" --set "$1" >"$work/fixtures.out" 2>"$work/fixtures.err" &
+  pids+=($!)
+  for _ in $(seq 1 300); do
+    registry=$(sed -n 's/^ADDR //p' "$work/fixtures.out")
+    [ -n "$registry" ] && return 0
+    sleep 0.1
+  done
+  echo "fixture registry did not start:" >&2
+  cat "$work/fixtures.err" >&2
+  return 1
+}
+
+# start_imaged: starts imaged with every registry mirrored to $registry; sets $socket.
+start_imaged() {
+  mkdir -p "$work/certs.d/_default"
+  cat >"$work/certs.d/_default/hosts.toml" <<TOML
+# Every registry is served by the local fixture registry.
+server = "http://$registry"
+TOML
+  cat >"$work/imaged.toml" <<TOML
+root = "$work/root"
+state = "$work/state"
+
+[registry]
+config_path = "$work/certs.d"
+TOML
+  socket="$work/state/imaged.sock"
+  IMAGED_LOG=${IMAGED_LOG:-warn} "$bin_dir/imaged" serve --config "$work/imaged.toml" 2>"$work/imaged.log" &
+  imaged_pid=$!
+  pids+=($imaged_pid)
+  for _ in $(seq 1 300); do
+    [ -S "$socket" ] && return 0
+    sleep 0.1
+  done
+  echo "imaged did not start:" >&2
+  cat "$work/imaged.log" >&2
+  return 1
+}
