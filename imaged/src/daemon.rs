@@ -20,6 +20,7 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::net::UnixListener;
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::UnixListenerStream;
 
 /// Why the daemon could not start or serve.
@@ -118,7 +119,10 @@ impl Daemon {
             )))
             .add_service(ImagesServer::new(internal.clone()))
             .add_service(SnapshotsServer::new(internal))
-            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+            .serve_with_incoming_shutdown(
+                UnixListenerStream::new(listener).map(|conn| conn.map(crate::authority::filter)),
+                shutdown,
+            )
             .await;
         let _ = std::fs::remove_file(&self.address);
         result.map_err(|e| StartError::Serve {

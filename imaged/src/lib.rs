@@ -6,6 +6,7 @@
 //! [`cri`] and [`internal_api`]; start-up in [`daemon`]. The `imaged` binary's client
 //! commands live in [`cli`].
 
+mod authority;
 pub mod cli;
 pub mod config;
 pub mod content;
