@@ -91,7 +91,7 @@ impl Daemon {
             processors: processors::Chain::builtin(),
             leases: Arc::new(Leases::default()),
             max_concurrent_downloads: config.max_concurrent_downloads,
-            chain_locks: KeyedLocks::default(),
+            locks: KeyedLocks::default(),
             platform: HostPlatform::current(),
         });
         let service = Arc::new(ImageService::new(

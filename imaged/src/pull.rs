@@ -113,8 +113,9 @@ pub struct Puller {
     pub leases: Arc<Leases>,
     /// Layer downloads per pull.
     pub max_concurrent_downloads: usize,
-    /// One lock per chain ID, so a layer is unpacked once however many pulls want it.
-    pub chain_locks: KeyedLocks,
+    /// One lock per chain ID (and per config digest), so a layer is unpacked once however
+    /// many pulls want it.
+    pub locks: KeyedLocks,
     /// The platform picked from indexes.
     pub platform: HostPlatform,
 }
@@ -224,6 +225,8 @@ impl Puller {
         manifest: &Manifest,
     ) -> Result<ImageConfig, PullError> {
         let digest = &manifest.config.digest;
+        // Concurrent pulls of one image fetch its config once.
+        let _guard = self.locks.lock(digest.as_str()).await;
         let bytes = match self.content.read(digest) {
             Ok(bytes) => Bytes::from(bytes),
             Err(ContentError::NotFound(_)) => {
@@ -280,7 +283,7 @@ impl Puller {
         // Locks are taken base first by every pull, so two pulls cannot deadlock.
         let mut guards = Vec::with_capacity(layers.len());
         for layer in layers {
-            guards.push(self.chain_locks.lock(layer.chain_id.as_str()).await);
+            guards.push(self.locks.lock(layer.chain_id.as_str()).await);
         }
         let missing = self.missing_layers(layers).await?;
         send(
@@ -508,9 +511,17 @@ enum BlobReader {
         rx: mpsc::Receiver<io::Result<Bytes>>,
         chunk: Bytes,
         writer: Writer,
-        failure: Option<String>,
+        failure: Option<ReadFailure>,
     },
     Local(BufReader<std::fs::File>),
+}
+
+/// Why reading the remote blob stopped early.
+enum ReadFailure {
+    /// The connection broke.
+    Stream(String),
+    /// The blob broke its descriptor (more bytes than announced).
+    Blob(ContentError),
 }
 
 impl BlobReader {
@@ -537,16 +548,20 @@ impl BlobReader {
                 failure,
                 ..
             } => {
-                if let Some(detail) = failure {
-                    return Err(PullError::Stream {
-                        digest: layer.digest.clone(),
-                        detail,
-                    });
-                }
                 let blob_error = |source| PullError::Blob {
                     digest: layer.digest.clone(),
                     source,
                 };
+                match failure {
+                    Some(ReadFailure::Stream(detail)) => {
+                        return Err(PullError::Stream {
+                            digest: layer.digest.clone(),
+                            detail,
+                        });
+                    }
+                    Some(ReadFailure::Blob(source)) => return Err(blob_error(source)),
+                    None => {}
+                }
                 writer.check().map_err(blob_error)?;
                 drained.map_err(|e| PullError::Stream {
                     digest: layer.digest.clone(),
@@ -573,13 +588,14 @@ impl Read for BlobReader {
                         None => return Ok(0),
                         Some(Ok(next)) => {
                             if let Err(e) = writer.write(&next) {
-                                *failure = Some(e.to_string());
-                                return Err(io::Error::other(e.to_string()));
+                                let message = e.to_string();
+                                *failure = Some(ReadFailure::Blob(e));
+                                return Err(io::Error::other(message));
                             }
                             *chunk = next;
                         }
                         Some(Err(e)) => {
-                            *failure = Some(e.to_string());
+                            *failure = Some(ReadFailure::Stream(e.to_string()));
                             return Err(e);
                         }
                     }

@@ -1,0 +1,86 @@
+//! Registries that want credentials: HTTP basic and bearer tokens.
+
+use crate::harness::{Imaged, push};
+use base64::Engine as _;
+use fixtures::catalog;
+use fixtures::registry::{Registry, RegistryAuth, RegistryOptions, TokenOptions};
+use proto::cri::AuthConfig;
+
+fn creds(username: &str, password: &str) -> Option<AuthConfig> {
+    Some(AuthConfig {
+        username: username.into(),
+        password: password.into(),
+        ..Default::default()
+    })
+}
+
+async fn check_auth(registry: &Registry) {
+    let imaged = Imaged::start().await;
+    push(registry, "private/app", "v1", &catalog::simple("private"));
+    let image = format!("{}/private/app:v1", registry.addr());
+    let anonymous = imaged.pull(&image).await.unwrap_err();
+    assert_eq!(
+        anonymous.code(),
+        tonic::Code::Unauthenticated,
+        "{anonymous:?}"
+    );
+    let wrong = imaged
+        .pull_with(&image, creds("alice", "wrong"))
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.code(), tonic::Code::Unauthenticated, "{wrong:?}");
+    assert!(
+        !wrong.message().contains("wrong"),
+        "password leaked: {wrong:?}"
+    );
+    imaged
+        .pull_with(&image, creds("alice", "s3cret"))
+        .await
+        .unwrap();
+    imaged.remove(&image).await;
+    let encoded = base64::engine::general_purpose::STANDARD.encode("alice:s3cret");
+    let auth = Some(AuthConfig {
+        auth: encoded,
+        ..Default::default()
+    });
+    imaged.pull_with(&image, auth).await.unwrap();
+    imaged.remove(&image).await;
+    // Credentials meant for another registry are not sent here.
+    let elsewhere = Some(AuthConfig {
+        username: "alice".into(),
+        password: "s3cret".into(),
+        server_address: "https://other.example".into(),
+        ..Default::default()
+    });
+    let err = imaged.pull_with(&image, elsewhere).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn basic_auth_registry() {
+    let registry = Registry::start(RegistryOptions {
+        storage: None,
+        auth: RegistryAuth::Basic {
+            user: "alice".into(),
+            password: "s3cret".into(),
+        },
+    })
+    .unwrap();
+    check_auth(&registry).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_token_registry() {
+    let registry = Registry::start(RegistryOptions {
+        storage: None,
+        auth: RegistryAuth::Token(TokenOptions {
+            user: "alice".into(),
+            password: "s3cret".into(),
+            anonymous_pull: false,
+        }),
+    })
+    .unwrap();
+    check_auth(&registry).await;
+    let tokens = registry.token_server().unwrap().requests();
+    assert!(!tokens.is_empty(), "no token was requested");
+}

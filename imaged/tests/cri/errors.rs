@@ -1,0 +1,162 @@
+//! Hostile and broken input: the right gRPC code, a message naming what was wrong, and a
+//! store left as it was.
+
+use crate::harness::{Imaged, push, registry};
+use fixtures::catalog;
+use fixtures::image::{Built, OCI_MANIFEST};
+use fixtures::registry::{Route, StaticRegistry};
+use tonic::Code;
+
+async fn expect_failure(imaged: &Imaged, image: &str, code: Code, needles: &[&str]) {
+    let before = imaged.store_files();
+    let err = imaged.pull(image).await.unwrap_err();
+    assert_eq!(err.code(), code, "{image}: {err:?}");
+    for needle in needles {
+        assert!(
+            err.message().contains(needle),
+            "{image}: {needle:?} not in {:?}",
+            err.message()
+        );
+    }
+    // Manifests and configs may stay (they were verified); nothing of the layers may.
+    let after: Vec<String> = imaged
+        .store_files()
+        .difference(&before)
+        .filter(|f| !f.starts_with("content/blobs/"))
+        .cloned()
+        .collect();
+    assert!(after.is_empty(), "{image}: left behind {after:?}");
+    assert_eq!(imaged.status(image).await, None);
+}
+
+fn push_built(registry: &fixtures::registry::Registry, repo: &str, built: &Built) {
+    registry.pusher().push_image(repo, built, &["v1"]).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_unreachable_and_invalid_references() {
+    let registry = registry();
+    let imaged = Imaged::start().await;
+    push(&registry, "fixtures/simple", "v1", &catalog::simple("x"));
+    let addr = registry.addr();
+    expect_failure(
+        &imaged,
+        &format!("{addr}/fixtures/nope:v1"),
+        Code::NotFound,
+        &["not found", "fixtures/nope"],
+    )
+    .await;
+    expect_failure(
+        &imaged,
+        &format!("{addr}/fixtures/simple:v2"),
+        Code::NotFound,
+        &["fixtures/simple:v2"],
+    )
+    .await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    expect_failure(
+        &imaged,
+        &format!("{dead}/x/y:1"),
+        Code::Unavailable,
+        &[&dead.to_string()],
+    )
+    .await;
+    for bad in ["docker.io/Library/x", "a::b", "x@sha256:1234"] {
+        expect_failure(&imaged, bad, Code::InvalidArgument, &[bad]).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lying_digests_sizes_and_media_types_are_refused() {
+    let registry = registry();
+    let imaged = Imaged::start().await;
+    let addr = registry.addr();
+    let diff_id = catalog::hostile_diff_id().unwrap();
+    push_built(&registry, "hostile/diff-id", &diff_id);
+    let layer = diff_id.layers[0].blob.digest.clone();
+    expect_failure(
+        &imaged,
+        &format!("{addr}/hostile/diff-id:v1"),
+        Code::DataLoss,
+        &["diff_id", &layer],
+    )
+    .await;
+    for (repo, offset) in [("hostile/bigger", 10), ("hostile/smaller", -10)] {
+        let built = catalog::hostile_layer_size(offset).unwrap();
+        push_built(&registry, repo, &built);
+        let layer = built.layers[0].blob.digest.clone();
+        expect_failure(
+            &imaged,
+            &format!("{addr}/{repo}:v1"),
+            Code::DataLoss,
+            &[&layer],
+        )
+        .await;
+    }
+    let unsupported = catalog::unsupported_media_type().unwrap();
+    push_built(&registry, "hostile/media", &unsupported);
+    expect_failure(
+        &imaged,
+        &format!("{addr}/hostile/media:v1"),
+        Code::InvalidArgument,
+        &[catalog::UNSUPPORTED_LAYER_TYPE],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_manifest_is_invalid_argument() {
+    let manifest = catalog::malformed_manifest();
+    let fake = StaticRegistry::start(vec![Route::manifest(
+        "bad/json",
+        "v1",
+        OCI_MANIFEST,
+        &manifest.bytes,
+    )])
+    .unwrap();
+    let imaged = Imaged::start().await;
+    expect_failure(
+        &imaged,
+        &format!("{}/bad/json:v1", fake.addr()),
+        Code::InvalidArgument,
+        &["malformed manifest"],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tar_entries_never_escape_the_snapshot() {
+    let registry = registry();
+    let imaged = Imaged::start().await;
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("secret"), "host secret\n").unwrap();
+    let before = fixtures::tree::Tree::read(outside.path()).unwrap();
+    let escapes = [
+        ("traversal", catalog::hostile_traversal(outside.path())),
+        ("absolute", catalog::hostile_absolute(outside.path())),
+        ("symlink", catalog::hostile_symlink_escape(outside.path())),
+        ("hardlink", catalog::hostile_hardlink_escape(outside.path())),
+    ];
+    for (name, spec) in escapes {
+        push(&registry, &format!("hostile/{name}"), "v1", &spec);
+        let image = format!("{}/hostile/{name}:v1", registry.addr());
+        match imaged.pull(&image).await {
+            // Escaping names are clamped into the rootfs, as containerd does.
+            Ok(_) => {
+                let tree = imaged.rootfs(&image).await;
+                assert!(!tree.nodes.is_empty(), "{name}: empty rootfs");
+            }
+            Err(err) => assert_eq!(err.code(), Code::InvalidArgument, "{name}: {err:?}"),
+        }
+        let after = fixtures::tree::Tree::read(outside.path()).unwrap();
+        assert!(
+            before.diff(&after).is_empty(),
+            "{name} wrote outside: {:?}",
+            before.diff(&after)
+        );
+        assert!(!std::path::Path::new("/fixtures-escaped-traversal").exists());
+    }
+}

@@ -1,0 +1,258 @@
+//! A daemon per test: its own root, state and certs.d under a temporary directory.
+
+use fixtures::image::{Built, ImageSpec};
+use fixtures::registry::{Registry, RegistryOptions};
+use fixtures::tree::Tree;
+use proto::cri;
+use proto::cri::image_service_client::ImageServiceClient;
+use proto::imaged::snapshots_client::SnapshotsClient;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus};
+use std::time::Duration;
+use tonic::transport::Channel;
+
+pub struct Imaged {
+    pub dir: tempfile::TempDir,
+    pub root: PathBuf,
+    pub socket: PathBuf,
+    pub certs: PathBuf,
+    child: Option<Child>,
+}
+
+impl Imaged {
+    pub async fn start() -> Self {
+        Self::start_with("").await
+    }
+
+    /// Starts imaged with `extra` appended to its config file.
+    pub async fn start_with(extra: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let certs = dir.path().join("certs.d");
+        std::fs::create_dir_all(&certs).unwrap();
+        let socket = dir.path().join("state/imaged.sock");
+        let config = dir.path().join("imaged.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "root = {root:?}\nstate = {:?}\n{extra}\n[registry]\nconfig_path = {certs:?}\n",
+                dir.path().join("state")
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.path().join("imaged.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_imaged"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("IMAGED_LOG", "debug")
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let imaged = Self {
+            dir,
+            root,
+            socket,
+            certs,
+            child: Some(child),
+        };
+        for _ in 0..200 {
+            if imaged.socket.exists() {
+                return imaged;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("imaged did not start: {}", imaged.log());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("imaged.log")).unwrap_or_default()
+    }
+
+    /// Writes `<certs.d>/<host>/hosts.toml`.
+    pub fn hosts_toml(&self, host: &str, text: &str) {
+        let dir = self.certs.join(host);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("hosts.toml"), text).unwrap();
+    }
+
+    pub async fn channel(&self) -> Channel {
+        imaged::cli::connect(&self.socket).await.unwrap()
+    }
+
+    pub async fn cri(&self) -> ImageServiceClient<Channel> {
+        ImageServiceClient::new(self.channel().await)
+    }
+
+    pub async fn pull(&self, image: &str) -> Result<String, tonic::Status> {
+        self.pull_with(image, None).await
+    }
+
+    pub async fn pull_with(
+        &self,
+        image: &str,
+        auth: Option<cri::AuthConfig>,
+    ) -> Result<String, tonic::Status> {
+        let response = self
+            .cri()
+            .await
+            .pull_image(cri::PullImageRequest {
+                image: Some(spec(image)),
+                auth,
+                sandbox_config: None,
+            })
+            .await?;
+        Ok(response.into_inner().image_ref)
+    }
+
+    pub async fn status(&self, image: &str) -> Option<cri::Image> {
+        self.cri()
+            .await
+            .image_status(cri::ImageStatusRequest {
+                image: Some(spec(image)),
+                verbose: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .image
+    }
+
+    pub async fn remove(&self, image: &str) {
+        self.cri()
+            .await
+            .remove_image(cri::RemoveImageRequest {
+                image: Some(spec(image)),
+            })
+            .await
+            .unwrap();
+    }
+
+    pub async fn list(&self) -> Vec<cri::Image> {
+        self.cri()
+            .await
+            .list_images(cri::ListImagesRequest { filter: None })
+            .await
+            .unwrap()
+            .into_inner()
+            .images
+    }
+
+    /// Mounts a read-only view of the image and reads its file tree.
+    pub async fn rootfs(&self, image: &str) -> Tree {
+        let key = format!("view-{}", rand_suffix());
+        let mut snapshots = SnapshotsClient::new(self.channel().await);
+        let mounts = snapshots
+            .prepare(proto::imaged::PrepareRequest {
+                image: image.to_string(),
+                key: key.clone(),
+                readonly: true,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .mounts;
+        let mounts: Vec<snapshotters::Mount> = mounts
+            .into_iter()
+            .map(|m| snapshotters::Mount {
+                kind: m.r#type,
+                source: m.source,
+                options: m.options,
+            })
+            .collect();
+        let target = tempfile::tempdir().unwrap();
+        snapshotters::Mount::mount_all(&mounts, target.path()).unwrap();
+        let tree = Tree::read(target.path());
+        snapshotters::unmount(target.path()).unwrap();
+        snapshots
+            .remove(proto::imaged::RemoveSnapshotRequest { key })
+            .await
+            .unwrap();
+        tree.unwrap()
+    }
+
+    /// Every file under the content store and snapshot directories.
+    pub fn store_files(&self) -> BTreeSet<String> {
+        let mut files = BTreeSet::new();
+        for top in ["content/blobs", "content/ingest", "snapshots"] {
+            walk(&self.root.join(top), &self.root, &mut files);
+        }
+        files
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn stop(mut self) -> ExitStatus {
+        let mut child = self.child.take().unwrap();
+        rustix::process::kill_process(
+            rustix::process::Pid::from_child(&child),
+            rustix::process::Signal::TERM,
+        )
+        .unwrap();
+        child.wait().unwrap()
+    }
+}
+
+impl Drop for Imaged {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn walk(dir: &Path, root: &Path, out: &mut BTreeSet<String>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        out.insert(path.strip_prefix(root).unwrap().display().to_string());
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            walk(&path, root, out);
+        }
+    }
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+pub fn spec(image: &str) -> cri::ImageSpec {
+    cri::ImageSpec {
+        image: image.to_string(),
+        ..Default::default()
+    }
+}
+
+pub fn registry() -> Registry {
+    Registry::start(RegistryOptions::default()).unwrap()
+}
+
+/// Builds `spec`, pushes it as `repo:tag`, returns the built image.
+pub fn push(registry: &Registry, repo: &str, tag: &str, spec: &ImageSpec) -> Built {
+    let built = spec.build().unwrap();
+    registry.pusher().push_image(repo, &built, &[tag]).unwrap();
+    built
+}
+
+/// Registry requests (method and path) that name `needle`.
+pub fn requests_for(registry: &Registry, needle: &str) -> Vec<String> {
+    registry
+        .requests()
+        .into_iter()
+        .filter(|r| r.contains(needle))
+        .collect()
+}
+
+pub fn assert_tree(expected: &Tree, actual: &Tree, what: &str) {
+    let diff = expected.diff(actual);
+    assert!(
+        diff.is_empty(),
+        "{what}: rootfs differs:\n{}",
+        diff.join("\n")
+    );
+}

@@ -1,0 +1,8 @@
+//! Integration tests: a real `imaged` process, real `docker-registry` processes, CRI calls
+//! over the unix socket, and rootfs trees mounted from the overlay snapshots. Root only.
+
+mod auth;
+mod errors;
+mod harness;
+mod names;
+mod pull;

@@ -1,0 +1,188 @@
+//! Pulls that succeed: the unpacked rootfs equals the fixture's expected tree, layers are
+//! fetched and unpacked once, mirrors from hosts.toml are used.
+
+use crate::harness::{Imaged, assert_tree, push, registry, requests_for};
+use fixtures::catalog;
+use fixtures::image::{Compression, ImageSpec};
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rootfs_matches_every_fixture_tree() {
+    let registry = registry();
+    let imaged = Imaged::start().await;
+    let cases: Vec<(&str, ImageSpec)> = vec![
+        ("whiteouts", catalog::whiteouts()),
+        ("links", catalog::links()),
+        ("metadata", catalog::metadata()),
+        ("plain", catalog::compressed(Compression::None)),
+        ("gzip", catalog::compressed(Compression::Gzip)),
+        ("zstd", catalog::compressed(Compression::Zstd)),
+        ("docker", catalog::docker_schema2()),
+        ("layers-120", catalog::many_layers()),
+    ];
+    for (name, spec) in cases {
+        let built = push(&registry, &format!("fixtures/{name}"), "v1", &spec);
+        let image = format!("{}/fixtures/{name}:v1", registry.addr());
+        let id = imaged.pull(&image).await.unwrap();
+        assert_eq!(id, built.id(), "{name}");
+        let tree = imaged.rootfs(&image).await;
+        assert_tree(&spec.expected_tree(), &tree, name);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_arch_index_picks_amd64_and_records_the_index_digest() {
+    let registry = registry();
+    let imaged = Imaged::start().await;
+    let index = catalog::multi_arch().build().unwrap();
+    let index_digest = registry
+        .pusher()
+        .push_index("fixtures/multi", &index, &["v1"])
+        .unwrap();
+    let image = format!("{}/fixtures/multi:v1", registry.addr());
+    let id = imaged.pull(&image).await.unwrap();
+    let amd64 = &index.manifests[0];
+    assert_eq!(id, amd64.id());
+    let status = imaged.status(&image).await.unwrap();
+    assert_eq!(
+        status.repo_digests,
+        [format!("{}/fixtures/multi@{index_digest}", registry.addr())]
+    );
+    let amd64_layers: Vec<&str> = amd64
+        .layers
+        .iter()
+        .map(|l| l.blob.digest.as_str())
+        .collect();
+    for layer in &index.manifests[1].layers {
+        if amd64_layers.contains(&layer.blob.digest.as_str()) {
+            continue;
+        }
+        let gets: Vec<String> = requests_for(&registry, &layer.blob.digest)
+            .into_iter()
+            .filter(|r| r.starts_with("GET"))
+            .collect();
+        assert!(gets.is_empty(), "arm64 layer fetched: {gets:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layers_are_fetched_once_across_images_and_concurrent_pulls() {
+    let registry = registry();
+    let imaged = Imaged::start().await;
+    let spec = catalog::demo();
+    let built = push(&registry, "fixtures/demo", "v1", &spec);
+    registry
+        .pusher()
+        .push_image("fixtures/demo-copy", &built, &["v1"])
+        .unwrap();
+    let image = format!("{}/fixtures/demo:v1", registry.addr());
+    let pulls = (0..10).map(|_| imaged.pull(&image));
+    let ids = futures_util::future::join_all(pulls).await;
+    for id in ids {
+        assert_eq!(id.unwrap(), built.id());
+    }
+    // The second repository shares every layer: nothing is downloaded again.
+    let copy = format!("{}/fixtures/demo-copy:v1", registry.addr());
+    imaged.pull(&copy).await.unwrap();
+    // A warm pull asks only for the manifest.
+    let before = registry.requests().len();
+    imaged.pull(&image).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let warm: Vec<String> = registry.requests()[before..].to_vec();
+    assert_eq!(warm.len(), 1, "warm pull requests: {warm:?}");
+    assert!(warm[0].contains("/manifests/v1"), "{warm:?}");
+    for layer in &built.layers {
+        let gets: Vec<String> = requests_for(&registry, &layer.blob.digest)
+            .into_iter()
+            .filter(|r| r.starts_with("GET"))
+            .collect();
+        assert_eq!(
+            gets.len(),
+            1,
+            "layer {} fetched: {gets:?}",
+            layer.blob.digest
+        );
+    }
+    assert_eq!(imaged.list().await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_toml_mirror_serves_registry_k8s_io() {
+    let registry = registry();
+    let imaged = Imaged::start().await;
+    let built = push(&registry, "pause", "3.9", &catalog::simple("pause"));
+    imaged.hosts_toml(
+        "registry.k8s.io",
+        &format!(
+            "server = \"https://registry.k8s.io\"\n\n[host.\"http://{}\"]\ncapabilities = [\"pull\", \"resolve\"]\n",
+            registry.addr()
+        ),
+    );
+    let id = imaged.pull("registry.k8s.io/pause:3.9").await.unwrap();
+    assert_eq!(id, built.id());
+    let manifest = requests_for(&registry, "/v2/pause/manifests/3.9");
+    assert!(
+        manifest.iter().any(|r| r.contains("ns=registry.k8s.io")),
+        "{manifest:?}"
+    );
+    let status = imaged.status("registry.k8s.io/pause:3.9").await.unwrap();
+    assert_eq!(status.repo_tags, ["registry.k8s.io/pause:3.9"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fs_info_matches_du_and_shrinks_after_removal() {
+    let registry = registry();
+    let imaged = Imaged::start().await;
+    push(&registry, "fixtures/demo", "v1", &catalog::demo());
+    let image = format!("{}/fixtures/demo:v1", registry.addr());
+    let empty = fs_used(&imaged).await;
+    imaged.pull(&image).await.unwrap();
+    let full = fs_used(&imaged).await;
+    let du = du_bytes(&imaged.root);
+    let diff = full.0.abs_diff(du) as f64;
+    assert!(
+        diff <= du as f64 * 0.01,
+        "ImageFsInfo {} vs du {du}",
+        full.0
+    );
+    assert!(
+        full.0 > empty.0 + 3_000_000 && full.1 > empty.1,
+        "{empty:?} {full:?}"
+    );
+    imaged.remove(&image).await;
+    let after = fs_used(&imaged).await;
+    assert!(after.0 < empty.0 + 100_000, "{empty:?} -> {after:?}");
+    assert!(imaged.stop().success());
+}
+
+async fn fs_used(imaged: &Imaged) -> (u64, u64) {
+    let info = imaged
+        .cri()
+        .await
+        .image_fs_info(proto::cri::ImageFsInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.image_filesystems.len(), 1);
+    let fs = &info.image_filesystems[0];
+    assert!(fs.timestamp > 0);
+    assert!(std::path::Path::new(&fs.fs_id.as_ref().unwrap().mountpoint).is_dir());
+    (
+        fs.used_bytes.as_ref().unwrap().value,
+        fs.inodes_used.as_ref().unwrap().value,
+    )
+}
+
+fn du_bytes(path: &std::path::Path) -> u64 {
+    let out = std::process::Command::new("du")
+        .args(["-s", "-B1"])
+        .arg(path)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
