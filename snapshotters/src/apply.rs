@@ -130,8 +130,8 @@ enum Existing {
 
 impl Layer {
     fn apply(&mut self, entry: &Entry, stream: &mut TarStream<'_>) -> Result<(), LayerError> {
-        self.count(entry)?;
         let kind = entry_kind(entry)?;
+        self.count(entry, kind)?;
         let path = clean(&entry.path);
         if path.is_empty() {
             // The root entry `./`: its mode and owner must not change the snapshot root.
@@ -156,7 +156,7 @@ impl Layer {
         }
     }
 
-    fn count(&mut self, entry: &Entry) -> Result<(), LayerError> {
+    fn count(&mut self, entry: &Entry, kind: EntryKind) -> Result<(), LayerError> {
         self.stats.entries += 1;
         if let Some(limit) = self
             .limits
@@ -168,7 +168,7 @@ impl Layer {
                 limit,
             });
         }
-        if matches!(entry_kind(entry), Ok(EntryKind::Regular)) {
+        if kind == EntryKind::Regular {
             self.stats.bytes += entry.size;
             if let Some(limit) = self
                 .limits
@@ -321,31 +321,38 @@ impl Layer {
         set_times(dir, base, entry)
     }
 
-    /// Sets directory times in archive order; a directory replaced later in the layer is
-    /// skipped, and nothing is ever followed through a symlink.
+    /// Sets directory times in archive order.
     fn set_dir_times(&self) -> Result<(), Error> {
         for (path, times) in &self.dir_times {
-            let (parent, base) = split_last(path);
-            let result = match open_dir(&self.root, parent, Missing::Fail) {
-                Ok(dir) => match rustix::fs::statat(&dir, base, AtFlags::SYMLINK_NOFOLLOW) {
-                    Ok(stat) if fsutil::is_dir(&stat) => {
-                        rustix::fs::utimensat(&dir, base, times, AtFlags::SYMLINK_NOFOLLOW)
-                            .map_err(io::Error::from)
-                    }
-                    Ok(_) | Err(Errno::NOENT) => Ok(()),
-                    Err(e) => Err(e.into()),
-                },
-                Err(e) if matches!(e.raw_os_error(), Some(code) if code == Errno::NOENT.raw_os_error() || code == Errno::NOTDIR.raw_os_error()) => {
-                    Ok(())
-                }
-                Err(e) => Err(e),
-            };
-            result.map_err(|e| Error::Layer {
+            self.set_dir_time(path, times).map_err(|e| Error::Layer {
                 path: String::from_utf8_lossy(path).into_owned(),
                 reason: io_error("set directory times")(e),
             })?;
         }
         Ok(())
+    }
+
+    /// A directory replaced or removed later in the layer is skipped, and nothing is ever
+    /// followed through a symlink.
+    fn set_dir_time(&self, path: &[u8], times: &Timestamps) -> io::Result<()> {
+        let (parent, base) = split_last(path);
+        let dir = match open_dir(&self.root, parent, Missing::Fail) {
+            Ok(dir) => dir,
+            Err(e) if matches!(Errno::from_io_error(&e), Some(Errno::NOENT | Errno::NOTDIR)) => {
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        match rustix::fs::statat(&dir, base, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(stat) if fsutil::is_dir(&stat) => Ok(rustix::fs::utimensat(
+                &dir,
+                base,
+                times,
+                AtFlags::SYMLINK_NOFOLLOW,
+            )?),
+            Ok(_) | Err(Errno::NOENT) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 }
 
@@ -472,13 +479,12 @@ fn set_entry_xattr(
     }
     match set_xattr_at(dir, base, name, value) {
         Ok(()) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(Errno::OPNOTSUPP.raw_os_error()) => {
+        Err(Errno::OPNOTSUPP) => {
             tracing::debug!(xattr = %shown, "xattrs not supported here; skipped");
             Ok(())
         }
-        Err(e)
-            if e.raw_os_error() == Some(Errno::PERM.raw_os_error())
-                && name.starts_with(b"user.")
+        Err(Errno::PERM)
+            if name.starts_with(b"user.")
                 && !matches!(kind, EntryKind::Regular | EntryKind::Directory) =>
         {
             Ok(())
@@ -490,15 +496,10 @@ fn set_entry_xattr(
 /// `lsetxattr` on `base` inside `dir`. There is no `*at` form before Linux 6.13, so the
 /// path goes through the descriptor's `/proc/thread-self/fd` entry: the directory is the
 /// one already resolved, and the final component is not followed.
-fn set_xattr_at(dir: &OwnedFd, base: &[u8], name: &[u8], value: &[u8]) -> io::Result<()> {
+fn set_xattr_at(dir: &OwnedFd, base: &[u8], name: &[u8], value: &[u8]) -> rustix::io::Result<()> {
     let mut path = format!("/proc/thread-self/fd/{}/", dir.as_raw_fd()).into_bytes();
     path.extend_from_slice(base);
-    Ok(rustix::fs::lsetxattr(
-        path,
-        name,
-        value,
-        XattrFlags::empty(),
-    )?)
+    rustix::fs::lsetxattr(path, name, value, XattrFlags::empty())
 }
 
 fn set_times(dir: &OwnedFd, base: &[u8], entry: &Entry) -> Result<(), LayerError> {

@@ -160,8 +160,8 @@ pub(crate) fn disk_usage(path: &Path) -> io::Result<Usage> {
     let mut seen = HashSet::new();
     walk(top, &mut |visit| {
         if let Visit::Entry { stat, .. } = visit {
-            let linked = u64::from(stat.st_nlink) > 1 && !is_dir(stat);
-            if !linked || seen.insert((u64::from(stat.st_dev), u64::from(stat.st_ino))) {
+            let linked = stat.st_nlink > 1 && !is_dir(stat);
+            if !linked || seen.insert((stat.st_dev, stat.st_ino)) {
                 add_usage(&mut usage, stat);
             }
         }

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{self, Read};
+use std::ops::Range;
 
 use tar::Header;
 
@@ -105,9 +106,7 @@ impl<'r> TarStream<'r> {
             };
             let header = Header::from_byte_slice(&block);
             verify_checksum(header).map_err(|e| at_offset(at, e))?;
-            let size = header
-                .entry_size()
-                .map_err(|_| at_offset(at, LayerError::Field("size")))?;
+            let size = numeric(&block, SIZE, "size").map_err(|e| at_offset(at, e))?;
             let slot = match header.entry_type().as_byte() {
                 b'x' => Some(("PAX header", &mut pending.pax)),
                 b'L' => Some(("GNU long name", &mut pending.long_name)),
@@ -145,12 +144,7 @@ impl<'r> TarStream<'r> {
         if want == 0 {
             return Ok(0);
         }
-        let n = self
-            .read_some(&mut buf[..want])
-            .map_err(|source| LayerError::Io {
-                op: "read archive",
-                source,
-            })?;
+        let n = self.read_some(&mut buf[..want]).map_err(read_error)?;
         if n == 0 {
             return Err(LayerError::Truncated);
         }
@@ -309,28 +303,25 @@ fn build_entry(
     if typeflag == b'S' || pax.sparse {
         return Err(LayerError::Sparse);
     }
-    let mode = header.mode().map_err(|_| LayerError::Field("mode"))? & 0o7777;
+    let bytes = header.as_bytes();
+    let mode = numeric(bytes, MODE, "mode")? as u32 & 0o7777;
     let uid = match pax.uid {
         Some(uid) => uid,
-        None => header_id(header.uid(), "uid")?,
+        None => valid_id(numeric(bytes, UID, "uid")?).ok_or(LayerError::Field("uid"))?,
     };
     let gid = match pax.gid {
         Some(gid) => gid,
-        None => header_id(header.gid(), "gid")?,
+        None => valid_id(numeric(bytes, GID, "gid")?).ok_or(LayerError::Field("gid"))?,
     };
     let mtime = match pax.mtime {
         Some(mtime) => mtime,
-        None => Time {
-            secs: i64::try_from(header.mtime().map_err(|_| LayerError::Field("mtime"))?)
-                .unwrap_or(0),
-            nanos: 0,
-        },
+        None => header_mtime(&bytes[MTIME])?,
     };
     let device = if matches!(typeflag, b'3' | b'4') {
         let bytes = header.as_bytes();
         (
-            device_field(&bytes[329..337])?,
-            device_field(&bytes[337..345])?,
+            device_field(&bytes[DEV_MAJOR])?,
+            device_field(&bytes[DEV_MINOR])?,
         )
     } else {
         (0, 0)
@@ -352,7 +343,13 @@ fn build_entry(
         gid,
         mtime,
         atime: pax.atime,
-        size: pax.size.unwrap_or(header_size),
+        // As in Go's reader, links, devices, FIFOs and directories carry no data whatever
+        // their size field says, so every reader finds the next header at the same place.
+        size: if matches!(typeflag, b'1'..=b'6') {
+            0
+        } else {
+            pax.size.unwrap_or(header_size)
+        },
         device,
         xattrs: pax.xattrs,
     })
@@ -365,11 +362,29 @@ fn layer_error(path: &[u8], reason: LayerError) -> Error {
     }
 }
 
-fn header_id(value: io::Result<u64>, field: &'static str) -> Result<u32, LayerError> {
-    value
-        .ok()
-        .and_then(valid_id)
-        .ok_or(LayerError::Field(field))
+// Numeric fields of a ustar header block.
+const MODE: Range<usize> = 100..108;
+const UID: Range<usize> = 108..116;
+const GID: Range<usize> = 116..124;
+const SIZE: Range<usize> = 124..136;
+const MTIME: Range<usize> = 136..148;
+const DEV_MAJOR: Range<usize> = 329..337;
+const DEV_MINOR: Range<usize> = 337..345;
+
+fn numeric(block: &[u8], field: Range<usize>, name: &'static str) -> Result<u64, LayerError> {
+    parse_numeric(&block[field]).ok_or(LayerError::Field(name))
+}
+
+/// A header mtime; negative base-256 values clamp to the epoch like every other time.
+fn header_mtime(field: &[u8]) -> Result<Time, LayerError> {
+    if field[0] & 0xc0 == 0xc0 {
+        return Ok(Time::default());
+    }
+    let secs = parse_numeric(field).ok_or(LayerError::Field("mtime"))?;
+    Ok(Time {
+        secs: i64::try_from(secs).unwrap_or(0),
+        nanos: 0,
+    })
 }
 
 /// A uid or gid that fits in 32 bits and is not -1, which chown reads as "unchanged".
@@ -377,12 +392,14 @@ fn valid_id(value: u64) -> Option<u32> {
     u32::try_from(value).ok().filter(|v| *v != u32::MAX)
 }
 
-/// Parses a device number field, octal or GNU base-256, and insists it fits in 32 bits.
+/// Parses a device number field and insists it fits in 32 bits.
 fn device_field(field: &[u8]) -> Result<u32, LayerError> {
     let value = parse_numeric(field).ok_or(LayerError::Field("device number"))?;
     u32::try_from(value).map_err(|_| LayerError::DeviceNumber)
 }
 
+/// Reads a numeric field as Go does: octal with surrounding spaces and NULs ignored (empty
+/// is 0), or GNU base-256; negative base-256 values are refused.
 fn parse_numeric(field: &[u8]) -> Option<u64> {
     if field.first().is_some_and(|b| b & 0x80 != 0) {
         if field[0] & 0x40 != 0 {
@@ -394,8 +411,7 @@ fn parse_numeric(field: &[u8]) -> Option<u64> {
         }
         return Some(value);
     }
-    let text = field.split(|b| *b == 0).next()?;
-    let text = std::str::from_utf8(text).ok()?.trim();
+    let text = std::str::from_utf8(field).ok()?.trim_matches([' ', '\0']);
     if text.is_empty() {
         return Some(0);
     }
@@ -494,6 +510,117 @@ mod tests {
             len += 1;
         }
         format!("{len}{body}")
+    }
+
+    fn block(kind: u8, name: &str, size: u64) -> Vec<u8> {
+        let mut header = Header::new_ustar();
+        header.set_entry_type(tar::EntryType::new(kind));
+        header.set_path(name).unwrap();
+        header.set_mode(0o644);
+        header.set_size(size);
+        header.set_cksum();
+        header.as_bytes().to_vec()
+    }
+
+    fn padded(data: &[u8]) -> Vec<u8> {
+        let mut out = data.to_vec();
+        out.resize(data.len().div_ceil(512) * 512, 0);
+        out
+    }
+
+    fn paths(mut archive: &[u8]) -> Vec<(String, Vec<u8>)> {
+        let mut stream = TarStream::new(&mut archive);
+        let mut out = Vec::new();
+        while let Some(entry) = stream.next_entry().unwrap() {
+            let mut data = vec![0; 64];
+            let mut len = 0;
+            loop {
+                let n = stream.read_data(&mut data[len..]).unwrap();
+                if n == 0 {
+                    break;
+                }
+                len += n;
+            }
+            data.truncate(len);
+            out.push((String::from_utf8(entry.path).unwrap(), data));
+        }
+        out
+    }
+
+    #[test]
+    fn a_pax_size_moves_the_stream() {
+        let pax = record("size", "5");
+        let archive = [
+            block(b'x', "pax", pax.len() as u64),
+            padded(pax.as_bytes()),
+            block(b'0', "sized", 0),
+            padded(b"hello"),
+            block(b'0', "after", 0),
+        ]
+        .concat();
+        assert_eq!(
+            paths(&archive),
+            [
+                ("sized".to_owned(), b"hello".to_vec()),
+                ("after".to_owned(), Vec::new())
+            ]
+        );
+    }
+
+    #[test]
+    fn header_only_types_carry_no_data() {
+        let archive = [
+            block(b'2', "link", 600),
+            block(b'0', "next", 1),
+            padded(b"n"),
+        ]
+        .concat();
+        assert_eq!(
+            paths(&archive),
+            [
+                ("link".to_owned(), Vec::new()),
+                ("next".to_owned(), b"n".to_vec())
+            ]
+        );
+    }
+
+    #[test]
+    fn gnu_long_names_win_and_extensions_must_describe_an_entry() {
+        let archive = [
+            block(b'L', "././@LongLink", 6),
+            padded(b"long\0\0"),
+            block(b'0', "short", 0),
+        ]
+        .concat();
+        assert_eq!(paths(&archive), [("long".to_owned(), Vec::new())]);
+
+        let mut dangling: &[u8] = &[block(b'L', "././@LongLink", 4), padded(b"name")].concat();
+        let err = TarStream::new(&mut dangling).next_entry().unwrap_err();
+        assert!(matches!(
+            err,
+            Error::Layer {
+                reason: LayerError::DanglingExtension("GNU long name"),
+                ..
+            }
+        ));
+
+        let twice = [
+            block(b'L', "a", 1),
+            padded(b"a"),
+            block(b'L', "b", 1),
+            padded(b"b"),
+        ]
+        .concat();
+        let err = TarStream::new(&mut twice.as_slice())
+            .next_entry()
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            Error::Layer {
+                reason: LayerError::DuplicateExtension(_),
+                ..
+            }
+        ));
     }
 
     #[test]
