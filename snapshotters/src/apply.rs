@@ -50,12 +50,14 @@ const OPAQUE_XATTR: &[u8] = b"trusted.overlay.opaque";
 /// Regular file data is copied through a buffer this large, with no fsync per file.
 const COPY_BUFFER: usize = 1 << 20;
 
-/// Applies the layer in `tar` to the directory `root`, then reads `tar` to EOF.
+/// Applies the layer in `tar` to the directory `root`, then reads `tar` to EOF. Returns the
+/// statistics and the cleaned paths of the directories the layer names itself (any other
+/// directory in `root` was created as a missing parent).
 pub(crate) fn apply_layer(
     root: &Path,
     tar: &mut dyn Read,
     limits: &ApplyLimits,
-) -> Result<ApplyStats, Error> {
+) -> Result<(ApplyStats, Vec<Vec<u8>>), Error> {
     let root_fd = rustix::fs::open(
         root,
         OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
@@ -80,7 +82,8 @@ pub(crate) fn apply_layer(
     }
     layer.set_dir_times()?;
     stream.drain()?;
-    Ok(layer.stats)
+    let dirs = layer.dir_times.into_iter().map(|(path, _)| path).collect();
+    Ok((layer.stats, dirs))
 }
 
 /// State of one layer application.

@@ -164,7 +164,7 @@ impl Error {
             Error::Io { source, .. } => io_kind(source),
             Error::Metadata { .. } => ErrorKind::Internal,
             Error::Layer { reason, .. } => match reason {
-                LayerError::Io { source, .. } => io_kind(source),
+                LayerError::Io { source, .. } => layer_io_kind(source),
                 LayerError::Limit { .. } => ErrorKind::ResourceExhausted,
                 LayerError::Truncated
                 | LayerError::Checksum
@@ -187,6 +187,28 @@ impl Error {
     ) -> impl FnOnce(io::Error) -> Error {
         let path = path.into();
         move |source| Error::Io { op, path, source }
+    }
+}
+
+/// A failed file operation while applying a layer is the archive's fault when the error
+/// describes the tree it built (a missing link target, a loop, a file where a directory
+/// should be), and the system's otherwise.
+fn layer_io_kind(source: &io::Error) -> ErrorKind {
+    use rustix::io::Errno;
+    const CAUSED_BY_THE_ARCHIVE: [Errno; 9] = [
+        Errno::NOENT,
+        Errno::NOTDIR,
+        Errno::ISDIR,
+        Errno::EXIST,
+        Errno::INVAL,
+        Errno::NAMETOOLONG,
+        Errno::XDEV,
+        Errno::MLINK,
+        Errno::LOOP,
+    ];
+    match Errno::from_io_error(source) {
+        Some(errno) if CAUSED_BY_THE_ARCHIVE.contains(&errno) => ErrorKind::InvalidArgument,
+        _ => io_kind(source),
     }
 }
 

@@ -13,6 +13,7 @@
 mod apply;
 mod error;
 mod fsutil;
+mod implicit;
 mod metastore;
 mod mount;
 mod overlayfs;

@@ -18,6 +18,7 @@ use redb::Database;
 
 use crate::apply::{self, ApplyLimits};
 use crate::fsutil;
+use crate::implicit;
 use crate::metastore::{MetaStore, Snapshot};
 use crate::{ApplyStats, Error, Info, Kind, Mount, Snapshotter, Usage};
 
@@ -164,7 +165,16 @@ impl Snapshotter for Overlay {
             if let (None, Some(parent)) = (&record.parent, snapshot.parent_ids.first()) {
                 copy_owner(&self.fs_dir(*parent), &self.fs_dir(snapshot.id))?;
             }
-            Ok(())
+            let lowers: Vec<PathBuf> = snapshot
+                .parent_ids
+                .iter()
+                .map(|id| self.fs_dir(*id))
+                .collect();
+            implicit::copy_up(
+                &self.fs_dir(snapshot.id),
+                &self.dir(snapshot.id).join(implicit::FILE),
+                &lowers,
+            )
         })
     }
 
@@ -225,7 +235,10 @@ impl Snapshotter for Overlay {
                 ),
             });
         }
-        apply::apply_layer(&self.fs_dir(record.id), tar, &self.limits)
+        let fs = self.fs_dir(record.id);
+        let (stats, named) = apply::apply_layer(&fs, tar, &self.limits)?;
+        implicit::record(&fs, &self.dir(record.id).join(implicit::FILE), &named)?;
+        Ok(stats)
     }
 
     fn cleanup(&self) -> Result<(), Error> {

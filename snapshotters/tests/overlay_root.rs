@@ -1059,6 +1059,8 @@ mod conformance {
                 .file("base/gone", b"gone", 0o644)
                 .dir("opq/", 0o755)
                 .file("opq/old", b"old", 0o644)
+                .dir("implied/", 0o750)
+                .dir("implied/deeper/", 0o711)
                 .build(),
             Tar::new()
                 .dir("base/", 0o755)
@@ -1070,6 +1072,8 @@ mod conformance {
             Tar::new()
                 .dir("base/", 0o755)
                 .file("base/top", b"top", 0o644)
+                .file("implied/deeper/file", b"f", 0o644)
+                .file("fresh/file", b"f", 0o644)
                 .build(),
         ];
         std::thread::scope(|s| {
@@ -1104,6 +1108,18 @@ mod conformance {
         );
         assert_eq!(container.list("base"), ["keep", "top"]);
         assert_eq!(container.list("opq"), ["new"]);
+        // Parents a layer only implies take the lower layer's attributes at commit, as a
+        // kernel copy-up would; a parent no lower layer has stays 0755.
+        let mode = |rel: &str| {
+            fs::metadata(container.path(rel))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o7777
+        };
+        assert_eq!(mode("implied"), 0o750);
+        assert_eq!(mode("implied/deeper"), 0o711);
+        assert_eq!(mode("fresh"), 0o755);
         fs::write(container.path("base/written"), b"w").unwrap();
         drop(container);
 
