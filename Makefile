@@ -2,7 +2,7 @@
 CARGO ?= cargo
 export PATH := $(CURDIR)/target/tools:$(PATH)
 
-.PHONY: all build deps test unit critest demo clean fmt lint
+.PHONY: all build deps test critest demo fuzz clean fmt lint
 
 all: build
 
@@ -32,3 +32,7 @@ lint:
 
 clean:
 	$(CARGO) clean
+
+# Builds every fuzz target and runs each for a short, fixed number of inputs.
+fuzz:
+	./scripts/fuzz-smoke.sh

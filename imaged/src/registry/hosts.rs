@@ -421,7 +421,7 @@ fn go_duration(text: &str) -> Option<Duration> {
         total += number * scale;
         rest = &rest[unit_end..];
     }
-    Some(Duration::from_secs_f64(total))
+    Duration::try_from_secs_f64(total).ok()
 }
 
 #[cfg(test)]
@@ -529,6 +529,7 @@ override_path = true
         assert_eq!(go_duration("500ms"), Some(Duration::from_millis(500)));
         assert_eq!(go_duration("1m30s"), Some(Duration::from_secs(90)));
         assert_eq!(go_duration("2x"), None);
+        assert_eq!(go_duration("99999999999999999999h"), None);
         assert_eq!(go_duration(""), None);
     }
 }
