@@ -133,9 +133,11 @@ where
 struct HeaderRewriter {
     decoder: Decoder<'static>,
     encoder: Encoder<'static>,
-    /// A HEADERS frame waiting for its CONTINUATIONs: (flags, stream, priority, block).
-    pending: Option<(u8, [u8; 4], Vec<u8>, Vec<u8>)>,
+    pending: Option<PendingHeaders>,
 }
+
+/// A HEADERS frame waiting for its CONTINUATIONs: (flags, stream, priority, block).
+type PendingHeaders = (u8, [u8; 4], Vec<u8>, Vec<u8>);
 
 impl HeaderRewriter {
     /// Takes one HEADERS or CONTINUATION frame; returns the bytes to forward (none until the

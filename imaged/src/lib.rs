@@ -6,6 +6,10 @@
 //! [`cri`] and [`internal_api`]; start-up in [`daemon`]. The `imaged` binary's client
 //! commands live in [`cli`].
 
+// Errors carry the digests, paths and hosts they name; they are built only on failure, so
+// their size is not worth boxing.
+#![allow(clippy::result_large_err)]
+
 mod authority;
 pub mod cli;
 pub mod config;

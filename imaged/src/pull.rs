@@ -505,7 +505,9 @@ fn pump(
 }
 
 /// The compressed blob as a `Read`: from the network (teed into the content store) or
-/// from a blob already committed.
+/// from a blob already committed. One lives per layer being unpacked, so the size of the
+/// variants does not matter.
+#[allow(clippy::large_enum_variant)]
 enum BlobReader {
     Remote {
         rx: mpsc::Receiver<io::Result<Bytes>>,

@@ -252,7 +252,7 @@ fn host_from_url(
     };
     let cleaned: Vec<&str> = url.path().split('/').filter(|s| !s.is_empty()).collect();
     let mut path = cleaned.join("/");
-    if !override_path && !(path == "v2" || path.ends_with("/v2")) {
+    if !override_path && path != "v2" && !path.ends_with("/v2") {
         path = if path.is_empty() {
             "v2".into()
         } else {

@@ -336,7 +336,7 @@ impl Session {
 
     /// Credentials may go over TLS, or in clear only to this machine.
     fn may_send_credentials(url: &reqwest::Url) -> bool {
-        url.scheme() == "https" || url.host_str().is_some_and(|h| hosts::is_loopback(h))
+        url.scheme() == "https" || url.host_str().is_some_and(hosts::is_loopback)
     }
 
     async fn get(

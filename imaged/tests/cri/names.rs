@@ -122,7 +122,7 @@ async fn tags_accumulate_move_and_go_with_removal() {
     imaged.pull(&by_digest).await.unwrap();
     let status = imaged.status(&by_digest).await.unwrap();
     assert!(status.repo_tags.is_empty());
-    assert_eq!(status.repo_digests, [by_digest.clone()]);
+    assert_eq!(status.repo_digests, std::slice::from_ref(&by_digest));
     imaged.remove(b.id()).await;
     imaged.remove(&by_digest).await;
     assert!(imaged.list().await.is_empty());
