@@ -81,6 +81,24 @@ async fn bearer_token_registry() {
     })
     .unwrap();
     check_auth(&registry).await;
-    let tokens = registry.token_server().unwrap().requests();
-    assert!(!tokens.is_empty(), "no token was requested");
+    let server = registry.token_server().unwrap();
+    assert!(!server.requests().is_empty(), "no token was requested");
+    // A token the caller already holds (CRI registry_token) is sent as is.
+    let url = format!(
+        "{}?service={}&scope={}",
+        server.realm(),
+        fixtures::http::percent_encode(server.service()),
+        fixtures::http::percent_encode("repository:private/app:pull")
+    );
+    let basic = fixtures::push::basic_authorization("alice", "s3cret");
+    let response = fixtures::http::send("GET", &url, &[("Authorization", &basic)], &[]).unwrap();
+    let body: serde_json::Value = serde_json::from_str(&response.text()).unwrap();
+    let token = body["token"].as_str().unwrap().to_string();
+    let imaged = Imaged::start().await;
+    let image = format!("{}/private/app:v1", registry.addr());
+    let auth = Some(AuthConfig {
+        registry_token: token,
+        ..Default::default()
+    });
+    imaged.pull_with(&image, auth).await.unwrap();
 }
