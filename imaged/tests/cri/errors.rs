@@ -160,3 +160,45 @@ async fn tar_entries_never_escape_the_snapshot() {
         assert!(!std::path::Path::new("/fixtures-escaped-traversal").exists());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blobs_that_do_not_match_their_digest_are_refused() {
+    let built = catalog::simple("lying blobs").build().unwrap();
+    let mut lying_config = built.config.clone();
+    lying_config.bytes = b"{\"rootfs\":{\"type\":\"layers\",\"diff_ids\":[]}}".to_vec();
+    let layer = &built.layers[0].blob;
+    let mut lying_layer = layer.clone();
+    lying_layer.bytes = vec![0u8; layer.bytes.len()];
+    let manifest = |repo: &str| Route::manifest(repo, "v1", OCI_MANIFEST, &built.manifest.bytes);
+    let fake = StaticRegistry::start(vec![
+        manifest("bad/config"),
+        Route::blob("bad/config", &lying_config),
+        manifest("bad/layer"),
+        Route::blob("bad/layer", &built.config),
+        Route::blob("bad/layer", &lying_layer),
+    ])
+    .unwrap();
+    let imaged = Imaged::start().await;
+    let addr = fake.addr();
+    expect_failure(
+        &imaged,
+        &format!("{addr}/bad/config:v1"),
+        Code::DataLoss,
+        &[&built.config.digest, "digest mismatch"],
+    )
+    .await;
+    expect_failure(
+        &imaged,
+        &format!("{addr}/bad/layer:v1"),
+        Code::DataLoss,
+        &[&layer.digest, "digest mismatch"],
+    )
+    .await;
+    assert!(
+        !imaged
+            .root
+            .join("content/blobs/sha256")
+            .join(layer.hex())
+            .exists()
+    );
+}

@@ -28,19 +28,39 @@ impl Imaged {
     /// Starts imaged with `extra` appended to its config file.
     pub async fn start_with(extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
+        Self::start_in(dir, extra).await
+    }
+
+    /// Kills the daemon without warning (a crash) and starts it again on the same root.
+    pub async fn crash_and_restart(mut self) -> Self {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(
+            self.socket.exists(),
+            "a killed daemon leaves its socket behind"
+        );
+        let dir = tempfile::TempDir::new_in("/tmp").unwrap();
+        let old = std::mem::replace(&mut self.dir, dir);
+        Self::start_in(old, "").await
+    }
+
+    async fn start_in(dir: tempfile::TempDir, extra: &str) -> Self {
         let root = dir.path().join("root");
         let certs = dir.path().join("certs.d");
         std::fs::create_dir_all(&certs).unwrap();
         let socket = dir.path().join("state/imaged.sock");
         let config = dir.path().join("imaged.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "root = {root:?}\nstate = {:?}\n{extra}\n[registry]\nconfig_path = {certs:?}\n",
-                dir.path().join("state")
-            ),
-        )
-        .unwrap();
+        if !config.exists() {
+            std::fs::write(
+                &config,
+                format!(
+                    "root = {root:?}\nstate = {:?}\n{extra}\n[registry]\nconfig_path = {certs:?}\n",
+                    dir.path().join("state")
+                ),
+            )
+            .unwrap();
+        }
         let log = std::fs::File::create(dir.path().join("imaged.log")).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_imaged"))
             .args(["serve", "--config"])
@@ -57,7 +77,7 @@ impl Imaged {
             child: Some(child),
         };
         for _ in 0..200 {
-            if imaged.socket.exists() {
+            if std::os::unix::net::UnixStream::connect(&imaged.socket).is_ok() {
                 return imaged;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;

@@ -94,6 +94,32 @@ async fn tags_accumulate_move_and_go_with_removal() {
     }
     let images = imaged.list().await;
     assert_eq!(images.len(), 1);
+    let filtered = imaged
+        .cri()
+        .await
+        .list_images(cri::ListImagesRequest {
+            filter: Some(cri::ImageFilter {
+                image: Some(spec(&format!("{name}:2"))),
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .images;
+    assert_eq!(filtered, images);
+    let none = imaged
+        .cri()
+        .await
+        .list_images(cri::ListImagesRequest {
+            filter: Some(cri::ImageFilter {
+                image: Some(spec(&format!("{name}:absent"))),
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .images;
+    assert!(none.is_empty());
     assert_eq!(
         images[0].repo_tags,
         [

@@ -186,3 +186,27 @@ fn du_bytes(path: &std::path::Path) -> u64 {
         .parse()
         .unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_survive_a_crash_and_the_stale_socket_is_replaced() {
+    let registry = registry();
+    let imaged = Imaged::start().await;
+    let built = push(&registry, "fixtures/demo", "v1", &catalog::demo());
+    let image = format!("{}/fixtures/demo:v1", registry.addr());
+    imaged.pull(&image).await.unwrap();
+    let imaged = imaged.crash_and_restart().await;
+    assert_eq!(imaged.status(&image).await.unwrap().id, built.id());
+    assert_tree(
+        &catalog::demo().expected_tree(),
+        &imaged.rootfs(&image).await,
+        "after restart",
+    );
+    let before = registry.requests().len();
+    imaged.pull(&image).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        registry.requests().len(),
+        before + 1,
+        "only the manifest is fetched again"
+    );
+}
