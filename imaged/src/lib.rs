@@ -17,7 +17,6 @@ pub mod content;
 pub mod cri;
 pub mod daemon;
 pub mod digest;
-pub mod du;
 pub mod error;
 pub mod gc;
 pub mod images;

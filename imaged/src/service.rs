@@ -134,9 +134,14 @@ impl ImageService {
     /// Usage of the filesystem holding content and snapshots.
     pub async fn fs_info(&self) -> cri::FilesystemUsage {
         let root = self.root.clone();
-        let (bytes, inodes) = tokio::task::spawn_blocking(move || crate::du::disk_usage(&root))
+        let usage = tokio::task::spawn_blocking(move || snapshotters::disk_usage(&root))
             .await
-            .expect("du task");
+            .expect("du task")
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "measuring the image filesystem failed");
+                snapshotters::Usage::default()
+            });
+        let (bytes, inodes) = (usage.size, usage.inodes);
         let timestamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as i64);

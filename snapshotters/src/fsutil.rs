@@ -153,7 +153,7 @@ pub(crate) fn remove_path(path: &Path) -> io::Result<()> {
 
 /// Measures `path` as `du` does: `st_blocks * 512` of every inode, hardlinked inodes once,
 /// the top directory included.
-pub(crate) fn disk_usage(path: &Path) -> io::Result<Usage> {
+pub fn disk_usage(path: &Path) -> io::Result<Usage> {
     let top = rustix::fs::open(path, dir_flags(), Mode::empty())?;
     let mut usage = Usage::default();
     add_usage(&mut usage, &rustix::fs::fstat(&top)?);

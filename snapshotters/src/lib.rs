@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 
 pub use apply::{ApplyLimits, MAX_EXTENSION_SIZE};
 pub use error::{Error, ErrorKind, LayerError, MetadataError};
+pub use fsutil::disk_usage;
 pub use mount::{Mount, unmount};
 pub use overlayfs::Overlay;
 
