@@ -64,6 +64,7 @@ async fn basic_auth_registry() {
             user: "alice".into(),
             password: "s3cret".into(),
         },
+        ..RegistryOptions::default()
     })
     .unwrap();
     check_auth(&registry).await;
@@ -78,6 +79,7 @@ async fn bearer_token_registry() {
             password: "s3cret".into(),
             anonymous_pull: false,
         }),
+        ..RegistryOptions::default()
     })
     .unwrap();
     check_auth(&registry).await;

@@ -4,5 +4,6 @@
 mod auth;
 mod errors;
 mod harness;
+mod mirrors;
 mod names;
 mod pull;
