@@ -133,10 +133,15 @@ impl Registry {
         })
     }
 
+    /// The HTTP client for a host's TLS settings. Clients are cached by the *contents* of
+    /// the CA and certificate files, so replacing a file takes effect on the next pull.
     fn client(&self, host: &Host) -> Result<reqwest::Client, String> {
+        let tls = TlsFiles::read(host)?;
         let key = format!(
-            "{}|{:?}|{:?}|{:?}",
-            host.skip_verify, host.ca, host.client, host.dial_timeout
+            "{}|{:?}|{}",
+            host.skip_verify,
+            host.dial_timeout,
+            hex::encode(tls.fingerprint())
         );
         if let Some(client) = self.clients.lock().expect("client cache").get(&key) {
             return Ok(client.clone());
@@ -145,25 +150,16 @@ impl Registry {
             .user_agent(concat!("imaged/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(host.dial_timeout)
             .tls_danger_accept_invalid_certs(host.skip_verify);
-        for ca in &host.ca {
-            let pem = std::fs::read(ca).map_err(|e| format!("reading ca {}: {e}", ca.display()))?;
-            for cert in reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| format!("ca {}: {e}", ca.display()))?
+        for (path, pem) in &tls.cas {
+            for cert in reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| format!("ca {}: {e}", path.display()))?
             {
                 builder = builder.add_root_certificate(cert);
             }
         }
-        for (cert, key) in &host.client {
-            let mut pem = std::fs::read(cert)
-                .map_err(|e| format!("reading client cert {}: {e}", cert.display()))?;
-            if let Some(key) = key {
-                pem.extend(
-                    std::fs::read(key)
-                        .map_err(|e| format!("reading client key {}: {e}", key.display()))?,
-                );
-            }
-            let identity = reqwest::Identity::from_pem(&pem)
-                .map_err(|e| format!("client certificate {}: {e}", cert.display()))?;
+        for (path, pem) in &tls.identities {
+            let identity = reqwest::Identity::from_pem(pem)
+                .map_err(|e| format!("client certificate {}: {e}", path.display()))?;
             builder = builder.identity(identity);
         }
         let client = builder.build().map_err(|e| format!("TLS setup: {e}"))?;
@@ -172,6 +168,43 @@ impl Registry {
             .expect("client cache")
             .insert(key, client.clone());
         Ok(client)
+    }
+}
+
+/// The PEM files a host's TLS settings name, read from disk.
+struct TlsFiles {
+    cas: Vec<(std::path::PathBuf, Vec<u8>)>,
+    /// Certificate and key concatenated, per client certificate.
+    identities: Vec<(std::path::PathBuf, Vec<u8>)>,
+}
+
+impl TlsFiles {
+    fn read(host: &Host) -> Result<Self, String> {
+        let read = |path: &std::path::Path, what: &str| {
+            std::fs::read(path).map_err(|e| format!("reading {what} {}: {e}", path.display()))
+        };
+        let mut cas = Vec::new();
+        for ca in &host.ca {
+            cas.push((ca.clone(), read(ca, "ca")?));
+        }
+        let mut identities = Vec::new();
+        for (cert, key) in &host.client {
+            let mut pem = read(cert, "client certificate")?;
+            if let Some(key) = key {
+                pem.extend(read(key, "client key")?);
+            }
+            identities.push((cert.clone(), pem));
+        }
+        Ok(Self { cas, identities })
+    }
+
+    fn fingerprint(&self) -> impl AsRef<[u8]> {
+        let mut hasher = Sha256::new();
+        for (_, pem) in self.cas.iter().chain(&self.identities) {
+            hasher.update((pem.len() as u64).to_le_bytes());
+            hasher.update(pem);
+        }
+        hasher.finalize()
     }
 }
 
@@ -614,4 +647,21 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_travel_over_tls_or_to_this_machine_only() {
+        let allowed = |url: &str| Session::may_send_credentials(&reqwest::Url::parse(url).unwrap());
+        assert!(allowed("https://registry.example/v2/x"));
+        assert!(allowed("https://192.0.2.7:5000/v2/x"));
+        assert!(allowed("http://127.0.0.1:5000/v2/x"));
+        assert!(allowed("http://localhost:5000/v2/x"));
+        assert!(allowed("http://[::1]:5000/v2/x"));
+        assert!(!allowed("http://192.0.2.7:5000/v2/x"));
+        assert!(!allowed("http://mirror.example/v2/x"));
+    }
 }

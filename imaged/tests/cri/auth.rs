@@ -104,3 +104,35 @@ async fn bearer_token_registry() {
     });
     imaged.pull_with(&image, auth).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_reach_the_mirror_configured_for_the_registry_and_never_the_log() {
+    let mirror = Registry::start(RegistryOptions {
+        auth: RegistryAuth::Basic {
+            user: "alice".into(),
+            password: "s3cret".into(),
+        },
+        ..RegistryOptions::default()
+    })
+    .unwrap();
+    push(&mirror, "team/app", "v1", &catalog::simple("mirrored"));
+    let imaged = Imaged::start().await;
+    imaged.hosts_toml(
+        "registry.example",
+        &format!("server = \"http://{}\"\n", mirror.addr()),
+    );
+    let image = "registry.example/team/app:v1";
+    let err = imaged.pull(image).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains(mirror.addr()), "{err:?}");
+    imaged
+        .pull_with(image, creds("alice", "s3cret"))
+        .await
+        .unwrap();
+    let log = imaged.log();
+    assert!(
+        log.contains("registry.example/team/app:v1"),
+        "debug log is empty?"
+    );
+    assert!(!log.contains("s3cret"), "a password reached the log");
+}
