@@ -127,6 +127,28 @@ async fn hosts_toml_mirror_serves_registry_k8s_io() {
     );
     let status = imaged.status("registry.k8s.io/pause:3.9").await.unwrap();
     assert_eq!(status.repo_tags, ["registry.k8s.io/pause:3.9"]);
+    // `imaged hosts` shows the same resolution without pulling.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_imaged"))
+        .args(["hosts", "registry.k8s.io/pause:3.9", "--config"])
+        .arg(imaged.dir.path().join("imaged.toml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "registry.k8s.io/pause:3.9");
+    assert!(
+        lines[1].starts_with(&format!(
+            "1. http://{}/v2  [pull,resolve]  plain HTTP",
+            registry.addr()
+        )),
+        "{text}"
+    );
+    assert!(
+        lines[2]
+            .starts_with("2. https://registry.k8s.io/v2  [pull,resolve,push]  TLS, system roots"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
