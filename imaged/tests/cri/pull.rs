@@ -232,3 +232,60 @@ async fn images_survive_a_crash_and_the_stale_socket_is_replaced() {
         "only the manifest is fetched again"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_headers_reach_their_host_and_every_failure_is_reported() {
+    let registry = registry();
+    push(
+        &registry,
+        "fixtures/simple",
+        "v1",
+        &catalog::simple("headers"),
+    );
+    // A mirror that records the headers it is sent and knows no image (404).
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Vec<(String, String)>>::new()));
+    let recorder = seen.clone();
+    let mirror = fixtures::http::Server::start(move |request| {
+        recorder.lock().unwrap().push(request.headers.clone());
+        fixtures::http::Response::new(404)
+    })
+    .unwrap();
+    let imaged = Imaged::start().await;
+    imaged.hosts_toml(
+        registry.addr(),
+        &format!(
+            "[host.\"http://{0}\"]\n[host.\"http://{0}\".header]\nx-mirror-token = [\"a\", \"b\"]\n",
+            mirror.addr()
+        ),
+    );
+    let image = format!("{}/fixtures/simple:v1", registry.addr());
+    imaged.pull(&image).await.unwrap();
+    let requests = seen.lock().unwrap().clone();
+    assert!(!requests.is_empty());
+    for headers in &requests {
+        let values: Vec<&str> = headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case("x-mirror-token"))
+            .map(|(_, v)| v.as_str())
+            .collect();
+        assert_eq!(values, ["a", "b"], "{headers:?}");
+    }
+    // Every host failed: the error lists each one with its reason.
+    let missing = format!("{}/fixtures/simple:absent", registry.addr());
+    let err = imaged.pull(&missing).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert!(
+        err.message().contains(&format!(
+            "http://{}/v2/fixtures/simple/manifests/absent?ns=",
+            mirror.addr()
+        )),
+        "{err:?}"
+    );
+    assert!(
+        err.message().contains(&format!(
+            "http://{}/v2/fixtures/simple/manifests/absent: HTTP 404",
+            registry.addr()
+        )),
+        "{err:?}"
+    );
+}
