@@ -2,7 +2,7 @@
 CARGO ?= cargo
 export PATH := $(CURDIR)/target/tools:$(PATH)
 
-.PHONY: all build deps test critest demo fuzz clean fmt lint
+.PHONY: all build deps test critest demo bench fuzz clean fmt lint
 
 all: build
 
@@ -23,6 +23,11 @@ critest: deps build
 demo: deps
 	$(CARGO) build --release -p imaged -p fixtures
 	./scripts/demo.sh
+
+# Cold-pull benchmark against containerd and the raw limit (needs root); see scripts/bench.sh.
+bench: deps
+	$(CARGO) build --release -p imaged -p fixtures
+	./scripts/bench.sh
 
 fmt:
 	$(CARGO) fmt --all

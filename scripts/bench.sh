@@ -1,0 +1,307 @@
+#!/usr/bin/env bash
+# Pull benchmark (`make bench`): cold pulls of a ~500 MB image (gzip and zstd variants) by
+# imaged, by containerd (CRI plugin through crictl, and `ctr images pull`), and the raw
+# limit (the same layer blobs decompressed and extracted from local disk, all layers in
+# parallel); then imaged's warm pull and a 10-way concurrent pull. Every cold run starts
+# from an empty store with the page cache dropped; the median of $BENCH_RUNS runs is
+# reported. Prints a table and writes it as JSON to target/bench/pull.json.
+#
+# Needs root. Environment: BENCH_RUNS (default 3), BENCH_SCALE (image size factor,
+# default 1 = about 500 MB uncompressed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" != 0 ]; then
+  echo "bench.sh: needs root (overlay snapshots, dropping the page cache)" >&2
+  exit 1
+fi
+
+runs=${BENCH_RUNS:-3}
+scale=${BENCH_SCALE:-1}
+export BIN_DIR=target/release
+crictl=target/tools/crictl
+out_dir=target/bench
+image_dir=$out_dir/image
+started=$EPOCHREALTIME
+
+missing=()
+command -v containerd >/dev/null || missing+=(containerd)
+command -v libdeflate-gunzip >/dev/null || missing+=(libdeflate-tools)
+command -v zstd >/dev/null || missing+=(zstd)
+if [ ${#missing[@]} -gt 0 ]; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >&2
+fi
+[ -x "$crictl" ] || ./scripts/install-deps.sh
+
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+
+containerd_pid=
+# Unmounts whatever a daemon left mounted under $work, then lib.sh's cleanup.
+bench_cleanup() {
+  if [ -n "$containerd_pid" ]; then kill "$containerd_pid" 2>/dev/null || true; fi
+  { grep -o " $work/[^ ]*" /proc/mounts || true; } | sort -r | while read -r mount; do umount -l "$mount" || true; done
+  cleanup
+}
+trap bench_cleanup EXIT
+
+# elapsed SINCE: seconds from SINCE ($EPOCHREALTIME) to now.
+elapsed() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.3f", b - a }'; }
+
+# median VALUES...: the middle value (the mean of the two middle ones for an even count).
+median() {
+  printf '%s\n' "$@" | sort -g |
+    awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.3f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+
+# ratio A B: A / B with two decimals.
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+
+# cpu_seconds PID: utime + stime of PID in seconds.
+cpu_seconds() {
+  awk -v hz="$(getconf CLK_TCK)" '{ sub(/^.*\) /, ""); printf "%.2f", ($12 + $13) / hz }' "/proc/$1/stat"
+}
+
+# peak_rss_mb PID: VmHWM of PID in MB.
+peak_rss_mb() { awk '/^VmHWM:/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status"; }
+
+drop_caches() {
+  sync
+  echo 3 >/proc/sys/vm/drop_caches
+}
+
+stop_pid() {
+  kill "$1" 2>/dev/null || true
+  wait "$1" 2>/dev/null || true
+}
+
+# The registry: plain docker-registry with its access log in a file, for counting GETs.
+port=$(awk 'BEGIN { srand(); print 20000 + int(rand() * 20000) }')
+registry=127.0.0.1:$port
+cat >"$work/registry.yml" <<YAML
+version: 0.1
+log:
+  level: warn
+  formatter: text
+  accesslog:
+    disabled: false
+storage:
+  filesystem:
+    rootdirectory: $work/registry
+http:
+  addr: $registry
+YAML
+docker-registry serve "$work/registry.yml" >"$work/registry-access.log" 2>"$work/registry.log" &
+pids+=($!)
+for _ in $(seq 1 100); do
+  curl -fsS "http://$registry/v2/" >/dev/null 2>&1 && break
+  sleep 0.1
+done
+curl -fsS "http://$registry/v2/" >/dev/null
+
+echo "building and pushing the benchmark image (scale $scale) to $registry..." >&2
+"$BIN_DIR/fixtures" bench-image --dir "$image_dir" --registry "$registry" --scale "$scale" >"$work/images.txt"
+declare -A ref compressed_mb uncompressed_mb
+while read -r _ image_ref _ compressed uncompressed; do
+  variant=${image_ref##*/bench/}
+  variant=${variant%%:*}
+  ref[$variant]=$image_ref
+  compressed_mb[$variant]=$(awk -v b="$compressed" 'BEGIN { printf "%.1f", b / 1e6 }')
+  uncompressed_mb[$variant]=$(awk -v b="$uncompressed" 'BEGIN { printf "%.1f", b / 1e6 }')
+done <"$work/images.txt"
+
+# containerd with its own root, state, socket and certs.d under $work.
+ctrd=$work/containerd
+ctrd_sock=$ctrd/containerd.sock
+mkdir -p "$ctrd/certs.d/$registry"
+cat >"$ctrd/certs.d/$registry/hosts.toml" <<TOML
+server = "http://$registry"
+
+[host."http://$registry"]
+  capabilities = ["pull", "resolve"]
+TOML
+cat >"$ctrd/config.toml" <<TOML
+version = 2
+root = "$ctrd/root"
+state = "$ctrd/state"
+
+[grpc]
+  address = "$ctrd_sock"
+
+[ttrpc]
+  address = "$ctrd_sock.ttrpc"
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "$ctrd/opt"
+
+[plugins."io.containerd.grpc.v1.cri"]
+  stream_server_address = "127.0.0.1"
+
+[plugins."io.containerd.grpc.v1.cri".containerd]
+  snapshotter = "overlayfs"
+
+[plugins."io.containerd.grpc.v1.cri".registry]
+  config_path = "$ctrd/certs.d"
+TOML
+containerd_version=$(containerd --version | awk '{ print $3 }')
+
+start_containerd() {
+  rm -rf "$ctrd/root" "$ctrd/state"
+  containerd --config "$ctrd/config.toml" >"$ctrd/containerd.log" 2>&1 &
+  containerd_pid=$!
+  for _ in $(seq 1 300); do
+    [ -S "$ctrd_sock" ] && ctr -a "$ctrd_sock" version >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  echo "containerd did not start:" >&2
+  cat "$ctrd/containerd.log" >&2
+  return 1
+}
+
+stop_containerd() {
+  stop_pid "$containerd_pid"
+  containerd_pid=
+  { grep -o " $ctrd/[^ ]*" /proc/mounts || true; } | sort -r | while read -r mount; do umount -l "$mount" || true; done
+  rm -rf "$ctrd/root" "$ctrd/state"
+}
+
+# fresh_imaged: imaged (release) with an empty root.
+fresh_imaged() {
+  rm -rf "$work/root" "$work/state"
+  start_imaged
+}
+
+stop_imaged() {
+  stop_pid "$imaged_pid"
+  rm -rf "$work/root" "$work/state"
+}
+
+# Cold-pull results per "tool variant": space-separated values of each run.
+declare -A seconds rss cpu
+record() { seconds[$1]+="$2 "; }
+
+for variant in gzip zstd; do
+  image=${ref[$variant]}
+  for run in $(seq 1 "$runs"); do
+    echo "run $run/$runs, $variant: imaged" >&2
+    fresh_imaged
+    drop_caches
+    cpu_before=$(cpu_seconds "$imaged_pid")
+    t0=$EPOCHREALTIME
+    "$crictl" --image-endpoint "unix://$socket" pull "$image" >/dev/null
+    record "imaged $variant" "$(elapsed "$t0")"
+    rss["$variant"]+="$(peak_rss_mb "$imaged_pid") "
+    cpu["$variant"]+="$(awk -v a="$cpu_before" -v b="$(cpu_seconds "$imaged_pid")" 'BEGIN { printf "%.2f", b - a }') "
+    if [ "$run" = "$runs" ]; then
+      warm=()
+      for _ in 1 2 3; do
+        t0=$EPOCHREALTIME
+        "$crictl" --image-endpoint "unix://$socket" pull "$image" >/dev/null
+        warm+=("$(elapsed "$t0")")
+      done
+      seconds["warm $variant"]=$(median "${warm[@]}")
+    fi
+    stop_imaged
+
+    echo "run $run/$runs, $variant: containerd CRI" >&2
+    start_containerd
+    drop_caches
+    t0=$EPOCHREALTIME
+    "$crictl" --image-endpoint "unix://$ctrd_sock" pull "$image" >/dev/null
+    record "cri $variant" "$(elapsed "$t0")"
+    rss["cri $variant"]+="$(peak_rss_mb "$containerd_pid") "
+    stop_containerd
+
+    echo "run $run/$runs, $variant: ctr" >&2
+    start_containerd
+    drop_caches
+    t0=$EPOCHREALTIME
+    ctr -a "$ctrd_sock" -n k8s.io images pull --plain-http "$image" >/dev/null
+    record "ctr $variant" "$(elapsed "$t0")"
+    stop_containerd
+
+    echo "run $run/$runs, $variant: raw limit" >&2
+    rm -rf "$work/raw"
+    blobs=("$image_dir/blobs/$variant"/*)
+    for n in "${!blobs[@]}"; do mkdir -p "$work/raw/$n"; done
+    drop_caches
+    t0=$EPOCHREALTIME
+    raw_pids=()
+    for n in "${!blobs[@]}"; do
+      if [ "$variant" = gzip ]; then
+        (libdeflate-gunzip -c "${blobs[$n]}" | tar -x -C "$work/raw/$n") &
+      else
+        (zstd -q -d -c "${blobs[$n]}" | tar -x -C "$work/raw/$n") &
+      fi
+      raw_pids+=($!)
+    done
+    for pid in "${raw_pids[@]}"; do wait "$pid"; done
+    record "raw $variant" "$(elapsed "$t0")"
+    rm -rf "$work/raw"
+  done
+done
+
+# 10 concurrent pulls of one image into a fresh imaged; each blob should be fetched once.
+echo "10-way concurrent pull (gzip)" >&2
+fresh_imaged
+drop_caches
+log_mark=$(wc -l <"$work/registry-access.log")
+t0=$EPOCHREALTIME
+concurrent_pids=()
+for _ in $(seq 1 10); do
+  "$crictl" --image-endpoint "unix://$socket" pull "${ref[gzip]}" >/dev/null &
+  concurrent_pids+=($!)
+done
+for pid in "${concurrent_pids[@]}"; do wait "$pid"; done
+concurrent_seconds=$(elapsed "$t0")
+sleep 0.5 # the access log line is written when the response completes
+blob_gets=$(tail -n +"$((log_mark + 1))" "$work/registry-access.log" | grep -c '"GET /v2/bench/gzip/blobs/sha256:' || true)
+distinct_blobs=$(tail -n +"$((log_mark + 1))" "$work/registry-access.log" |
+  grep -o '"GET /v2/bench/gzip/blobs/sha256:[0-9a-f]*' | sort -u | wc -l)
+stop_imaged
+
+# Results.
+mkdir -p "$out_dir"
+json=$out_dir/pull.json
+{
+  printf '{\n  "scale": %s,\n  "runs": %s,\n  "containerd_version": "%s",\n' "$scale" "$runs" "$containerd_version"
+  printf '  "variants": {\n'
+}>"$json"
+printf '\n%-6s %8s %8s %12s %8s %8s %8s %10s %10s %10s %9s %7s %9s\n' \
+  variant MB_tar MB_blob imaged_s cri_s ctr_s raw_s imaged/cri imaged/ctr imaged/raw rss_MB cpu_s warm_s
+first=1
+for variant in gzip zstd; do
+  # shellcheck disable=SC2086 # the values are space-separated on purpose
+  {
+    imaged_s=$(median ${seconds["imaged $variant"]})
+    cri_s=$(median ${seconds["cri $variant"]})
+    ctr_s=$(median ${seconds["ctr $variant"]})
+    raw_s=$(median ${seconds["raw $variant"]})
+    rss_mb=$(median ${rss[$variant]})
+    cpu_s=$(median ${cpu[$variant]})
+    cri_rss_mb=$(median ${rss["cri $variant"]})
+  }
+  warm_s=${seconds["warm $variant"]}
+  printf '%-6s %8s %8s %12s %8s %8s %8s %10s %10s %10s %9s %7s %9s\n' "$variant" \
+    "${uncompressed_mb[$variant]}" "${compressed_mb[$variant]}" "$imaged_s" "$cri_s" "$ctr_s" "$raw_s" \
+    "$(ratio "$imaged_s" "$cri_s")" "$(ratio "$imaged_s" "$ctr_s")" "$(ratio "$imaged_s" "$raw_s")" \
+    "$rss_mb" "$cpu_s" "$warm_s"
+  [ $first = 1 ] || printf ',\n' >>"$json"
+  first=0
+  printf '    "%s": {"image": "%s", "uncompressed_mb": %s, "compressed_mb": %s, "imaged_s": %s, "containerd_cri_s": %s, "ctr_s": %s, "raw_s": %s, "imaged_over_containerd_cri": %s, "imaged_over_ctr": %s, "imaged_over_raw": %s, "imaged_peak_rss_mb": %s, "imaged_cpu_s": %s, "containerd_cri_peak_rss_mb": %s, "imaged_warm_s": %s, "runs_s": {"imaged": [%s], "containerd_cri": [%s], "ctr": [%s], "raw": [%s]}}' \
+    "$variant" "${ref[$variant]}" "${uncompressed_mb[$variant]}" "${compressed_mb[$variant]}" \
+    "$imaged_s" "$cri_s" "$ctr_s" "$raw_s" \
+    "$(ratio "$imaged_s" "$cri_s")" "$(ratio "$imaged_s" "$ctr_s")" "$(ratio "$imaged_s" "$raw_s")" \
+    "$rss_mb" "$cpu_s" "$cri_rss_mb" "$warm_s" \
+    "$(echo ${seconds["imaged $variant"]} | tr ' ' ',')" "$(echo ${seconds["cri $variant"]} | tr ' ' ',')" \
+    "$(echo ${seconds["ctr $variant"]} | tr ' ' ',')" "$(echo ${seconds["raw $variant"]} | tr ' ' ',')" >>"$json"
+done
+total_s=$(elapsed "$started")
+printf '\n  },\n  "concurrent_10": {"seconds": %s, "blob_gets": %s, "distinct_blobs": %s},\n  "total_s": %s\n}\n' \
+  "$concurrent_seconds" "$blob_gets" "$distinct_blobs" "$total_s" >>"$json"
+
+printf '\ncontainerd %s (CRI peak RSS MB: gzip %s, zstd %s); warm_s is a repeated crictl pull (wall time, crictl start included)\n' \
+  "$containerd_version" "$(median ${rss["cri gzip"]})" "$(median ${rss["cri zstd"]})"
+printf '10-way concurrent pull of bench/gzip: %ss, %s blob GETs for %s distinct blobs\n' \
+  "$concurrent_seconds" "$blob_gets" "$distinct_blobs"
+printf 'whole benchmark: %ss; JSON in %s\n' "$total_s" "$json"
