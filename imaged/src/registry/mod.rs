@@ -125,10 +125,20 @@ impl Registry {
         reference: &Reference,
         credentials: Credentials,
     ) -> Result<Session, RegistryError> {
+        // TLS files are read once per pull; a host whose files are unusable fails only when
+        // it is tried, so the hosts after it still get their chance.
+        let endpoints = self
+            .hosts(&reference.registry)?
+            .into_iter()
+            .map(|host| Endpoint {
+                client: self.client(&host),
+                host,
+            })
+            .collect();
         Ok(Session {
             registry: self.clone(),
             reference: reference.clone(),
-            hosts: Arc::new(self.hosts(&reference.registry)?),
+            endpoints: Arc::new(endpoints),
             credentials,
         })
     }
@@ -213,8 +223,15 @@ impl TlsFiles {
 pub struct Session {
     registry: Arc<Registry>,
     reference: Reference,
-    hosts: Arc<Vec<Host>>,
+    endpoints: Arc<Vec<Endpoint>>,
     credentials: Credentials,
+}
+
+/// A host with the HTTP client made for its TLS settings (or why none could be made).
+#[derive(Debug, Clone)]
+struct Endpoint {
+    host: Host,
+    client: Result<reqwest::Client, String>,
 }
 
 enum Object<'a> {
@@ -240,8 +257,8 @@ impl Session {
     /// Fetches a small blob (the config) whole, verifying its digest.
     pub async fn small_blob(&self, digest: &Digest, limit: u64) -> Result<Bytes, RegistryError> {
         let what = format!("blob {digest} of {}", self.reference);
-        self.each_host(&what, false, |host| async move {
-            let response = self.get(&host, Object::Blob(digest), None).await?;
+        self.each_host(&what, false, |endpoint| async move {
+            let response = self.get(&endpoint, Object::Blob(digest), None).await?;
             let url = response.url().to_string();
             let bytes = read_limited(response, limit).await?;
             verify(&bytes, digest, &url)?;
@@ -253,8 +270,8 @@ impl Session {
     /// Opens a streaming GET of a blob; the caller verifies what it reads.
     pub async fn blob(&self, digest: &Digest) -> Result<Response, RegistryError> {
         let what = format!("blob {digest} of {}", self.reference);
-        self.each_host(&what, false, |host| async move {
-            self.get(&host, Object::Blob(digest), None).await
+        self.each_host(&what, false, |endpoint| async move {
+            self.get(&endpoint, Object::Blob(digest), None).await
         })
         .await
     }
@@ -270,10 +287,10 @@ impl Session {
         } else {
             format!("manifest {object} of {}", self.reference.name())
         };
-        self.each_host(&what, by_tag, |host| async move {
+        self.each_host(&what, by_tag, |endpoint| async move {
             let response = self
                 .get(
-                    &host,
+                    &endpoint,
                     Object::Manifest(object),
                     Some(crate::manifest::ACCEPT),
                 )
@@ -308,13 +325,16 @@ impl Session {
         attempt: F,
     ) -> Result<T, RegistryError>
     where
-        F: Fn(Host) -> Fut,
+        F: Fn(Endpoint) -> Fut,
         Fut: Future<Output = Result<T, Attempt>>,
     {
-        let candidates: Vec<&Host> = self
-            .hosts
+        let candidates: Vec<&Endpoint> = self
+            .endpoints
             .iter()
-            .filter(|h| h.capabilities.pull && (!resolving || h.capabilities.resolve))
+            .filter(|e| {
+                let caps = e.host.capabilities;
+                caps.pull && (!resolving || caps.resolve)
+            })
             .collect();
         if candidates.is_empty() {
             return Err(RegistryError::NoHosts {
@@ -323,8 +343,8 @@ impl Session {
             });
         }
         let mut attempts = Vec::new();
-        for host in candidates {
-            match attempt(host.clone()).await {
+        for endpoint in candidates {
+            match attempt(endpoint.clone()).await {
                 Ok(value) => return Ok(value),
                 Err(failure) => {
                     tracing::debug!(url = %failure.url, detail = %failure.detail, "registry host failed");
@@ -374,19 +394,20 @@ impl Session {
 
     async fn get(
         &self,
-        host: &Host,
+        endpoint: &Endpoint,
         object: Object<'_>,
         accept: Option<&str>,
     ) -> Result<Response, Attempt> {
+        let host = &endpoint.host;
         let url = self.url(host, &object);
         let fail = |kind, detail: String| Attempt {
             url: url.to_string(),
             kind,
             detail,
         };
-        let client = self
-            .registry
-            .client(host)
+        let client = endpoint
+            .client
+            .clone()
             .map_err(|e| fail(FailureKind::Unavailable, e))?;
         let scope = format!("repository:{}:pull", self.reference.repository);
         let cache_key = format!("{}|{scope}|{}", host.authority, self.credential_id());
