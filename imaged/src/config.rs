@@ -43,6 +43,7 @@ struct RawConfig {
     state: Option<PathBuf>,
     address: Option<PathBuf>,
     max_concurrent_downloads: Option<usize>,
+    image_pull_progress_timeout: Option<String>,
     pinned_images: Option<Vec<String>>,
     registry: Option<RawRegistry>,
 }
@@ -64,6 +65,9 @@ pub struct Config {
     pub address: PathBuf,
     /// How many layers of one pull download at the same time.
     pub max_concurrent_downloads: usize,
+    /// A registry connection that delivers no byte for this long is abandoned (the next
+    /// host is tried); a Go duration, `"0"` turns it off.
+    pub image_pull_progress_timeout: String,
     /// Images reported as pinned (kubelet's image GC leaves them alone).
     pub pinned_images: Vec<String>,
     /// Registry settings.
@@ -105,6 +109,15 @@ impl Config {
                 message: "must be at least 1".into(),
             });
         }
+        if let Some(text) = &raw.image_pull_progress_timeout
+            && crate::registry::hosts::go_duration(text).is_none()
+        {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                key: "image_pull_progress_timeout",
+                message: format!("{text:?} is not a duration like \"5m\" or \"30s\""),
+            });
+        }
         for (key, value) in [("root", &raw.root), ("state", &raw.state)] {
             if let Some(dir) = value
                 && !dir.is_absolute()
@@ -128,6 +141,9 @@ impl Config {
             state,
             address,
             max_concurrent_downloads: raw.max_concurrent_downloads.unwrap_or(3),
+            image_pull_progress_timeout: raw
+                .image_pull_progress_timeout
+                .unwrap_or_else(|| "5m".into()),
             pinned_images: raw
                 .pinned_images
                 .unwrap_or_else(|| vec!["registry.k8s.io/pause:3.10".into()]),
@@ -138,6 +154,12 @@ impl Config {
                     .unwrap_or_else(|| "/etc/imaged/certs.d".into()),
             },
         }
+    }
+
+    /// The stall timeout, `None` when turned off (`"0"`).
+    pub fn progress_timeout(&self) -> Option<std::time::Duration> {
+        crate::registry::hosts::go_duration(&self.image_pull_progress_timeout)
+            .filter(|d| !d.is_zero())
     }
 
     /// The full default configuration as TOML.
@@ -174,6 +196,21 @@ mod tests {
         let loaded = Config::load(Some(&file)).unwrap();
         assert_eq!(loaded.address, Path::new("/tmp/s/imaged.sock"));
         assert_eq!(loaded.registry.config_path, "/x");
+    }
+
+    #[test]
+    fn progress_timeout_is_a_go_duration_and_zero_turns_it_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        assert_eq!(
+            Config::default().progress_timeout(),
+            Some(std::time::Duration::from_secs(300))
+        );
+        std::fs::write(&file, "image_pull_progress_timeout = \"0\"\n").unwrap();
+        assert_eq!(Config::load(Some(&file)).unwrap().progress_timeout(), None);
+        std::fs::write(&file, "image_pull_progress_timeout = \"5 minutes\"\n").unwrap();
+        let err = Config::load(Some(&file)).unwrap_err().to_string();
+        assert!(err.contains("image_pull_progress_timeout"), "{err}");
     }
 
     #[test]

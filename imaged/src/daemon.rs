@@ -87,7 +87,7 @@ impl Daemon {
             content,
             images,
             snapshotter,
-            registry: Registry::new(&config.registry.config_path),
+            registry: Registry::new(&config.registry.config_path, config.progress_timeout()),
             processors: processors::Chain::builtin(),
             leases: Arc::new(Leases::default()),
             max_concurrent_downloads: config.max_concurrent_downloads,

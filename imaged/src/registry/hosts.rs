@@ -396,12 +396,16 @@ fn headers(value: &toml::Value) -> Result<Vec<(String, String)>, String> {
     Ok(out)
 }
 
-/// Parses the subset of Go durations that hosts.toml uses: `1h2m3s`, `500ms`, `1.5s`.
-fn go_duration(text: &str) -> Option<Duration> {
+/// Parses Go durations as hosts.toml and the config use them: `1h2m3s`, `500ms`, `1.5s`,
+/// and a bare `0`.
+pub fn go_duration(text: &str) -> Option<Duration> {
     let mut total = 0f64;
     let mut rest = text;
     if rest.is_empty() {
         return None;
+    }
+    if rest == "0" {
+        return Some(Duration::ZERO);
     }
     while !rest.is_empty() {
         let split = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;

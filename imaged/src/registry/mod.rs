@@ -100,15 +100,18 @@ pub struct Fetched {
 #[derive(Debug)]
 pub struct Registry {
     config_path: String,
+    stall_timeout: Option<std::time::Duration>,
     clients: Mutex<HashMap<String, reqwest::Client>>,
     tokens: Mutex<HashMap<String, String>>,
 }
 
 impl Registry {
-    /// A client reading hosts.toml files under `config_path`.
-    pub fn new(config_path: &str) -> Arc<Self> {
+    /// A client reading hosts.toml files under `config_path`; a connection that delivers
+    /// nothing for `stall_timeout` fails (and the next host is tried).
+    pub fn new(config_path: &str, stall_timeout: Option<std::time::Duration>) -> Arc<Self> {
         Arc::new(Self {
             config_path: config_path.to_string(),
+            stall_timeout,
             clients: Mutex::default(),
             tokens: Mutex::default(),
         })
@@ -160,6 +163,9 @@ impl Registry {
             .user_agent(concat!("imaged/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(host.dial_timeout)
             .tls_danger_accept_invalid_certs(host.skip_verify);
+        if let Some(timeout) = self.stall_timeout {
+            builder = builder.read_timeout(timeout);
+        }
         for (path, pem) in &tls.cas {
             for cert in reqwest::Certificate::from_pem_bundle(pem)
                 .map_err(|e| format!("ca {}: {e}", path.display()))?

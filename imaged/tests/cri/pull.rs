@@ -289,3 +289,28 @@ async fn host_headers_reach_their_host_and_every_failure_is_reported() {
         "{err:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_that_stalls_is_abandoned_after_the_progress_timeout() {
+    let registry = registry();
+    let built = push(
+        &registry,
+        "fixtures/simple",
+        "v1",
+        &catalog::simple("stall"),
+    );
+    // Accepts connections and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let held = std::thread::spawn(move || silent.incoming().take(4).flatten().collect::<Vec<_>>());
+    let imaged = Imaged::start_with("image_pull_progress_timeout = \"1s\"").await;
+    imaged.hosts_toml(
+        registry.addr(),
+        &format!("[host.\"http://{silent_addr}\"]\n"),
+    );
+    let image = format!("{}/fixtures/simple:v1", registry.addr());
+    let started = std::time::Instant::now();
+    assert_eq!(imaged.pull(&image).await.unwrap(), built.id());
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    drop(held);
+}
