@@ -16,8 +16,17 @@ fi
 if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet docker-registry 2>/dev/null; then
   systemctl stop docker-registry || true
 fi
-tools="$here/../shared/tools/cri-tools"
-if [ -x "$tools/install" ]; then
-  "$tools/install" "$here/target/tools" >/dev/null
+# crictl and critest come from the shared cri-tools folder next to the checkout.
+found=""
+for tools in "${CRI_TOOLS_DIR:-}" "$here/../shared/tools/cri-tools" /work/shared/tools/cri-tools; do
+  if [ -n "$tools" ] && [ -x "$tools/install" ]; then
+    "$tools/install" "$here/target/tools" >/dev/null
+    found=yes
+    break
+  fi
+done
+if [ -z "$found" ] && ! command -v critest >/dev/null 2>&1; then
+  echo "cri-tools not found: set CRI_TOOLS_DIR to the folder holding crictl.xz, critest.xz and install" >&2
+  exit 1
 fi
 modprobe overlay 2>/dev/null || true
