@@ -103,6 +103,20 @@ async fn bearer_token_registry() {
         ..Default::default()
     });
     imaged.pull_with(&image, auth).await.unwrap();
+    imaged.remove(&image).await;
+    // An identity token is an OAuth2 refresh token, exchanged at the realm.
+    let identity = |token: &str| {
+        Some(AuthConfig {
+            identity_token: token.into(),
+            ..Default::default()
+        })
+    };
+    let err = imaged
+        .pull_with(&image, identity("not-it"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    imaged.pull_with(&image, identity("s3cret")).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
