@@ -207,11 +207,9 @@ impl ImageStore {
     pub fn lookup(&self, text: &str) -> Result<Option<NamedImage>, ImageStoreError> {
         let state = self.state.read().expect("image state");
         if let Ok(reference) = Reference::parse(text) {
-            let key = match &reference.digest {
-                Some(digest) => reference.with_digest(digest),
-                None => reference.to_string(),
-            };
-            if let Some(id) = state.names.get(&key) {
+            // A parsed reference prints as the name it is recorded under: `name:tag`, or
+            // `name@digest` (a tag next to a digest is dropped by the parser).
+            if let Some(id) = state.names.get(&reference.to_string()) {
                 return Ok(state.images.get(id).map(|r| state.named(r)));
             }
         }

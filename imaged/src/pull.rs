@@ -444,7 +444,7 @@ struct LayerJob {
 
 fn names(reference: &Reference, top: &Digest) -> Vec<String> {
     match &reference.digest {
-        Some(digest) => vec![reference.with_digest(digest)],
+        Some(_) => vec![reference.to_string()],
         None => vec![reference.to_string(), reference.with_digest(top)],
     }
 }

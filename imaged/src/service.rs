@@ -28,10 +28,7 @@ impl ImageService {
         let pinned = pinned
             .iter()
             .filter_map(|p| Reference::parse(p).ok())
-            .map(|r| match &r.digest {
-                Some(d) => r.with_digest(d),
-                None => r.to_string(),
-            })
+            .map(|r| r.to_string())
             .collect();
         Self {
             puller,
@@ -69,19 +66,26 @@ impl ImageService {
         Ok(record.id.to_string())
     }
 
-    /// The CRI view of an image, or `None` if nothing matches.
-    pub fn status(&self, image: &str) -> Result<Option<cri::Image>, Error> {
-        Ok(self
-            .images()
-            .lookup(image)?
-            .map(|named| self.to_cri(&named)))
+    /// The CRI view of an image (`None` if nothing matches) and, when `verbose`, its
+    /// `ImageStatusResponse.info`.
+    pub fn status(
+        &self,
+        image: &str,
+        verbose: bool,
+    ) -> Result<(Option<cri::Image>, HashMap<String, String>), Error> {
+        let Some(named) = self.images().lookup(image)? else {
+            return Ok((None, HashMap::new()));
+        };
+        let info = if verbose {
+            self.info(&named)?
+        } else {
+            HashMap::new()
+        };
+        Ok((Some(self.to_cri(&named)), info))
     }
 
-    /// `ImageStatusResponse.info` for verbose status: the chain ID and the image config.
-    pub fn info(&self, image: &cri::Image) -> Result<HashMap<String, String>, Error> {
-        let Some(named) = self.images().lookup(&image.id)? else {
-            return Ok(HashMap::new());
-        };
+    /// Verbose status: the chain ID and the image config.
+    fn info(&self, named: &NamedImage) -> Result<HashMap<String, String>, Error> {
         let config_bytes = self.content().read(&named.record.id)?;
         let config: serde_json::Value =
             serde_json::from_slice(&config_bytes).unwrap_or(serde_json::Value::Null);

@@ -87,17 +87,10 @@ impl image_service_server::ImageService for CriImageService {
         let name = image_name(request.image.as_ref());
         let span = tracing::debug_span!("image_status", image = name);
         let _entered = span.enter();
-        let image = self
+        let (image, info) = self
             .service
-            .status(name)
+            .status(name, request.verbose)
             .map_err(|e| status::to_status(&e))?;
-        let info = match (&image, request.verbose) {
-            (Some(image), true) => self
-                .service
-                .info(image)
-                .map_err(|e| status::to_status(&e))?,
-            _ => Default::default(),
-        };
         Ok(Response::new(cri::ImageStatusResponse { image, info }))
     }
 

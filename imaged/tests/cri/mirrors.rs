@@ -210,23 +210,57 @@ async fn a_pull_only_mirror_serves_blobs_of_a_tag_resolved_upstream() {
     }
 }
 
+/// An HTTPS registry holding one fixture image, and an imaged with `files` of the TLS
+/// material in the certs.d directory of that registry.
+struct Secure {
+    /// Keeps the certificate files the HTTPS registry reads alive.
+    _tls: TlsMaterial,
+    /// Keeps the storage the HTTPS registry serves alive.
+    _plain: Registry,
+    secure: Registry,
+    built: fixtures::image::Built,
+    image: String,
+    imaged: Imaged,
+}
+
+impl Secure {
+    async fn start(marker: &str, require_client: bool, files: &[&str]) -> Self {
+        let tls = TlsMaterial::generate().unwrap();
+        // The HTTPS registry serves what was pushed to a plain one sharing its storage.
+        let plain = registry();
+        let built = push(&plain, "fixtures/simple", "v1", &catalog::simple(marker));
+        let secure = Registry::start(RegistryOptions {
+            storage: Some(plain.storage().to_path_buf()),
+            tls: Some(tls.registry_tls(require_client)),
+            ..RegistryOptions::default()
+        })
+        .unwrap();
+        let image = format!("{}/fixtures/simple:v1", secure.addr());
+        let imaged = Imaged::start().await;
+        tls.copy_to(&imaged.certs.join(secure.addr()), files)
+            .unwrap();
+        Self {
+            _tls: tls,
+            _plain: plain,
+            secure,
+            built,
+            image,
+            imaged,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_mirror_with_a_private_ca() {
-    let tls = TlsMaterial::generate().unwrap();
-    // The HTTPS registry serves what was pushed to a plain one sharing its storage.
-    let plain = registry();
-    let built = push(&plain, "fixtures/simple", "v1", &catalog::simple("tls"));
-    let secure = Registry::start(RegistryOptions {
-        storage: Some(plain.storage().to_path_buf()),
-        tls: Some(tls.registry_tls(false)),
-        ..RegistryOptions::default()
-    })
-    .unwrap();
+    let Secure {
+        _tls,
+        _plain,
+        secure,
+        built,
+        image,
+        imaged,
+    } = Secure::start("tls", false, &["ca.pem"]).await;
     let url = secure.url();
-    let image = format!("{}/fixtures/simple:v1", secure.addr());
-    let imaged = Imaged::start().await;
-    tls.copy_to(&imaged.certs.join(secure.addr()), &["ca.pem"])
-        .unwrap();
     // `server` keeps the built-in plain-HTTP entry for a loopback registry out of the list,
     // so every entry is HTTPS and a certificate failure is the only failure.
     let write = |settings: &str| {
@@ -268,23 +302,15 @@ async fn https_mirror_with_a_private_ca() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_mirror_requiring_a_client_certificate() {
-    let tls = TlsMaterial::generate().unwrap();
-    let plain = registry();
-    let built = push(&plain, "fixtures/simple", "v1", &catalog::simple("mtls"));
-    let secure = Registry::start(RegistryOptions {
-        storage: Some(plain.storage().to_path_buf()),
-        tls: Some(tls.registry_tls(true)),
-        ..RegistryOptions::default()
-    })
-    .unwrap();
+    let Secure {
+        _tls,
+        _plain,
+        secure,
+        built,
+        image,
+        imaged,
+    } = Secure::start("mtls", true, &["ca.pem", "client.pem", "client-key.pem"]).await;
     let url = secure.url();
-    let image = format!("{}/fixtures/simple:v1", secure.addr());
-    let imaged = Imaged::start().await;
-    tls.copy_to(
-        &imaged.certs.join(secure.addr()),
-        &["ca.pem", "client.pem", "client-key.pem"],
-    )
-    .unwrap();
     let write = |settings: &str| {
         imaged.hosts_toml(
             secure.addr(),
