@@ -1168,6 +1168,13 @@ mod overlay {
     }
 
     /// The directory an Active snapshot writes to.
+    /// The `trusted.overlay.opaque` value of `dir`, or the errno reading it gave.
+    fn opaque_xattr(dir: &Path) -> Result<Vec<u8>, rustix::io::Errno> {
+        let mut value = [0u8; 8];
+        let n = rustix::fs::lgetxattr(dir, "trusted.overlay.opaque", &mut value[..])?;
+        Ok(value[..n].to_vec())
+    }
+
     fn upper(mounts: &[Mount]) -> PathBuf {
         let mount = &mounts[0];
         match mount.kind.as_str() {
@@ -1442,14 +1449,7 @@ mod overlay {
             .build();
         env.apply("k", &layer).unwrap();
         for dir in ["d", "e"] {
-            let mut value = [0u8; 8];
-            let n = rustix::fs::lgetxattr(
-                upper(&mounts).join(dir),
-                "trusted.overlay.opaque",
-                &mut value[..],
-            )
-            .unwrap();
-            assert_eq!(&value[..n], b"y");
+            assert_eq!(opaque_xattr(&upper(&mounts).join(dir)).unwrap(), b"y");
             assert!(!upper(&mounts).join(dir).join(".wh..wh..opq").exists());
         }
         let merged = Mounted::new(&mounts);
@@ -1479,14 +1479,7 @@ mod overlay {
             .file(".wh.y", b"", 0o644)
             .build();
         env.apply("k", &layer).unwrap();
-        let mut value = [0u8; 8];
-        let n = rustix::fs::lgetxattr(
-            upper(&mounts).join("x"),
-            "trusted.overlay.opaque",
-            &mut value[..],
-        )
-        .unwrap();
-        assert_eq!(&value[..n], b"y");
+        assert_eq!(opaque_xattr(&upper(&mounts).join("x")).unwrap(), b"y");
         let merged = Mounted::new(&mounts);
         assert_eq!(merged.list("x"), ["n"]);
         assert_eq!(merged.list("y"), ["kept"]);
@@ -1518,14 +1511,10 @@ mod overlay {
             .dir("d/", 0o755)
             .build();
         env.apply("k", &layer).unwrap();
-        let mut value = [0u8; 8];
-        let err = rustix::fs::lgetxattr(
-            upper(&mounts).join("d"),
-            "trusted.overlay.opaque",
-            &mut value[..],
-        )
-        .unwrap_err();
-        assert_eq!(err, rustix::io::Errno::NODATA);
+        assert_eq!(
+            opaque_xattr(&upper(&mounts).join("d")).unwrap_err(),
+            rustix::io::Errno::NODATA
+        );
     }
 
     #[test]
