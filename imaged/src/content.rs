@@ -123,7 +123,7 @@ impl ContentStore {
         let data = dir.join("data");
         let file = File::create(&data).map_err(io_err(&data))?;
         Ok(Writer {
-            file: BufWriter::with_capacity(1 << 20, file),
+            file: BufWriter::with_capacity(64 * 1024, file),
             hasher: Sha256::new(),
             written: 0,
             digest: digest.clone(),

@@ -48,7 +48,7 @@ pub struct ApplyLimits {
 const OPAQUE_XATTR: &[u8] = b"trusted.overlay.opaque";
 
 /// Regular file data is copied through a buffer this large, with no fsync per file.
-const COPY_BUFFER: usize = 1 << 20;
+const COPY_BUFFER: usize = 256 * 1024;
 
 /// Applies the layer in `tar` to the directory `root`, then reads `tar` to EOF. Returns the
 /// statistics and the cleaned paths of the directories the layer names itself (any other

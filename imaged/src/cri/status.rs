@@ -40,6 +40,7 @@ fn pull_code(error: &PullError) -> Code {
         PullError::DiffId { .. } => Code::DataLoss,
         PullError::Processor { .. } => Code::InvalidArgument,
         PullError::Stream { .. } => Code::Unavailable,
+        PullError::Decode { .. } => Code::InvalidArgument,
         PullError::Apply { source, .. } => apply_code(source),
         PullError::Snapshot { source, .. } => snapshot_code(source),
         PullError::Images(e) => images_code(e),

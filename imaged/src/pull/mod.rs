@@ -7,7 +7,9 @@
 //! independent snapshots with no parent and get their parent when committed, so no layer
 //! waits for the one below it.
 
-use crate::content::{ContentError, ContentStore, Writer};
+mod pipeline;
+
+use crate::content::{ContentError, ContentStore};
 use crate::digest::{Digest, chain_ids};
 use crate::gc::Leases;
 use crate::images::{ImageRecord, ImageStore, LayerRecord};
@@ -15,14 +17,14 @@ use crate::locks::KeyedLocks;
 use crate::manifest::{self, Document, HostPlatform, ImageConfig, Manifest, ManifestError};
 use crate::reference::Reference;
 use crate::registry::auth::Credentials;
-use crate::registry::{Registry, RegistryError, Session, error_chain};
+use crate::registry::{Registry, RegistryError, Session};
 use bytes::Bytes;
+use pipeline::{Source, apply_blob, pump};
 use proto::imaged::pull_event::Event;
 use proto::imaged::{Done, Layer, LayerProgress, Resolved};
-use sha2::{Digest as _, Sha256};
 use snapshotters::Snapshotter;
 use std::collections::BTreeMap;
-use std::io::{self, BufReader, Read};
+use std::io;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::{Semaphore, mpsc};
@@ -67,6 +69,15 @@ pub enum PullError {
         digest: Digest,
         /// Cause.
         source: processors::Error,
+    },
+    /// The processor chain failed while streaming (corrupt compression, a decryption or
+    /// external processor failure).
+    #[error("layer {digest}: decoding failed: {source}")]
+    Decode {
+        /// Layer blob.
+        digest: Digest,
+        /// Cause; carries a [`processors::Error`] when a processor reported it.
+        source: io::Error,
     },
     /// The download broke off.
     #[error("layer {digest}: download interrupted: {detail}")]
@@ -412,7 +423,7 @@ impl Puller {
         let source = if self.content.contains(&layer.digest) {
             let file = self.content.open_blob(&layer.digest)?;
             send_layer(&job.progress, layer, layer.size, true);
-            BlobReader::local(file)
+            Source::Local(file)
         } else {
             let response = job.session.blob(&layer.digest).await?;
             let writer = self
@@ -422,7 +433,10 @@ impl Puller {
                     digest: layer.digest.clone(),
                     source,
                 })?;
-            BlobReader::remote(pump(response, layer.clone(), job.progress.clone()), writer)
+            Source::Remote {
+                rx: pump(response, layer.clone(), job.progress.clone()),
+                writer,
+            }
         };
         let snapshotter = self.snapshotter.clone();
         let processors = self.processors.clone();
@@ -465,218 +479,6 @@ fn send_layer(progress: &Progress, layer: &LayerRecord, downloaded: u64, finishe
             finished,
         }),
     );
-}
-
-/// Forwards the HTTP body into a bounded channel; the bound is the back-pressure that keeps
-/// memory flat while the applier is slower than the network.
-fn pump(
-    mut response: reqwest::Response,
-    layer: LayerRecord,
-    progress: Progress,
-) -> mpsc::Receiver<io::Result<Bytes>> {
-    const REPORT_EVERY: u64 = 1 << 20;
-    let (tx, rx) = mpsc::channel(16);
-    tokio::spawn(async move {
-        let mut received = 0u64;
-        let mut reported = 0u64;
-        loop {
-            let item = match response.chunk().await {
-                Ok(Some(chunk)) => {
-                    received += chunk.len() as u64;
-                    if received - reported >= REPORT_EVERY {
-                        send_layer(&progress, &layer, received, false);
-                        reported = received;
-                    }
-                    Ok(chunk)
-                }
-                Ok(None) => {
-                    send_layer(&progress, &layer, received, true);
-                    return;
-                }
-                Err(e) => Err(io::Error::other(error_chain(&e))),
-            };
-            let failed = item.is_err();
-            if tx.send(item).await.is_err() || failed {
-                return;
-            }
-        }
-    });
-    rx
-}
-
-/// The compressed blob as a `Read`: from the network (teed into the content store) or
-/// from a blob already committed. One lives per layer being unpacked, so the size of the
-/// variants does not matter.
-#[allow(clippy::large_enum_variant)]
-enum BlobReader {
-    Remote {
-        rx: mpsc::Receiver<io::Result<Bytes>>,
-        chunk: Bytes,
-        writer: Writer,
-        failure: Option<ReadFailure>,
-    },
-    Local(BufReader<std::fs::File>),
-}
-
-/// Why reading the remote blob stopped early.
-enum ReadFailure {
-    /// The connection broke.
-    Stream(String),
-    /// The blob broke its descriptor (more bytes than announced).
-    Blob(ContentError),
-}
-
-impl BlobReader {
-    fn remote(rx: mpsc::Receiver<io::Result<Bytes>>, writer: Writer) -> Self {
-        Self::Remote {
-            rx,
-            chunk: Bytes::new(),
-            writer,
-            failure: None,
-        }
-    }
-
-    fn local(file: std::fs::File) -> Self {
-        Self::Local(BufReader::with_capacity(1 << 20, file))
-    }
-
-    /// Reads what is left, then checks and stores the blob (remote) or does nothing (local).
-    fn finish(mut self, layer: &LayerRecord) -> Result<Option<Writer>, PullError> {
-        let drained = io::copy(&mut self, &mut io::sink());
-        match self {
-            Self::Local(_) => Ok(None),
-            Self::Remote {
-                mut writer,
-                failure,
-                ..
-            } => {
-                let blob_error = |source| PullError::Blob {
-                    digest: layer.digest.clone(),
-                    source,
-                };
-                match failure {
-                    Some(ReadFailure::Stream(detail)) => {
-                        return Err(PullError::Stream {
-                            digest: layer.digest.clone(),
-                            detail,
-                        });
-                    }
-                    Some(ReadFailure::Blob(source)) => return Err(blob_error(source)),
-                    None => {}
-                }
-                writer.check().map_err(blob_error)?;
-                drained.map_err(|e| PullError::Stream {
-                    digest: layer.digest.clone(),
-                    detail: e.to_string(),
-                })?;
-                Ok(Some(writer))
-            }
-        }
-    }
-}
-
-impl Read for BlobReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Self::Local(file) => file.read(buf),
-            Self::Remote {
-                rx,
-                chunk,
-                writer,
-                failure,
-            } => {
-                while chunk.is_empty() {
-                    match rx.blocking_recv() {
-                        None => return Ok(0),
-                        Some(Ok(next)) => {
-                            if let Err(e) = writer.write(&next) {
-                                let message = e.to_string();
-                                *failure = Some(ReadFailure::Blob(e));
-                                return Err(io::Error::other(message));
-                            }
-                            *chunk = next;
-                        }
-                        Some(Err(e)) => {
-                            *failure = Some(ReadFailure::Stream(e.to_string()));
-                            return Err(e);
-                        }
-                    }
-                }
-                let n = buf.len().min(chunk.len());
-                buf[..n].copy_from_slice(&chunk.split_to(n));
-                Ok(n)
-            }
-        }
-    }
-}
-
-/// Hashes every byte read through it: the diff_id of the uncompressed layer.
-struct HashingReader<R> {
-    inner: R,
-    hasher: Sha256,
-}
-
-impl<R: Read> Read for HashingReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        Ok(n)
-    }
-}
-
-/// Runs on a blocking thread: decompress, hash and apply one layer, then verify the blob and
-/// the diff_id before the blob becomes visible in the store.
-fn apply_blob(
-    snapshotter: &dyn Snapshotter,
-    processors: &processors::Chain,
-    key: &str,
-    layer: &LayerRecord,
-    mut source: BlobReader,
-) -> Result<(), PullError> {
-    let applied = apply_tar(snapshotter, processors, key, layer, &mut source);
-    // The compressed digest is checked first: a lying blob explains any later failure.
-    let writer = source.finish(layer)?;
-    let actual = applied?;
-    if actual != layer.diff_id {
-        return Err(PullError::DiffId {
-            digest: layer.digest.clone(),
-            expected: layer.diff_id.clone(),
-            actual,
-        });
-    }
-    if let Some(writer) = writer {
-        writer.commit().map_err(|source| PullError::Blob {
-            digest: layer.digest.clone(),
-            source,
-        })?;
-    }
-    Ok(())
-}
-
-fn apply_tar(
-    snapshotter: &dyn Snapshotter,
-    processors: &processors::Chain,
-    key: &str,
-    layer: &LayerRecord,
-    source: &mut BlobReader,
-) -> Result<Digest, PullError> {
-    let tar = processors
-        .open(&layer.media_type, Box::new(source))
-        .map_err(|source| PullError::Processor {
-            digest: layer.digest.clone(),
-            source,
-        })?;
-    let mut hashing = HashingReader {
-        inner: tar,
-        hasher: Sha256::new(),
-    };
-    snapshotter
-        .apply(key, &mut hashing)
-        .map_err(|source| PullError::Apply {
-            digest: layer.digest.clone(),
-            source,
-        })?;
-    Ok(Digest::from_hasher(hashing.hasher))
 }
 
 fn commit_in_order(

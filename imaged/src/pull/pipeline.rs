@@ -1,0 +1,335 @@
+//! One layer's bytes, from the HTTP body to the snapshot, on three threads that overlap the
+//! way `curl | tee blob | gunzip | tar -x` does:
+//!
+//! - ingest: writes the compressed blob into the content store while hashing it, and
+//!   forwards each chunk;
+//! - decode: runs the processor chain (decrypt, decompress) into plain tar chunks;
+//! - apply (the calling thread): hashes the tar stream (the diff_id) and writes the files.
+//!
+//! Chunks travel through bounded channels of fixed-size chunks, so the memory a layer takes
+//! does not depend on its size, and the slowest stage sets the pace for the others.
+
+use super::{Progress, PullError, send_layer};
+use crate::content::{ContentError, Writer};
+use crate::digest::Digest;
+use crate::images::LayerRecord;
+use crate::registry::error_chain;
+use bytes::{Bytes, BytesMut};
+use sha2::{Digest as _, Sha256};
+use snapshotters::Snapshotter;
+use std::fs::File;
+use std::io::{self, Read};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::thread;
+use tokio::sync::mpsc;
+
+/// Size of the chunks handed between stages: large enough that per-chunk costs vanish,
+/// small enough that a few in flight per layer stay far below a megabyte or two.
+const CHUNK: usize = 256 * 1024;
+
+/// Chunks each channel holds before its sender waits.
+const QUEUE: usize = 4;
+
+/// Where a layer blob comes from.
+pub(super) enum Source {
+    /// The registry, chunk by chunk from [`pump`]; stored through `writer` on the way.
+    Remote {
+        rx: mpsc::Receiver<io::Result<Bytes>>,
+        writer: Writer,
+    },
+    /// A blob already committed to the content store.
+    Local(File),
+}
+
+/// Forwards the HTTP body in [`CHUNK`]-sized chunks. Copying out of hyper's buffers lets
+/// hyper reuse them at once, instead of each queued chunk pinning a whole read buffer.
+pub(super) fn pump(
+    mut response: reqwest::Response,
+    layer: LayerRecord,
+    progress: Progress,
+) -> mpsc::Receiver<io::Result<Bytes>> {
+    const REPORT_EVERY: u64 = 1 << 20;
+    let (tx, rx) = mpsc::channel(QUEUE);
+    tokio::spawn(async move {
+        let mut received = 0u64;
+        let mut reported = 0u64;
+        let mut buffer = BytesMut::with_capacity(CHUNK);
+        loop {
+            match response.chunk().await {
+                Ok(Some(mut chunk)) => {
+                    received += chunk.len() as u64;
+                    if received - reported >= REPORT_EVERY {
+                        send_layer(&progress, &layer, received, false);
+                        reported = received;
+                    }
+                    while !chunk.is_empty() {
+                        let n = chunk.len().min(CHUNK - buffer.len());
+                        buffer.extend_from_slice(&chunk.split_to(n));
+                        if buffer.len() == CHUNK {
+                            let full =
+                                std::mem::replace(&mut buffer, BytesMut::with_capacity(CHUNK));
+                            if tx.send(Ok(full.freeze())).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+                Ok(None) => {
+                    if !buffer.is_empty() && tx.send(Ok(buffer.freeze())).await.is_err() {
+                        return;
+                    }
+                    send_layer(&progress, &layer, received, true);
+                    return;
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(io::Error::other(error_chain(&e)))).await;
+                    return;
+                }
+            }
+        }
+    });
+    rx
+}
+
+/// Decodes, hashes and applies one layer into the snapshot `key`, then checks the blob and
+/// the diff_id. A remote blob is committed to the content store only when both match.
+pub(super) fn apply_blob(
+    snapshotter: &dyn Snapshotter,
+    processors: &processors::Chain,
+    key: &str,
+    layer: &LayerRecord,
+    source: Source,
+) -> Result<(), PullError> {
+    thread::scope(|scope| {
+        let (blob, ingest) = match source {
+            Source::Remote { rx, writer } => {
+                let (tx, blob_rx) = sync_channel(QUEUE);
+                let ingest = scope.spawn(move || ingest(rx, tx, writer, layer));
+                let blob: processors::Stream<'_> = Box::new(ChunkReader::new(blob_rx, None));
+                (blob, Some(ingest))
+            }
+            Source::Local(file) => {
+                let blob: processors::Stream<'_> =
+                    Box::new(io::BufReader::with_capacity(CHUNK, file));
+                (blob, None)
+            }
+        };
+        let (tar_tx, tar_rx) = sync_channel(QUEUE);
+        // The tar chunks circulate: one more than the queue holds, so the decoder can fill
+        // one while the applier reads another.
+        let (free_tx, free_rx) = sync_channel(QUEUE + 2);
+        for _ in 0..QUEUE + 2 {
+            free_tx.send(vec![0; CHUNK]).expect("room for every chunk");
+        }
+        let decode = scope.spawn(move || decode(processors, layer, blob, tar_tx, free_rx));
+        let applied = apply_tar(
+            snapshotter,
+            key,
+            layer,
+            ChunkReader::new(tar_rx, Some(free_tx)),
+        );
+        let decoded = decode.join().expect("decode thread");
+        let writer = ingest
+            .map(|ingest| ingest.join().expect("ingest thread"))
+            .transpose()?;
+        // A lying blob explains any later failure, and a failed decoder the applier's.
+        decoded?;
+        let actual = applied?;
+        if actual != layer.diff_id {
+            return Err(PullError::DiffId {
+                digest: layer.digest.clone(),
+                expected: layer.diff_id.clone(),
+                actual,
+            });
+        }
+        match writer {
+            Some(writer) => writer.commit().map_err(|source| PullError::Blob {
+                digest: layer.digest.clone(),
+                source,
+            }),
+            None => Ok(()),
+        }
+    })
+}
+
+/// Writes every chunk of the body into the content store and forwards it to the decoder.
+/// Reads the body to its end even when the decoder stopped early: the blob's digest is
+/// checked in every case.
+fn ingest(
+    mut rx: mpsc::Receiver<io::Result<Bytes>>,
+    tx: SyncSender<io::Result<Bytes>>,
+    mut writer: Writer,
+    layer: &LayerRecord,
+) -> Result<Writer, PullError> {
+    let blob_error = |source: ContentError| PullError::Blob {
+        digest: layer.digest.clone(),
+        source,
+    };
+    let mut forward = Some(tx);
+    while let Some(item) = rx.blocking_recv() {
+        let chunk = match item {
+            Ok(chunk) => chunk,
+            Err(e) => {
+                let detail = e.to_string();
+                if let Some(tx) = forward {
+                    let _ = tx.send(Err(e));
+                }
+                return Err(PullError::Stream {
+                    digest: layer.digest.clone(),
+                    detail,
+                });
+            }
+        };
+        if let Err(e) = writer.write(&chunk) {
+            if let Some(tx) = forward {
+                let _ = tx.send(Err(io::Error::other(e.to_string())));
+            }
+            return Err(blob_error(e));
+        }
+        if let Some(tx) = &forward
+            && tx.send(Ok(chunk)).is_err()
+        {
+            forward = None;
+        }
+    }
+    drop(forward);
+    writer.check().map_err(blob_error)?;
+    Ok(writer)
+}
+
+/// Runs the processor chain over the blob and sends the plain tar stream on in chunks.
+fn decode(
+    processors: &processors::Chain,
+    layer: &LayerRecord,
+    blob: processors::Stream<'_>,
+    tx: SyncSender<io::Result<Vec<u8>>>,
+    free: Receiver<Vec<u8>>,
+) -> Result<(), PullError> {
+    let mut tar =
+        processors
+            .open(&layer.media_type, blob)
+            .map_err(|source| PullError::Processor {
+                digest: layer.digest.clone(),
+                source,
+            })?;
+    // A closed channel either way means the applier stopped; its error says why.
+    while let Ok(mut chunk) = free.recv() {
+        chunk.resize(CHUNK, 0);
+        match read_full(&mut tar, &mut chunk) {
+            Ok(0) => return Ok(()),
+            Ok(n) => {
+                chunk.truncate(n);
+                if tx.send(Ok(chunk)).is_err() {
+                    return Ok(());
+                }
+            }
+            Err(source) => {
+                let _ = tx.send(Err(io::Error::new(source.kind(), source.to_string())));
+                return Err(PullError::Decode {
+                    digest: layer.digest.clone(),
+                    source,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads until `buf` is full or the stream ends; returns the bytes read.
+fn read_full(reader: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// Applies the tar stream while hashing it; returns its digest, the diff_id.
+fn apply_tar(
+    snapshotter: &dyn Snapshotter,
+    key: &str,
+    layer: &LayerRecord,
+    tar: ChunkReader<Vec<u8>>,
+) -> Result<Digest, PullError> {
+    let mut hashing = HashingReader {
+        inner: tar,
+        hasher: Sha256::new(),
+    };
+    snapshotter
+        .apply(key, &mut hashing)
+        .map_err(|source| PullError::Apply {
+            digest: layer.digest.clone(),
+            source,
+        })?;
+    Ok(Digest::from_hasher(hashing.hasher))
+}
+
+/// The receiving end of a chunk channel as a `Read`; a closed channel is the end of the
+/// stream. Chunks read to the end go back to their sender when it recycles them.
+struct ChunkReader<T> {
+    rx: Receiver<io::Result<T>>,
+    chunk: Option<T>,
+    position: usize,
+    recycle: Option<SyncSender<T>>,
+}
+
+impl<T: AsRef<[u8]>> ChunkReader<T> {
+    fn new(rx: Receiver<io::Result<T>>, recycle: Option<SyncSender<T>>) -> Self {
+        Self {
+            rx,
+            chunk: None,
+            position: 0,
+            recycle,
+        }
+    }
+
+    /// The unread rest of the current chunk, fetching the next one when it is used up;
+    /// empty at the end of the stream.
+    fn current(&mut self) -> io::Result<&[u8]> {
+        loop {
+            let len = self.chunk.as_ref().map_or(0, |c| c.as_ref().len());
+            if self.position < len {
+                break;
+            }
+            if let (Some(done), Some(recycle)) = (self.chunk.take(), &self.recycle) {
+                let _ = recycle.try_send(done);
+            }
+            self.position = 0;
+            match self.rx.recv() {
+                Ok(next) => self.chunk = Some(next?),
+                Err(_) => return Ok(&[]),
+            }
+        }
+        let chunk = self.chunk.as_ref().expect("chunk present");
+        Ok(&chunk.as_ref()[self.position..])
+    }
+}
+
+impl<T: AsRef<[u8]>> Read for ChunkReader<T> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let rest = self.current()?;
+        let n = buf.len().min(rest.len());
+        buf[..n].copy_from_slice(&rest[..n]);
+        self.position += n;
+        Ok(n)
+    }
+}
+
+/// Hashes every byte read through it.
+struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
