@@ -30,7 +30,9 @@ const CHUNK: usize = 256 * 1024;
 /// Chunks each channel holds before its sender waits.
 const QUEUE: usize = 4;
 
-/// Where a layer blob comes from.
+/// Where a layer blob comes from. One lives per layer being unpacked, so the size of the
+/// variants does not matter.
+#[allow(clippy::large_enum_variant)]
 pub(super) enum Source {
     /// The registry, chunk by chunk from [`pump`]; stored through `writer` on the way.
     Remote {
