@@ -169,9 +169,14 @@ impl Chain {
     }
 
     /// Configured external processors (they take precedence over the built-in ones for the
-    /// media types they accept) and the decryption setting.
-    pub fn new(external: Vec<ExternalProcessor>, decryption: Decryption) -> Result<Self, Error> {
+    /// media types they accept) and the decryption setting. When several processors accept
+    /// the same media type, the one whose name sorts first is used.
+    pub fn new(
+        mut external: Vec<ExternalProcessor>,
+        decryption: Decryption,
+    ) -> Result<Self, Error> {
         external::validate(&external)?;
+        external.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(Self {
             external,
             decryption,
