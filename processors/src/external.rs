@@ -192,7 +192,8 @@ mod tests {
 
     #[test]
     fn each_bad_field_is_named() {
-        let cases: [(fn(&mut ExternalProcessor), &str); 5] = [
+        type Change = fn(&mut ExternalProcessor);
+        let cases: [(Change, &str); 5] = [
             (|p| p.accepts.clear(), "`accepts`"),
             (|p| p.returns.clear(), "`returns`"),
             (|p| p.path = PathBuf::new(), "`path`"),

@@ -126,7 +126,10 @@ mod tests {
             "ZXlKaGJHY2lPaUpTVTBFdFQwRkZVQ0o5".repeat(4)
         );
         assert!(json.len() > 0x7F, "the length needs a two-byte varint");
-        let bytes = payload_for("io.containerd.ocicrypt.decoder.v1.tar.gzip", &layer(&annotations));
+        let bytes = payload_for(
+            "io.containerd.ocicrypt.decoder.v1.tar.gzip",
+            &layer(&annotations),
+        );
         assert_eq!(bytes.unwrap(), expected_bytes(&json));
     }
 
@@ -152,7 +155,10 @@ mod tests {
         let annotations = BTreeMap::new();
         assert_eq!(payload_for("unzstd", &layer(&annotations)), None);
         assert_eq!(
-            payload_for("io.containerd.ocicrypt.decoder.v1.tar.xz", &layer(&annotations)),
+            payload_for(
+                "io.containerd.ocicrypt.decoder.v1.tar.xz",
+                &layer(&annotations)
+            ),
             None
         );
     }
