@@ -1,64 +1,296 @@
 //! Stream processors turn a layer blob into a plain tar stream.
 //!
 //! Each processor accepts one media type and returns a reader of another; [`Chain`] picks
-//! processors by media type and stacks them until a plain tar stream remains. Everything is
-//! a streaming [`Read`] adapter: no blob is ever held whole in memory.
+//! processors by media type and stacks them until a plain tar stream remains
+//! (`tar+gzip+encrypted` → decrypt → `tar+gzip` → gunzip → `tar`). Configured external
+//! processors ([`external`]) come first, then the built-in ones: ocicrypt decryption
+//! ([`ocicrypt`]), gzip and zstd. Everything is a streaming [`Read`] adapter: no blob is
+//! ever held whole in memory.
+//!
+//! A stage may discover a failure only at the end of its input (an HMAC that does not
+//! match, a child process exiting non-zero). It then fails the read that would have
+//! returned end of file, with an [`io::Error`] whose inner error is an [`Error`]
+//! (see [`Error::from_io`]): a consumer must read the final stream to EOF before it
+//! trusts what it got.
 #![deny(missing_docs)]
 
+pub mod external;
 mod gzip;
 mod media;
+pub mod ocicrypt;
 mod zstd;
 
-use std::io::Read;
+use std::collections::BTreeMap;
+use std::io::{self, Read};
 
+pub use external::ExternalProcessor;
 pub use media::MediaType;
+pub use ocicrypt::Keyring;
 
-/// Errors from building a processor chain.
+/// The plain tar media type every chain ends with.
+pub const TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+
+/// Most stages one chain may stack.
+pub const MAX_STAGES: usize = 8;
+
+/// Errors of processors: building a chain, or found while streaming through it.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// No processor turns this media type into a tar stream.
-    #[error("unsupported layer media type {0:?}")]
+    #[error("no processor for media type {0:?}")]
     Unsupported(String),
+    /// A processor chain grew past [`MAX_STAGES`] or came back to a media type it had
+    /// already produced.
+    #[error("processor chain for {media_type:?} loops or exceeds {MAX_STAGES} stages: {path}")]
+    ChainTooLong {
+        /// The layer's media type.
+        media_type: String,
+        /// The media types seen, joined by " -> ".
+        path: String,
+    },
     /// Setting up a decoder failed.
     #[error("{processor}: {source}")]
     Setup {
         /// Processor that failed.
-        processor: &'static str,
+        processor: String,
         /// Cause.
-        source: std::io::Error,
+        source: io::Error,
     },
+    /// An external processor could not be started, failed or was killed.
+    #[error("stream processor {name}: {reason}")]
+    External {
+        /// The processor's table key in the configuration.
+        name: String,
+        /// What happened, with the tail of its stderr.
+        reason: String,
+    },
+    /// The configuration of processors is wrong.
+    #[error("stream processor {name}: {reason}")]
+    Config {
+        /// The processor's table key.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// An encrypted layer arrived and decryption is disabled.
+    #[error("layer {digest} is encrypted ({media_type}) and image decryption is disabled")]
+    DecryptionDisabled {
+        /// Layer blob digest.
+        digest: String,
+        /// Its media type.
+        media_type: String,
+    },
+    /// None of the node's keys unwraps the layer key.
+    #[error(
+        "layer {digest}: no private key on this node decrypts it (wrapped for: {wrapped_for}){detail}"
+    )]
+    NoKey {
+        /// Layer blob digest.
+        digest: String,
+        /// The schemes and key types the layer key was wrapped for, e.g.
+        /// `jwe (RSA-OAEP, ECDH-ES+A256KW P-256), pkcs7`.
+        wrapped_for: String,
+        /// Per-scheme reasons, empty or starting with "; ".
+        detail: String,
+    },
+    /// The encryption metadata (annotations, wrapped keys, options) is malformed.
+    #[error("layer {digest}: invalid encryption metadata: {reason}")]
+    InvalidEncryption {
+        /// Layer blob digest.
+        digest: String,
+        /// What is wrong; never key material.
+        reason: String,
+    },
+    /// The decrypted stream failed its integrity check (HMAC).
+    #[error(
+        "layer {digest}: ciphertext failed its integrity check (expected hmac {expected}, computed {actual})"
+    )]
+    Integrity {
+        /// Layer blob digest.
+        digest: String,
+        /// The HMAC from the layer's public options, hex.
+        expected: String,
+        /// The HMAC of the ciphertext received, hex.
+        actual: String,
+    },
+}
+
+impl Error {
+    /// Wraps the error into an [`io::Error`], as stages report failures from `read`.
+    pub fn into_io(self) -> io::Error {
+        io::Error::other(self)
+    }
+
+    /// The processor error an [`io::Error`] from a stream carries, if any.
+    pub fn from_io(error: &io::Error) -> Option<&Error> {
+        error.get_ref().and_then(|inner| inner.downcast_ref())
+    }
 }
 
 /// A boxed byte stream handed from one processor to the next.
 pub type Stream<'a> = Box<dyn Read + Send + 'a>;
 
+/// The layer descriptor as processors see it.
+#[derive(Debug, Clone, Copy)]
+pub struct Layer<'a> {
+    /// Media type of the blob.
+    pub media_type: &'a str,
+    /// Digest of the blob, `sha256:<hex>`.
+    pub digest: &'a str,
+    /// Size of the blob.
+    pub size: u64,
+    /// The descriptor's annotations (the ocicrypt keys and options live here).
+    pub annotations: &'a BTreeMap<String, String>,
+}
+
+/// How encrypted layers are handled.
+#[derive(Debug, Clone, Default)]
+pub enum Decryption {
+    /// Encrypted layers fail with [`Error::DecryptionDisabled`]; external processors get
+    /// no payload.
+    #[default]
+    Disabled,
+    /// The node key model: keys from a directory on the node, and the ocicrypt payload
+    /// handed to external decoders the way containerd's CRI plugin does.
+    Node(Keyring),
+}
+
 /// The processors available to a pull, chosen by media type.
-#[derive(Debug, Default, Clone)]
-pub struct Chain {}
+#[derive(Debug, Clone, Default)]
+pub struct Chain {
+    external: Vec<ExternalProcessor>,
+    decryption: Decryption,
+}
 
 impl Chain {
-    /// The built-in processors: gzip and zstd decompression.
+    /// The built-in processors only, with decryption disabled.
     pub fn builtin() -> Self {
-        Self {}
+        Self::default()
     }
 
-    /// Wraps `input`, a blob of `media_type`, into a reader of the plain tar stream.
-    pub fn open<'a>(&self, media_type: &str, input: Stream<'a>) -> Result<Stream<'a>, Error> {
-        let mut kind = MediaType::parse(media_type)?;
-        let mut stream = input;
-        loop {
-            match kind {
-                MediaType::Tar => return Ok(stream),
-                MediaType::TarGzip => {
-                    stream = gzip::decoder(stream);
-                    kind = MediaType::Tar;
-                }
-                MediaType::TarZstd => {
-                    stream = zstd::decoder(stream)?;
-                    kind = MediaType::Tar;
-                }
+    /// Configured external processors (they take precedence over the built-in ones for the
+    /// media types they accept) and the decryption setting. When several processors accept
+    /// the same media type, the one whose name sorts first is used.
+    pub fn new(
+        mut external: Vec<ExternalProcessor>,
+        decryption: Decryption,
+    ) -> Result<Self, Error> {
+        external::validate(&external)?;
+        external.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(Self {
+            external,
+            decryption,
+        })
+    }
+
+    /// Whether some processor chain turns `media_type` into tar, without looking at data.
+    pub fn accepts(&self, media_type: &str) -> bool {
+        let mut current = media_type.to_string();
+        for _ in 0..MAX_STAGES {
+            if current == TAR {
+                return true;
             }
+            current = match self.step(&current) {
+                Some(next) => next,
+                None => return false,
+            };
         }
+        false
+    }
+
+    /// Wraps `input`, the blob of `layer`, into a reader of the plain tar stream.
+    pub fn open<'a>(&self, layer: &Layer<'_>, input: Stream<'a>) -> Result<Stream<'a>, Error> {
+        let mut current = layer.media_type.to_string();
+        let mut seen = vec![current.clone()];
+        let mut stream = input;
+        while current != TAR {
+            if seen.len() > MAX_STAGES {
+                return Err(Error::ChainTooLong {
+                    media_type: layer.media_type.to_string(),
+                    path: seen.join(" -> "),
+                });
+            }
+            let next;
+            (stream, next) = self.stage(layer, &current, stream)?;
+            if seen.contains(&next) {
+                seen.push(next);
+                return Err(Error::ChainTooLong {
+                    media_type: layer.media_type.to_string(),
+                    path: seen.join(" -> "),
+                });
+            }
+            seen.push(next.clone());
+            current = next;
+        }
+        Ok(stream)
+    }
+
+    /// Checks that an encrypted layer's key can be unwrapped with the node's keys, without
+    /// reading its blob: a layer already unpacked must not be usable by a node that lost
+    /// its key. Plain layers pass.
+    pub fn check_access(&self, layer: &Layer<'_>) -> Result<(), Error> {
+        if !ocicrypt::is_encrypted(layer.media_type) {
+            return Ok(());
+        }
+        match &self.decryption {
+            Decryption::Node(keys) if self.external_for(layer.media_type).is_none() => {
+                ocicrypt::check(keys, layer)
+            }
+            Decryption::Node(_) => Ok(()),
+            Decryption::Disabled => Err(Error::DecryptionDisabled {
+                digest: layer.digest.to_string(),
+                media_type: layer.media_type.to_string(),
+            }),
+        }
+    }
+
+    fn external_for(&self, media_type: &str) -> Option<&ExternalProcessor> {
+        self.external
+            .iter()
+            .find(|p| p.accepts.iter().any(|a| a == media_type))
+    }
+
+    /// The media type the stage for `media_type` returns, if there is one.
+    fn step(&self, media_type: &str) -> Option<String> {
+        if let Some(processor) = self.external_for(media_type) {
+            return Some(processor.returns.clone());
+        }
+        if ocicrypt::is_encrypted(media_type) {
+            return Some(ocicrypt::plain_media_type(media_type).to_string());
+        }
+        MediaType::parse(media_type).ok().map(|_| TAR.to_string())
+    }
+
+    fn stage<'a>(
+        &self,
+        layer: &Layer<'_>,
+        media_type: &str,
+        input: Stream<'a>,
+    ) -> Result<(Stream<'a>, String), Error> {
+        if let Some(processor) = self.external_for(media_type) {
+            let payload = match &self.decryption {
+                Decryption::Node(_) => external::payload_for(&processor.name, layer),
+                Decryption::Disabled => None,
+            };
+            let stream = processor.spawn(media_type, payload, input)?;
+            return Ok((stream, processor.returns.clone()));
+        }
+        if ocicrypt::is_encrypted(media_type) {
+            let Decryption::Node(keys) = &self.decryption else {
+                return Err(Error::DecryptionDisabled {
+                    digest: layer.digest.to_string(),
+                    media_type: media_type.to_string(),
+                });
+            };
+            let stream = ocicrypt::decrypt(keys, layer, input)?;
+            return Ok((stream, ocicrypt::plain_media_type(media_type).to_string()));
+        }
+        let stream = match MediaType::parse(media_type)? {
+            MediaType::Tar => input,
+            MediaType::TarGzip => gzip::decoder(input),
+            MediaType::TarZstd => zstd::decoder(input)?,
+        };
+        Ok((stream, TAR.to_string()))
     }
 }
 
@@ -73,10 +305,17 @@ mod tests {
         data
     }
 
-    fn read_all(chain: &Chain, media: &str, blob: Vec<u8>) -> Vec<u8> {
+    fn read_all(chain: &Chain, media_type: &str, blob: Vec<u8>) -> Vec<u8> {
+        let annotations = BTreeMap::new();
+        let layer = Layer {
+            media_type,
+            digest: "sha256:00",
+            size: blob.len() as u64,
+            annotations: &annotations,
+        };
         let mut out = Vec::new();
         chain
-            .open(media, Box::new(std::io::Cursor::new(blob)))
+            .open(&layer, Box::new(io::Cursor::new(blob)))
             .unwrap()
             .read_to_end(&mut out)
             .unwrap();
@@ -92,7 +331,7 @@ mod tests {
         let zst = ::zstd::encode_all(&plain[..], 3).unwrap();
         let chain = Chain::builtin();
         for (media, blob) in [
-            ("application/vnd.oci.image.layer.v1.tar", plain.clone()),
+            (TAR, plain.clone()),
             ("application/vnd.oci.image.layer.v1.tar+gzip", gz.clone()),
             ("application/vnd.docker.image.rootfs.diff.tar.gzip", gz),
             ("application/vnd.oci.image.layer.v1.tar+zstd", zst),
@@ -119,10 +358,36 @@ mod tests {
 
     #[test]
     fn unknown_media_type_is_refused_by_name() {
+        let annotations = BTreeMap::new();
+        let layer = Layer {
+            media_type: "application/x-rar",
+            digest: "sha256:00",
+            size: 0,
+            annotations: &annotations,
+        };
         let err = Chain::builtin()
-            .open("application/x-rar", Box::new(std::io::empty()))
+            .open(&layer, Box::new(io::empty()))
             .err()
             .unwrap();
         assert!(err.to_string().contains("application/x-rar"), "{err}");
+        assert!(!Chain::builtin().accepts("application/x-rar"));
+        assert!(Chain::builtin().accepts("application/vnd.oci.image.layer.v1.tar+gzip+encrypted"));
+    }
+
+    #[test]
+    fn encrypted_layers_fail_clearly_when_decryption_is_disabled() {
+        let annotations = BTreeMap::new();
+        let layer = Layer {
+            media_type: "application/vnd.oci.image.layer.v1.tar+gzip+encrypted",
+            digest: "sha256:ab",
+            size: 0,
+            annotations: &annotations,
+        };
+        let err = Chain::builtin()
+            .open(&layer, Box::new(io::empty()))
+            .err()
+            .unwrap();
+        assert!(matches!(err, Error::DecryptionDisabled { .. }), "{err}");
+        assert!(err.to_string().contains("sha256:ab"), "{err}");
     }
 }

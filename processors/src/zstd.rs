@@ -5,7 +5,7 @@ use crate::{Error, Stream};
 /// Wraps a zstd stream (multiple frames are read as one stream).
 pub(crate) fn decoder<'a>(input: Stream<'a>) -> Result<Stream<'a>, Error> {
     let decoder = ::zstd::stream::read::Decoder::new(input).map_err(|source| Error::Setup {
-        processor: "zstd",
+        processor: "zstd".to_string(),
         source,
     })?;
     Ok(Box::new(decoder))
