@@ -1,7 +1,9 @@
 //! Daemon configuration: a raw TOML file where every key is optional, resolved into a
 //! [`Config`] with defaults filled in and paths checked.
 
+use processors::{Chain, Decryption, ExternalProcessor, Keyring};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// Errors reading the configuration file.
@@ -46,12 +48,21 @@ struct RawConfig {
     image_pull_progress_timeout: Option<String>,
     pinned_images: Option<Vec<String>>,
     registry: Option<RawRegistry>,
+    image_decryption: Option<RawDecryption>,
+    stream_processors: Option<BTreeMap<String, ExternalProcessor>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRegistry {
     config_path: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDecryption {
+    key_model: Option<String>,
+    keys_dir: Option<PathBuf>,
 }
 
 /// Resolved configuration.
@@ -72,6 +83,20 @@ pub struct Config {
     pub pinned_images: Vec<String>,
     /// Registry settings.
     pub registry: RegistryConfig,
+    /// How encrypted layers are decrypted.
+    pub image_decryption: DecryptionConfig,
+    /// External stream processors by name, as containerd's `[stream_processors]`.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub stream_processors: BTreeMap<String, ExternalProcessor>,
+}
+
+/// `[image_decryption]` settings.
+#[derive(Debug, Clone, Serialize)]
+pub struct DecryptionConfig {
+    /// `"node"`: keys kept on this node decrypt layers; `""`: encrypted layers are refused.
+    pub key_model: String,
+    /// Directory of private keys (and certificates for PKCS#7), re-read when it changes.
+    pub keys_dir: PathBuf,
 }
 
 /// `[registry]` settings.
@@ -118,6 +143,15 @@ impl Config {
                 message: format!("{text:?} is not a duration like \"5m\" or \"30s\""),
             });
         }
+        if let Some(model) = raw.image_decryption.as_ref().and_then(|d| d.key_model.as_ref())
+            && !matches!(model.as_str(), "node" | "")
+        {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                key: "image_decryption.key_model",
+                message: format!("{model:?} is not \"node\" or \"\""),
+            });
+        }
         for (key, value) in [("root", &raw.root), ("state", &raw.state)] {
             if let Some(dir) = value
                 && !dir.is_absolute()
@@ -129,10 +163,20 @@ impl Config {
                 });
             }
         }
-        Ok(Self::resolve(raw))
+        let config = Self::resolve(raw);
+        config
+            .processors()
+            .map_err(|e| ConfigError::Invalid {
+                path: path.to_path_buf(),
+                key: "stream_processors",
+                message: e.to_string(),
+            })?;
+        Ok(config)
     }
 
     fn resolve(raw: RawConfig) -> Self {
+        let decryption = raw.image_decryption.unwrap_or_default();
+        let stream_processors = raw.stream_processors.unwrap_or_default();
         let root = raw.root.unwrap_or_else(|| "/var/lib/imaged".into());
         let state = raw.state.unwrap_or_else(|| "/run/imaged".into());
         let address = raw.address.unwrap_or_else(|| state.join("imaged.sock"));
@@ -153,7 +197,33 @@ impl Config {
                     .and_then(|r| r.config_path)
                     .unwrap_or_else(|| "/etc/imaged/certs.d".into()),
             },
+            image_decryption: DecryptionConfig {
+                key_model: decryption
+                    .key_model
+                    .unwrap_or_else(|| "node".into()),
+                keys_dir: decryption
+                    .keys_dir
+                    .unwrap_or_else(|| "/etc/imaged/ocicrypt/keys".into()),
+            },
+            stream_processors,
         }
+    }
+
+    /// The processor chain this configuration describes.
+    pub fn processors(&self) -> Result<Chain, processors::Error> {
+        let external = self
+            .stream_processors
+            .iter()
+            .map(|(name, processor)| ExternalProcessor {
+                name: name.clone(),
+                ..processor.clone()
+            })
+            .collect();
+        let decryption = match self.image_decryption.key_model.as_str() {
+            "node" => Decryption::Node(Keyring::new(&self.image_decryption.keys_dir)),
+            _ => Decryption::Disabled,
+        };
+        Chain::new(external, decryption)
     }
 
     /// The stall timeout, `None` when turned off (`"0"`).

@@ -45,6 +45,9 @@ pub enum StartError {
     /// The content store could not be opened.
     #[error(transparent)]
     Content(#[from] ContentError),
+    /// The stream processors are misconfigured.
+    #[error("stream processors: {0}")]
+    Processors(#[from] processors::Error),
     /// Image records could not be loaded.
     #[error(transparent)]
     Images(#[from] ImageStoreError),
@@ -88,7 +91,7 @@ impl Daemon {
             images,
             snapshotter,
             registry: Registry::new(&config.registry.config_path, config.progress_timeout()),
-            processors: processors::Chain::builtin(),
+            processors: config.processors()?,
             leases: Arc::new(Leases::default()),
             max_concurrent_downloads: config.max_concurrent_downloads,
             locks: KeyedLocks::default(),

@@ -47,6 +47,21 @@ pub struct LayerRecord {
     pub size: u64,
     /// Media type.
     pub media_type: String,
+    /// The descriptor's annotations (encrypted layers carry their wrapped keys here).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl LayerRecord {
+    /// The layer as the processors see it.
+    pub fn descriptor(&self) -> processors::Layer<'_> {
+        processors::Layer {
+            media_type: &self.media_type,
+            digest: self.digest.as_str(),
+            size: self.size,
+            annotations: &self.annotations,
+        }
+    }
 }
 
 /// A stored image (one platform).
@@ -87,7 +102,7 @@ impl ImageRecord {
 #[derive(Debug, Clone)]
 pub struct NamedImage {
     /// The record.
-    pub record: ImageRecord,
+    pub record: Arc<ImageRecord>,
     /// `name:tag` names, sorted.
     pub tags: Vec<String>,
     /// `name@digest` names, sorted.
@@ -96,7 +111,8 @@ pub struct NamedImage {
 
 #[derive(Debug, Default)]
 struct State {
-    images: HashMap<Digest, ImageRecord>,
+    /// Sorted by id, the order ListImages answers in.
+    images: BTreeMap<Digest, Arc<ImageRecord>>,
     names: BTreeMap<String, Digest>,
     by_image: HashMap<Digest, BTreeSet<String>>,
 }
@@ -111,7 +127,7 @@ impl State {
         self.by_image.entry(id).or_default().insert(name);
     }
 
-    fn named(&self, record: &ImageRecord) -> NamedImage {
+    fn named(&self, record: &Arc<ImageRecord>) -> NamedImage {
         let (digests, tags) = self
             .by_image
             .get(&record.id)
@@ -155,7 +171,7 @@ impl ImageStore {
                     id: key.value().to_string(),
                     message: e.to_string(),
                 })?;
-            state.images.insert(record.id.clone(), record);
+            state.images.insert(record.id.clone(), Arc::new(record));
         }
         for row in read
             .open_table(NAMES)
@@ -180,6 +196,9 @@ impl ImageStore {
     /// Stores `record` and points `names` at it, in one transaction. A name that pointed at
     /// another image moves; that image stays, possibly untagged.
     pub fn put(&self, record: &ImageRecord, names: &[String]) -> Result<(), ImageStoreError> {
+        if self.holds(record, names) {
+            return Ok(());
+        }
         let encoded = serde_json::to_vec(record).expect("image record serialises");
         let txn = self.db.begin_write().map_err(db_err)?;
         {
@@ -196,11 +215,21 @@ impl ImageStore {
         }
         txn.commit().map_err(db_err)?;
         let mut state = self.state.write().expect("image state");
-        state.images.insert(record.id.clone(), record.clone());
+        state
+            .images
+            .insert(record.id.clone(), Arc::new(record.clone()));
         for name in names {
             state.set_name(name.clone(), record.id.clone());
         }
         Ok(())
+    }
+
+    /// Whether `record` is stored as it is and every name already points at it: a pull of
+    /// an image already present then writes nothing.
+    fn holds(&self, record: &ImageRecord, names: &[String]) -> bool {
+        let state = self.state.read().expect("image state");
+        state.images.get(&record.id).is_some_and(|r| **r == *record)
+            && names.iter().all(|n| state.names.get(n) == Some(&record.id))
     }
 
     /// Finds an image by name, digest reference, full ID or unique ID prefix.

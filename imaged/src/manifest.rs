@@ -214,16 +214,23 @@ pub fn parse_document(
             digest: manifest.config.digest.clone(),
         });
     }
-    for layer in &manifest.layers {
-        processors::MediaType::parse(&layer.media_type).map_err(|_| {
-            ManifestError::Unsupported {
-                what: "layer",
-                media_type: layer.media_type.clone(),
-                digest: layer.digest.clone(),
-            }
-        })?;
-    }
     Ok(Document::Manifest(manifest))
+}
+
+/// Refuses a manifest with a layer no processor chain turns into tar, before anything of it
+/// is downloaded.
+pub fn check_layer_types(
+    manifest: &Manifest,
+    accepts: impl Fn(&str) -> bool,
+) -> Result<(), ManifestError> {
+    match manifest.layers.iter().find(|l| !accepts(&l.media_type)) {
+        Some(layer) => Err(ManifestError::Unsupported {
+            what: "layer",
+            media_type: layer.media_type.clone(),
+            digest: layer.digest.clone(),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Parses an image config and checks it against its manifest.
@@ -413,7 +420,13 @@ mod tests {
             r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{d}","size":2}},"layers":[{{"mediaType":"application/x-rar","digest":"{d}","size":3}}]}}"#,
             d = digest()
         );
-        let err = parse_document(None, odd_layer.as_bytes(), &digest()).unwrap_err();
+        let Document::Manifest(manifest) =
+            parse_document(None, odd_layer.as_bytes(), &digest()).unwrap()
+        else {
+            panic!("a manifest");
+        };
+        let builtin = processors::Chain::builtin();
+        let err = check_layer_types(&manifest, |t| builtin.accepts(t)).unwrap_err();
         assert!(err.to_string().contains("application/x-rar"), "{err}");
     }
 

@@ -24,7 +24,7 @@ pub(crate) use payload::payload_for;
 const PAYLOAD_FD: RawFd = 3;
 
 /// One `[stream_processors.NAME]` table.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExternalProcessor {
     /// The table key (not part of the table itself).

@@ -48,11 +48,17 @@ impl From<tonic::Status> for CliError {
     }
 }
 
+/// HTTP/2 receive window of the client: a whole ListImages answer for thousands of images
+/// fits, so the server never waits for a window update in the middle of one.
+const WINDOW: u32 = 4 << 20;
+
 /// Opens a gRPC channel over the unix socket at `path`.
 pub async fn connect(path: &Path) -> Result<Channel, CliError> {
     let socket = path.to_path_buf();
     // The URI is required by tonic but unused: the connector dials the socket.
     Endpoint::from_static("http://imaged.sock")
+        .initial_stream_window_size(WINDOW)
+        .initial_connection_window_size(WINDOW)
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let socket = socket.clone();
             async move {

@@ -38,12 +38,28 @@ fn pull_code(error: &PullError) -> Code {
         ) => Code::InvalidArgument,
         PullError::Blob { source, .. } | PullError::Content(source) => content_code(source),
         PullError::DiffId { .. } => Code::DataLoss,
-        PullError::Processor { .. } => Code::InvalidArgument,
+        PullError::Processor { source, .. } => processor_code(source),
         PullError::Stream { .. } => Code::Unavailable,
-        PullError::Decode { .. } => Code::InvalidArgument,
+        PullError::Decode { source, .. } => {
+            processors::Error::from_io(source).map_or(Code::InvalidArgument, processor_code)
+        }
         PullError::Apply { source, .. } => apply_code(source),
         PullError::Snapshot { source, .. } => snapshot_code(source),
         PullError::Images(e) => images_code(e),
+    }
+}
+
+fn processor_code(error: &processors::Error) -> Code {
+    use processors::Error as E;
+    match error {
+        E::Unsupported(_) | E::ChainTooLong { .. } | E::InvalidEncryption { .. } => {
+            Code::InvalidArgument
+        }
+        E::Config { .. } | E::DecryptionDisabled { .. } | E::NoKey { .. } => {
+            Code::FailedPrecondition
+        }
+        E::Integrity { .. } => Code::DataLoss,
+        E::Setup { .. } | E::External { .. } => Code::Internal,
     }
 }
 

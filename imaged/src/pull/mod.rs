@@ -186,6 +186,12 @@ impl Puller {
     }
 
     async fn resolve(&self, session: &Session) -> Result<Resolution, PullError> {
+        let resolution = self.resolve_manifest(session).await?;
+        manifest::check_layer_types(&resolution.manifest, |t| self.processors.accepts(t))?;
+        Ok(resolution)
+    }
+
+    async fn resolve_manifest(&self, session: &Session) -> Result<Resolution, PullError> {
         let top = session.resolve().await?;
         match manifest::parse_document(top.content_type.as_deref(), &top.bytes, &top.digest)? {
             Document::Manifest(manifest) => Ok(Resolution {
@@ -264,6 +270,7 @@ impl Puller {
                 chain_id,
                 size: layer.size,
                 media_type: layer.media_type.clone(),
+                annotations: layer.annotations.clone(),
             })
             .collect();
         let index_size = resolution.index.as_ref().map_or(0, |(_, b)| b.len() as u64);
@@ -297,6 +304,7 @@ impl Puller {
             guards.push(self.locks.lock(layer.chain_id.as_str()).await);
         }
         let missing = self.missing_layers(layers).await?;
+        self.check_access(layers, &missing).await?;
         send(
             progress,
             Event::Resolved(Resolved {
@@ -358,6 +366,37 @@ impl Puller {
         .expect("commit task");
         drop(guards);
         committed
+    }
+
+    /// Layers unpacked earlier are not fetched again, but an encrypted one still needs a key
+    /// this node holds: a node that lost the key must lose the image too.
+    async fn check_access(
+        &self,
+        layers: &[LayerRecord],
+        missing: &[usize],
+    ) -> Result<(), PullError> {
+        let present: Vec<LayerRecord> = layers
+            .iter()
+            .enumerate()
+            .filter(|(i, l)| !missing.contains(i) && processors::ocicrypt::is_encrypted(&l.media_type))
+            .map(|(_, l)| l.clone())
+            .collect();
+        if present.is_empty() {
+            return Ok(());
+        }
+        let processors = self.processors.clone();
+        tokio::task::spawn_blocking(move || {
+            present.iter().try_for_each(|layer| {
+                processors
+                    .check_access(&layer.descriptor())
+                    .map_err(|source| PullError::Processor {
+                        digest: layer.digest.clone(),
+                        source,
+                    })
+            })
+        })
+        .await
+        .expect("key check task")
     }
 
     async fn missing_layers(&self, layers: &[LayerRecord]) -> Result<Vec<usize>, PullError> {

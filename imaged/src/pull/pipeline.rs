@@ -209,7 +209,7 @@ fn decode(
 ) -> Result<(), PullError> {
     let mut tar =
         processors
-            .open(&layer.media_type, blob)
+            .open(&layer.descriptor(), blob)
             .map_err(|source| PullError::Processor {
                 digest: layer.digest.clone(),
                 source,

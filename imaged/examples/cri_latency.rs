@@ -1,0 +1,151 @@
+//! Round-trip times of CRI image calls over one connection, for the pull benchmark: the
+//! PullImage of an image already present (a warm pull) and ListImages. Speaks plain CRI, so
+//! the same numbers can be taken from imaged and from containerd.
+//!
+//! ```text
+//! cri_latency --socket S populate --prefix REGISTRY/bench/many --count 1000
+//! cri_latency --socket S warm IMAGE --calls 100
+//! cri_latency --socket S list --calls 1000
+//! ```
+//!
+//! `warm` and `list` print `p50_ms P50 p99_ms P99 calls N` (and `images N` for list).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use futures_util::{StreamExt, TryStreamExt};
+use proto::cri::image_service_client::ImageServiceClient;
+use proto::cri::{ImageSpec, ListImagesRequest, PullImageRequest};
+use tonic::transport::Channel;
+
+#[derive(Parser)]
+struct Args {
+    /// The CRI image service's unix socket.
+    #[arg(long)]
+    socket: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Pull PREFIX:0 .. PREFIX:<COUNT - 1>, eight at a time.
+    Populate {
+        #[arg(long)]
+        prefix: String,
+        #[arg(long)]
+        count: u32,
+    },
+    /// Pull IMAGE once, then time CALLS more pulls of it.
+    Warm {
+        image: String,
+        #[arg(long, default_value_t = 100)]
+        calls: usize,
+    },
+    /// Time CALLS ListImages calls.
+    List {
+        #[arg(long, default_value_t = 1000)]
+        calls: usize,
+    },
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let channel = imaged::cli::connect(&args.socket)
+        .await
+        .with_context(|| format!("connecting to {}", args.socket.display()))?;
+    let mut client = ImageServiceClient::new(channel);
+    match args.command {
+        Command::Populate { prefix, count } => populate(&client, &prefix, count).await,
+        Command::Warm { image, calls } => {
+            pull(&mut client, &image).await?;
+            let times = timed(calls, || {
+                let mut client = client.clone();
+                let image = image.clone();
+                async move { pull(&mut client, &image).await }
+            })
+            .await?;
+            report(&times, "");
+            Ok(())
+        }
+        Command::List { calls } => {
+            let images = list(&mut client).await?;
+            let times = timed(calls, || {
+                let mut client = client.clone();
+                async move { list(&mut client).await.map(drop) }
+            })
+            .await?;
+            report(&times, &format!(" images {images}"));
+            Ok(())
+        }
+    }
+}
+
+async fn populate(client: &ImageServiceClient<Channel>, prefix: &str, count: u32) -> anyhow::Result<()> {
+    futures_util::stream::iter(0..count)
+        .map(|n| {
+            let mut client = client.clone();
+            let image = format!("{prefix}:{n}");
+            async move { pull(&mut client, &image).await }
+        })
+        .buffer_unordered(8)
+        .try_collect::<()>()
+        .await
+}
+
+async fn pull(client: &mut ImageServiceClient<Channel>, image: &str) -> anyhow::Result<()> {
+    let response = client
+        .pull_image(PullImageRequest {
+            image: Some(ImageSpec {
+                image: image.to_string(),
+                ..ImageSpec::default()
+            }),
+            ..PullImageRequest::default()
+        })
+        .await
+        .with_context(|| format!("pulling {image}"))?;
+    if response.into_inner().image_ref.is_empty() {
+        bail!("pulling {image}: empty image_ref");
+    }
+    Ok(())
+}
+
+async fn list(client: &mut ImageServiceClient<Channel>) -> anyhow::Result<usize> {
+    let response = client
+        .list_images(ListImagesRequest { filter: None })
+        .await
+        .context("listing images")?;
+    Ok(response.into_inner().images.len())
+}
+
+/// Runs `call` `calls` times in a row and returns each duration, sorted.
+async fn timed<F, Fut>(calls: usize, mut call: F) -> anyhow::Result<Vec<Duration>>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let mut times = Vec::with_capacity(calls);
+    for _ in 0..calls {
+        let start = Instant::now();
+        call().await?;
+        times.push(start.elapsed());
+    }
+    times.sort();
+    Ok(times)
+}
+
+fn report(sorted: &[Duration], extra: &str) {
+    let at = |q: f64| {
+        let index = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
+        sorted[index].as_secs_f64() * 1e3
+    };
+    println!(
+        "p50_ms {:.3} p99_ms {:.3} calls {}{extra}",
+        at(0.50),
+        at(0.99),
+        sorted.len()
+    );
+}
