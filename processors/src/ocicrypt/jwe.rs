@@ -353,3 +353,173 @@ fn concat_kdf(z: &[u8], alg: &str, apu: &[u8], apv: &[u8], len: usize) -> Vec<u8
     out.truncate(len);
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ocicrypt::keys::KeyFile;
+
+    fn b64(data: &[u8]) -> String {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(data)
+    }
+
+    fn p256(byte: u8) -> p256::SecretKey {
+        p256::SecretKey::from_slice(&[byte; 32]).unwrap()
+    }
+
+    fn keys(secrets: Vec<p256::SecretKey>) -> Keys {
+        Keys {
+            keys: secrets
+                .into_iter()
+                .map(|s| KeyFile {
+                    path: "k".into(),
+                    key: PrivateKey::P256(s),
+                })
+                .collect(),
+            certs: Vec::new(),
+        }
+    }
+
+    /// The parts of a JWE for `recipient`, wrapped with ECDH-ES+A128KW and sealed with
+    /// A256GCM: protected header, recipient header, encrypted key, iv, ciphertext, tag.
+    /// `shared` puts alg and epk in the protected header, as for a single recipient.
+    fn seal(recipient: &p256::SecretKey, alg: &str, shared: bool, plain: &[u8]) -> [String; 6] {
+        let ephemeral = p256(9);
+        let point = ephemeral.public_key().to_sec1_bytes();
+        let (x, y) = (&point[1..33], &point[33..]);
+        let recipient_header = format!(
+            r#""alg":"{alg}","epk":{{"kty":"EC","crv":"P-256","x":"{}","y":"{}"}}"#,
+            b64(x),
+            b64(y)
+        );
+        let header = match shared {
+            true => format!(r#"{{{recipient_header},"enc":"A256GCM"}}"#),
+            false => r#"{"enc":"A256GCM"}"#.to_string(),
+        };
+        let protected = b64(header.as_bytes());
+        let z = p256::ecdh::diffie_hellman(
+            ephemeral.to_nonzero_scalar(),
+            recipient.public_key().as_affine(),
+        );
+        let kek = concat_kdf(z.raw_secret_bytes(), alg, &[], &[], 16);
+        let cek = [4; 32];
+        let mut wrapped = [0; 40];
+        aes_kw::KwAes128::new_from_slice(&kek)
+            .unwrap()
+            .wrap_key(&cek, &mut wrapped)
+            .unwrap();
+        let iv = [6; 12];
+        let sealed = gcm::<aes::Aes256>(&cek)
+            .unwrap()
+            .encrypt(
+                <&Nonce<U12>>::try_from(&iv[..]).unwrap(),
+                Payload {
+                    msg: plain,
+                    aad: protected.as_bytes(),
+                },
+            )
+            .unwrap();
+        let (ciphertext, tag) = sealed.split_at(sealed.len() - 16);
+        [
+            protected,
+            format!("{{{recipient_header}}}"),
+            b64(&wrapped),
+            b64(&iv),
+            b64(ciphertext),
+            b64(tag),
+        ]
+    }
+
+    /// A compact JWE for `recipient`.
+    fn compact(recipient: &p256::SecretKey, alg: &str, plain: &[u8]) -> String {
+        let [protected, _, key, iv, ciphertext, tag] = seal(recipient, alg, true, plain);
+        format!("{protected}.{key}.{iv}.{ciphertext}.{tag}")
+    }
+
+    #[test]
+    fn concat_kdf_matches_rfc_7518_appendix_c() {
+        let z = [
+            158, 86, 217, 29, 129, 113, 53, 211, 114, 131, 66, 131, 191, 132, 38, 156, 251, 49,
+            110, 163, 218, 128, 106, 72, 246, 218, 167, 121, 140, 254, 144, 196,
+        ];
+        let key = concat_kdf(&z, "A128GCM", b"Alice", b"Bob", 16);
+        assert_eq!(b64(&key), "VqqN6vgjbSBcIijNcacQGg");
+    }
+
+    #[test]
+    fn compact_ecdh_jwe_decrypts_with_the_right_key_only() {
+        let jwe = parse(compact(&p256(1), "ECDH-ES+A128KW", b"{}").as_bytes()).unwrap();
+        assert_eq!(jwe.describe(), ["ECDH-ES+A128KW P-256"]);
+        assert_eq!(jwe.decrypt(&keys(vec![p256(2), p256(1)])).unwrap(), b"{}");
+        let err = jwe.decrypt(&keys(vec![p256(2)])).unwrap_err();
+        assert_eq!(err, "none of 1 candidate key(s) unwraps a recipient");
+    }
+
+    #[test]
+    fn general_json_tries_every_recipient() {
+        let [protected, header, key, iv, ciphertext, tag] =
+            seal(&p256(1), "ECDH-ES+A256KW", false, b"{}");
+        // go-jose also copies the first recipient's key to the top level.
+        let general = format!(
+            r#"{{"protected":"{protected}","recipients":[{{"header":{{"alg":"RSA-OAEP"}},"encrypted_key":"AAAA"}},{{"header":{header},"encrypted_key":"{key}"}}],"encrypted_key":"AAAA","iv":"{iv}","ciphertext":"{ciphertext}","tag":"{tag}"}}"#
+        );
+        let jwe = parse(general.as_bytes()).unwrap();
+        assert_eq!(jwe.describe(), ["RSA-OAEP", "ECDH-ES+A256KW P-256"]);
+        assert!(
+            jwe.decrypt(&keys(vec![p256(1)])).is_err(),
+            "the KEK length follows alg"
+        );
+        let [protected, header, key, iv, ciphertext, tag] =
+            seal(&p256(1), "ECDH-ES+A128KW", false, b"{}");
+        let flattened = format!(
+            r#"{{"protected":"{protected}","header":{header},"encrypted_key":"{key}","iv":"{iv}","ciphertext":"{ciphertext}","tag":"{tag}"}}"#
+        );
+        let jwe = parse(flattened.as_bytes()).unwrap();
+        assert_eq!(jwe.decrypt(&keys(vec![p256(2), p256(1)])).unwrap(), b"{}");
+    }
+
+    #[test]
+    fn tampered_protected_header_fails_the_content_tag() {
+        let token = compact(&p256(1), "ECDH-ES+A128KW", b"{}");
+        let jwe = parse(token.replacen('e', "f", 1).as_bytes());
+        assert!(jwe.is_err() || jwe.unwrap().decrypt(&keys(vec![p256(1)])).is_err());
+    }
+
+    #[test]
+    fn algorithms_outside_the_allow_list_are_refused() {
+        for alg in ["RSA1_5", "dir", "ECDH-ES"] {
+            let header = b64(format!(r#"{{"alg":"{alg}","enc":"A256GCM"}}"#).as_bytes());
+            let jwe =
+                parse(format!("{header}.AAAA.AAAAAAAAAAAAAAAA.AAAA.AAAA").as_bytes()).unwrap();
+            let err = jwe.decrypt(&keys(vec![p256(1)])).unwrap_err();
+            assert!(
+                err.contains(&format!("key algorithm \"{alg}\" is not allowed")),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn malformed_documents_are_errors() {
+        for bad in [
+            &b""[..],
+            b"{",
+            b"{}",
+            b"a.b.c",
+            br#"{"ciphertext":"***"}"#,
+            br#"{"protected":"bm90IGpzb24","ciphertext":""}"#,
+            b"\xff\xfe",
+        ] {
+            assert!(parse(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn a_short_iv_is_refused_not_a_panic() {
+        let token = compact(&p256(1), "ECDH-ES+A128KW", b"{}");
+        let mut parts: Vec<&str> = token.split('.').collect();
+        parts[2] = "AAAA";
+        let jwe = parse(parts.join(".").as_bytes()).unwrap();
+        assert!(jwe.decrypt(&keys(vec![p256(1)])).is_err());
+    }
+}

@@ -15,7 +15,7 @@ use rsa::traits::PublicKeyParts;
 /// A private key the unwrappers can use.
 pub(crate) enum PrivateKey {
     /// RSA, for JWE RSA-OAEP and PKCS#7.
-    Rsa(rsa::PrivateKey),
+    Rsa(Box<rsa::PrivateKey>),
     /// EC P-256, for JWE ECDH-ES.
     P256(p256::SecretKey),
     /// EC P-384, for JWE ECDH-ES.
@@ -211,9 +211,9 @@ fn pem_item(block: &PemBlock, path: &Path, keys: &mut Keys) -> Result<bool, Stri
     let der = &block.der;
     let key = match block.label.as_str() {
         "PRIVATE KEY" => pkcs8_key(der)?,
-        "RSA PRIVATE KEY" => PrivateKey::Rsa(
+        "RSA PRIVATE KEY" => PrivateKey::Rsa(Box::new(
             rsa::PrivateKey::from_pkcs1_der(der).map_err(|e| format!("bad PKCS#1 key: {e}"))?,
-        ),
+        )),
         "EC PRIVATE KEY" => sec1_key(der)?,
         "CERTIFICATE" => {
             keys.certs.push(certificate(der, path)?);
@@ -242,7 +242,7 @@ fn der_item(der: &[u8], path: &Path, keys: &mut Keys) -> Result<(), String> {
         .or_else(|| {
             rsa::PrivateKey::from_pkcs1_der(der)
                 .ok()
-                .map(PrivateKey::Rsa)
+                .map(|k| PrivateKey::Rsa(Box::new(k)))
         })
         .or_else(|| sec1_key(der).ok());
     if let Some(key) = key {
@@ -264,7 +264,7 @@ fn der_item(der: &[u8], path: &Path, keys: &mut Keys) -> Result<(), String> {
 
 fn pkcs8_key(der: &[u8]) -> Result<PrivateKey, String> {
     if let Ok(key) = rsa::PrivateKey::from_pkcs8_der(der) {
-        return Ok(PrivateKey::Rsa(key));
+        return Ok(PrivateKey::Rsa(Box::new(key)));
     }
     if let Ok(key) = p256::SecretKey::from_pkcs8_der(der) {
         return Ok(PrivateKey::P256(key));

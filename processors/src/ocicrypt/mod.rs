@@ -234,3 +234,64 @@ fn invalid(layer: &Layer<'_>, reason: &str) -> Error {
         reason: reason.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn error(keys: &Keyring, annotations: &[(&str, &str)]) -> Error {
+        let annotations: BTreeMap<String, String> = annotations
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let layer = Layer {
+            media_type: "application/vnd.oci.image.layer.v1.tar+encrypted",
+            digest: "sha256:ab",
+            size: 0,
+            annotations: &annotations,
+        };
+        check(keys, &layer).unwrap_err()
+    }
+
+    #[test]
+    fn a_layer_without_wrapped_keys_is_invalid() {
+        let err = error(&Keyring::new("/nonexistent"), &[]);
+        assert!(matches!(err, Error::InvalidEncryption { .. }), "{err}");
+    }
+
+    #[test]
+    fn unsupported_schemes_are_listed_as_wrapped_for() {
+        let err = error(
+            &Keyring::new("/nonexistent"),
+            &[
+                ("org.opencontainers.image.enc.keys.pgp", "AAAA"),
+                ("org.opencontainers.image.enc.keys.provider.kms", "AAAA"),
+            ],
+        );
+        let Error::NoKey {
+            wrapped_for,
+            detail,
+            ..
+        } = &err
+        else {
+            panic!("{err}")
+        };
+        assert_eq!(wrapped_for, "pgp, provider.kms");
+        assert!(
+            detail.contains("/nonexistent has no usable private keys"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn encrypted_media_types_are_recognised() {
+        let media = "application/vnd.oci.image.layer.v1.tar+zstd+encrypted";
+        assert!(is_encrypted(media));
+        assert_eq!(
+            plain_media_type(media),
+            "application/vnd.oci.image.layer.v1.tar+zstd"
+        );
+        assert!(!is_encrypted("application/vnd.oci.image.layer.v1.tar"));
+    }
+}

@@ -13,10 +13,11 @@ pub(crate) const PUBOPTS: &str = "org.opencontainers.image.enc.pubopts";
 /// The only layer cipher ocicrypt defines.
 const CIPHER: &str = "AES_256_CTR_HMAC_SHA256";
 
+/// The decoded items of one key annotation, or why they could not be decoded.
+pub(crate) type Items = Result<Vec<Vec<u8>>, String>;
+
 /// The wrapped-key annotations of a layer: scheme name and its decoded items.
-pub(crate) fn wrapped_keys(
-    annotations: &BTreeMap<String, String>,
-) -> Vec<(&str, Result<Vec<Vec<u8>>, String>)> {
+pub(crate) fn wrapped_keys(annotations: &BTreeMap<String, String>) -> Vec<(&str, Items)> {
     annotations
         .iter()
         .filter_map(|(name, value)| {
@@ -27,7 +28,7 @@ pub(crate) fn wrapped_keys(
 }
 
 /// Splits a comma list of base64 items; a bad item fails the whole scheme, as in Go.
-fn decode_items(scheme: &str, value: &str) -> Result<Vec<Vec<u8>>, String> {
+fn decode_items(scheme: &str, value: &str) -> Items {
     value
         .split(',')
         .filter(|item| !item.is_empty())

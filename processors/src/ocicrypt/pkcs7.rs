@@ -360,3 +360,65 @@ impl Envelope {
         .ok()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn definite_and_indefinite_lengths_are_read() {
+        let mut input = &[0x30, 0x03, 0x04, 0x01, 0xaa, 0xff][..];
+        let tlv = read(&mut input, 0).unwrap();
+        assert_eq!(tlv.content, [0x04, 0x01, 0xaa]);
+        assert_eq!(input, [0xff]);
+        let mut input = &[0x30, 0x80, 0x04, 0x01, 0xaa, 0x00, 0x00][..];
+        let tlv = read(&mut input, 0).unwrap();
+        assert_eq!(tlv.children(0).unwrap()[0].content, [0xaa]);
+        assert!(input.is_empty());
+    }
+
+    #[test]
+    fn malformed_encodings_are_errors() {
+        for bad in [
+            &[][..],
+            &[0x30],
+            &[0x30, 0x05, 0x00],
+            &[0x30, 0x85, 1, 1, 1, 1, 1],
+            &[0x04, 0x80, 0x00, 0x00],
+            &[0x30, 0x80, 0x04, 0x01],
+            &[0x1f, 0x01, 0x00],
+        ] {
+            assert!(read(&mut &bad[..], 0).is_err(), "{bad:02x?}");
+        }
+        let deep: Vec<u8> = std::iter::repeat_n([0x30, 0x80], 100).flatten().collect();
+        assert!(read(&mut &deep[..], 0).is_err());
+    }
+
+    #[test]
+    fn ocicrypt_gcm_parameters_and_standard_ones_give_the_nonce() {
+        let nonce = [7; 12];
+        let mut odd = vec![0x10, 0x13, 0x30, 0x11, 0x84, 0x0c];
+        odd.extend(nonce);
+        odd.extend([0x02, 0x01, 0x10]);
+        let mut standard = vec![0x30, 0x11, 0x04, 0x0c];
+        standard.extend(nonce);
+        standard.extend([0x02, 0x01, 0x10]);
+        for params in [odd, standard] {
+            let tlv = read(&mut &params[..], 0).unwrap();
+            assert_eq!(gcm_nonce(&tlv, 0).unwrap(), nonce);
+        }
+        let short = [0x30, 0x05, 0x04, 0x03, 1, 2, 3];
+        let tlv = read(&mut &short[..], 0).unwrap();
+        assert!(gcm_nonce(&tlv, 0).is_err());
+    }
+
+    #[test]
+    fn other_content_is_refused() {
+        // ContentInfo of id-data.
+        let data = [
+            0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x07, 0x01, 0xa0,
+            0x00,
+        ];
+        assert_eq!(parse(&data).err().unwrap(), "PKCS#7: not EnvelopedData");
+    }
+}
