@@ -10,7 +10,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 
 runs=${FUZZ_RUNS:-20000}
-read -r -a targets <<<"${FUZZ_TARGETS:-reference manifest hosts_toml auth_challenge layer_tar}"
+read -r -a targets <<<"${FUZZ_TARGETS:-reference manifest hosts_toml auth_challenge layer_tar ocicrypt_annotations}"
 
 # cargo-fuzz passes nightly-only flags (-Z sanitizer and coverage options) to rustc and cargo;
 # RUSTC_BOOTSTRAP lets the stable toolchain accept them, so no nightly install is needed.
@@ -99,6 +99,16 @@ done
 # A symlink that points out of the layer, then a file written through it, then `..` names.
 tar -c -C "$tree" --format=pax --no-recursion --transform 's,^esc,up,' up esc/x | seed layer_tar escape-symlink
 tar -c -C "$tree" --format=gnu --absolute-names --no-recursion --transform 's,^esc,../../../../sentinel,' esc esc/x | seed layer_tar escape-dotdot
+
+# ocicrypt_annotations: first byte 0 = JWE document, 1 = PKCS#7 DER, else NUL-separated raw
+# jwe, pkcs7 and pubopts annotation values (see the target).
+b64() { base64 -w0; }
+printf '\000{"protected":"eyJhbGciOiJSU0EtT0FFUCIsImVuYyI6IkEyNTZHQ00ifQ","encrypted_key":"AAAA","iv":"AAAAAAAAAAAAAAAA","ciphertext":"AAAA","tag":"AAAAAAAAAAAAAAAAAAAAAA"}' | seed ocicrypt_annotations jwe-flattened
+printf '\000{"protected":"eyJlbmMiOiJBMjU2R0NNIn0","recipients":[{"header":{"alg":"ECDH-ES+A256KW","epk":{"kty":"EC","crv":"P-256","x":"AA","y":"AA"}},"encrypted_key":"AAAA"}],"iv":"AAAAAAAAAAAAAAAA","ciphertext":"","tag":""}' | seed ocicrypt_annotations jwe-general
+printf '\000eyJhbGciOiJSU0ExXzUiLCJlbmMiOiJBMjU2R0NNIn0.AAAA.AAAAAAAAAAAAAAAA.AAAA.AAAA' | seed ocicrypt_annotations jwe-compact
+printf '\001\x30\x80\x06\x09\x2a\x86\x48\x86\xf7\x0d\x01\x07\x03\xa0\x80\x30\x80\x02\x01\x00\x31\x00\x30\x00\x00\x00\x00\x00\x00\x00' | seed ocicrypt_annotations pkcs7-empty
+pubopts=$(printf '{"cipher":"AES_256_CTR_HMAC_SHA256","hmac":"%s","cipheroptions":{}}' "$(head -c32 /dev/zero | b64)" | b64)
+printf '\002%s\000%s\000%s' "$(printf '{}' | b64),!!" "$(printf 'x' | b64)" "$pubopts" | seed ocicrypt_annotations raw-values
 
 cargo fuzz build
 failed=()
