@@ -21,12 +21,14 @@ critest: deps build
 	./scripts/critest.sh
 
 demo: deps
-	$(CARGO) build --release -p imaged -p fixtures
+	$(CARGO) build --release -p imaged -p fixtures --bins
+	$(CARGO) build --release -p imaged --example cri_latency
 	./scripts/demo.sh
 
 # Cold-pull benchmark against containerd and the raw limit (needs root); see scripts/bench.sh.
 bench: deps
-	$(CARGO) build --release -p imaged -p fixtures
+	$(CARGO) build --release -p imaged -p fixtures --bins
+	$(CARGO) build --release -p imaged --example cri_latency
 	./scripts/bench.sh
 
 fmt:

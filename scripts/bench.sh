@@ -2,12 +2,15 @@
 # Pull benchmark (`make bench`): cold pulls of a ~500 MB image (gzip and zstd variants) by
 # imaged, by containerd (CRI plugin through crictl, and `ctr images pull`), and the raw
 # limit (the same layer blobs decompressed and extracted from local disk, all layers in
-# parallel); then imaged's warm pull and a 10-way concurrent pull. Every cold run starts
-# from an empty store with the page cache dropped; the median of $BENCH_RUNS runs is
-# reported. Prints a table and writes it as JSON to target/bench/pull.json.
+# parallel); then a 10-way concurrent pull, imaged's idle RSS, the round-trip times of a
+# warm PullImage and of ListImages over 1,000 stored images (imaged and containerd, over one
+# connection each), and imaged's cold pulls of an image twice the size (peak RSS must not
+# grow with it). Every cold run starts from an empty store with the page cache dropped; the
+# median of $BENCH_RUNS runs is reported. Prints a table and writes it as JSON to
+# target/bench/pull.json.
 #
 # Needs root. Environment: BENCH_RUNS (default 3), BENCH_SCALE (image size factor,
-# default 1 = about 500 MB uncompressed).
+# default 1 = about 500 MB uncompressed; the larger image is twice that).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +23,7 @@ runs=${BENCH_RUNS:-3}
 scale=${BENCH_SCALE:-1}
 export BIN_DIR=target/release
 crictl=target/tools/crictl
+latency=target/release/examples/cri_latency
 out_dir=target/bench
 image_dir=$out_dir/image
 started=$EPOCHREALTIME
@@ -192,15 +196,6 @@ for variant in gzip zstd; do
     record "imaged $variant" "$(elapsed "$t0")"
     rss["$variant"]+="$(peak_rss_mb "$imaged_pid") "
     cpu["$variant"]+="$(awk -v a="$cpu_before" -v b="$(cpu_seconds "$imaged_pid")" 'BEGIN { printf "%.2f", b - a }') "
-    if [ "$run" = "$runs" ]; then
-      warm=()
-      for _ in 1 2 3; do
-        t0=$EPOCHREALTIME
-        "$crictl" --image-endpoint "unix://$socket" pull "$image" >/dev/null
-        warm+=("$(elapsed "$t0")")
-      done
-      seconds["warm $variant"]=$(median "${warm[@]}")
-    fi
     stop_imaged
 
     echo "run $run/$runs, $variant: containerd CRI" >&2
@@ -260,6 +255,64 @@ distinct_blobs=$(tail -n +"$((log_mark + 1))" "$work/registry-access.log" |
   grep -o '"GET /v2/bench/gzip/blobs/sha256:[0-9a-f]*' | sort -u | wc -l)
 stop_imaged
 
+# Idle RSS: a release imaged on an empty store, two seconds after start.
+fresh_imaged
+sleep 2
+idle_rss_mb=$(awk '/^VmRSS:/ { printf "%.1f", $2 / 1024 }' "/proc/$imaged_pid/status")
+stop_imaged
+
+# Round trips over 1,000 small stored images: a warm PullImage (the registry should see
+# one manifest request per pull) and ListImages, for imaged and containerd alike.
+echo "pushing 1000 small images" >&2
+"$BIN_DIR/fixtures" many-images --registry "$registry" --count 1000
+many=$registry/bench/many
+# latency SOCKET NAME: fills the store behind SOCKET, then times warm pulls and listings;
+# sets warm_NAME, list_NAME ("p50 p99") and manifests_NAME (requests per warm pull).
+latency_of() {
+  "$latency" --socket "$1" populate --prefix "$many" --count 1000
+  local mark
+  mark=$(wc -l <"$work/registry-access.log")
+  local warm
+  warm=$("$latency" --socket "$1" warm "$many:7" --calls 200)
+  sleep 0.5
+  local requests
+  requests=$(tail -n +"$((mark + 1))" "$work/registry-access.log" | grep -c '/v2/bench/many/manifests/' || true)
+  printf -v "warm_$2" '%s %s' "$(awk '{ print $2 }' <<<"$warm")" "$(awk '{ print $4 }' <<<"$warm")"
+  printf -v "manifests_$2" '%s' "$(awk -v r="$requests" 'BEGIN { printf "%.2f", r / 201 }')"
+  local list
+  list=$("$latency" --socket "$1" list --calls 1000)
+  printf -v "list_$2" '%s %s' "$(awk '{ print $2 }' <<<"$list")" "$(awk '{ print $4 }' <<<"$list")"
+}
+echo "round trips: imaged" >&2
+fresh_imaged
+latency_of "$socket" imaged
+stop_imaged
+echo "round trips: containerd" >&2
+start_containerd
+latency_of "$ctrd_sock" containerd
+stop_containerd
+
+# Peak RSS must not grow with the image: cold pulls of an image twice the size.
+double=$((scale * 2))
+echo "building and pushing the benchmark image at scale $double..." >&2
+"$BIN_DIR/fixtures" bench-image --dir "$image_dir" --registry "$registry" --scale "$double" >"$work/images-double.txt"
+declare -A double_seconds double_rss double_mb
+while read -r _ image_ref _ _ uncompressed; do
+  variant=${image_ref##*/bench/}
+  variant=${variant%%-x*}
+  double_mb[$variant]=$(awk -v b="$uncompressed" 'BEGIN { printf "%.1f", b / 1e6 }')
+  for run in $(seq 1 "$runs"); do
+    echo "run $run/$runs, $variant at scale $double: imaged" >&2
+    fresh_imaged
+    drop_caches
+    t0=$EPOCHREALTIME
+    "$crictl" --image-endpoint "unix://$socket" pull "$image_ref" >/dev/null
+    double_seconds[$variant]+="$(elapsed "$t0") "
+    double_rss[$variant]+="$(peak_rss_mb "$imaged_pid") "
+    stop_imaged
+  done
+done <"$work/images-double.txt"
+
 # Results.
 mkdir -p "$out_dir"
 json=$out_dir/pull.json
@@ -267,8 +320,8 @@ json=$out_dir/pull.json
   printf '{\n  "scale": %s,\n  "runs": %s,\n  "containerd_version": "%s",\n' "$scale" "$runs" "$containerd_version"
   printf '  "variants": {\n'
 }>"$json"
-printf '\n%-6s %8s %8s %12s %8s %8s %8s %10s %10s %10s %9s %7s %9s\n' \
-  variant MB_tar MB_blob imaged_s cri_s ctr_s raw_s imaged/cri imaged/ctr imaged/raw rss_MB cpu_s warm_s
+printf '\n%-6s %8s %8s %12s %8s %8s %8s %10s %10s %10s %9s %7s %10s %10s\n' \
+  variant MB_tar MB_blob imaged_s cri_s ctr_s raw_s imaged/cri imaged/ctr imaged/raw rss_MB cpu_s x2_s x2_rss_MB
 first=1
 for variant in gzip zstd; do
   # shellcheck disable=SC2086 # the values are space-separated on purpose
@@ -280,28 +333,49 @@ for variant in gzip zstd; do
     rss_mb=$(median ${rss[$variant]})
     cpu_s=$(median ${cpu[$variant]})
     cri_rss_mb=$(median ${rss["cri $variant"]})
+    x2_s=$(median ${double_seconds[$variant]})
+    x2_rss_mb=$(median ${double_rss[$variant]})
   }
-  warm_s=${seconds["warm $variant"]}
-  printf '%-6s %8s %8s %12s %8s %8s %8s %10s %10s %10s %9s %7s %9s\n' "$variant" \
+  printf '%-6s %8s %8s %12s %8s %8s %8s %10s %10s %10s %9s %7s %10s %10s\n' "$variant" \
     "${uncompressed_mb[$variant]}" "${compressed_mb[$variant]}" "$imaged_s" "$cri_s" "$ctr_s" "$raw_s" \
     "$(ratio "$imaged_s" "$cri_s")" "$(ratio "$imaged_s" "$ctr_s")" "$(ratio "$imaged_s" "$raw_s")" \
-    "$rss_mb" "$cpu_s" "$warm_s"
+    "$rss_mb" "$cpu_s" "$x2_s" "$x2_rss_mb"
   [ $first = 1 ] || printf ',\n' >>"$json"
   first=0
-  printf '    "%s": {"image": "%s", "uncompressed_mb": %s, "compressed_mb": %s, "imaged_s": %s, "containerd_cri_s": %s, "ctr_s": %s, "raw_s": %s, "imaged_over_containerd_cri": %s, "imaged_over_ctr": %s, "imaged_over_raw": %s, "imaged_peak_rss_mb": %s, "imaged_cpu_s": %s, "containerd_cri_peak_rss_mb": %s, "imaged_warm_s": %s, "runs_s": {"imaged": [%s], "containerd_cri": [%s], "ctr": [%s], "raw": [%s]}}' \
+  printf '    "%s": {"image": "%s", "uncompressed_mb": %s, "compressed_mb": %s, "imaged_s": %s, "containerd_cri_s": %s, "ctr_s": %s, "raw_s": %s, "imaged_over_containerd_cri": %s, "imaged_over_ctr": %s, "imaged_over_raw": %s, "imaged_peak_rss_mb": %s, "imaged_cpu_s": %s, "containerd_cri_peak_rss_mb": %s, "double": {"uncompressed_mb": %s, "imaged_s": %s, "imaged_peak_rss_mb": %s}, "runs_s": {"imaged": [%s], "containerd_cri": [%s], "ctr": [%s], "raw": [%s]}}' \
     "$variant" "${ref[$variant]}" "${uncompressed_mb[$variant]}" "${compressed_mb[$variant]}" \
     "$imaged_s" "$cri_s" "$ctr_s" "$raw_s" \
     "$(ratio "$imaged_s" "$cri_s")" "$(ratio "$imaged_s" "$ctr_s")" "$(ratio "$imaged_s" "$raw_s")" \
-    "$rss_mb" "$cpu_s" "$cri_rss_mb" "$warm_s" \
+    "$rss_mb" "$cpu_s" "$cri_rss_mb" "${double_mb[$variant]}" "$x2_s" "$x2_rss_mb" \
     "$(echo ${seconds["imaged $variant"]} | tr ' ' ',')" "$(echo ${seconds["cri $variant"]} | tr ' ' ',')" \
     "$(echo ${seconds["ctr $variant"]} | tr ' ' ',')" "$(echo ${seconds["raw $variant"]} | tr ' ' ',')" >>"$json"
 done
+read -r warm_imaged_p50 warm_imaged_p99 <<<"$warm_imaged"
+read -r warm_containerd_p50 warm_containerd_p99 <<<"$warm_containerd"
+read -r list_imaged_p50 list_imaged_p99 <<<"$list_imaged"
+read -r list_containerd_p50 list_containerd_p99 <<<"$list_containerd"
 total_s=$(elapsed "$started")
-printf '\n  },\n  "concurrent_10": {"seconds": %s, "blob_gets": %s, "distinct_blobs": %s},\n  "total_s": %s\n}\n' \
-  "$concurrent_seconds" "$blob_gets" "$distinct_blobs" "$total_s" >>"$json"
+{
+  printf '\n  },\n  "concurrent_10": {"seconds": %s, "blob_gets": %s, "distinct_blobs": %s},\n' \
+    "$concurrent_seconds" "$blob_gets" "$distinct_blobs"
+  printf '  "imaged_idle_rss_mb": %s,\n' "$idle_rss_mb"
+  printf '  "warm_pull_ms": {"imaged": {"p50": %s, "p99": %s, "manifest_requests_per_pull": %s}, "containerd": {"p50": %s, "p99": %s, "manifest_requests_per_pull": %s}},\n' \
+    "$warm_imaged_p50" "$warm_imaged_p99" "$manifests_imaged" "$warm_containerd_p50" "$warm_containerd_p99" "$manifests_containerd"
+  printf '  "list_images_1000_ms": {"imaged": {"p50": %s, "p99": %s}, "containerd": {"p50": %s, "p99": %s}},\n' \
+    "$list_imaged_p50" "$list_imaged_p99" "$list_containerd_p50" "$list_containerd_p99"
+  printf '  "total_s": %s\n}\n' "$total_s"
+} >>"$json"
 
-printf '\ncontainerd %s (CRI peak RSS MB: gzip %s, zstd %s); warm_s is a repeated crictl pull (wall time, crictl start included)\n' \
+printf '\nx2_s, x2_rss_MB: imaged cold pull of the same image at scale %s (%s MB tar)\n' "$double" "${double_mb[gzip]}"
+printf 'containerd %s (CRI peak RSS MB: gzip %s, zstd %s)\n' \
   "$containerd_version" "$(median ${rss["cri gzip"]})" "$(median ${rss["cri zstd"]})"
 printf '10-way concurrent pull of bench/gzip: %ss, %s blob GETs for %s distinct blobs\n' \
   "$concurrent_seconds" "$blob_gets" "$distinct_blobs"
+printf 'imaged idle RSS: %s MB\n' "$idle_rss_mb"
+printf '\n%-34s %9s %9s %12s %12s %12s\n' "round trip, ms (one connection)" imaged_p50 imaged_p99 containerd_p50 containerd_p99 p99_ratio
+printf '%-34s %9s %9s %12s %12s %12s\n' "warm PullImage (1000 images)" "$warm_imaged_p50" "$warm_imaged_p99" \
+  "$warm_containerd_p50" "$warm_containerd_p99" "$(ratio "$warm_imaged_p99" "$warm_containerd_p99")"
+printf '%-34s %9s %9s %12s %12s %12s\n' "ListImages (1000 images)" "$list_imaged_p50" "$list_imaged_p99" \
+  "$list_containerd_p50" "$list_containerd_p99" "$(ratio "$list_imaged_p99" "$list_containerd_p99")"
+printf 'manifest requests per warm pull: imaged %s, containerd %s\n' "$manifests_imaged" "$manifests_containerd"
 printf 'whole benchmark: %ss; JSON in %s\n' "$total_s" "$json"
