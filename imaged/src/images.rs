@@ -5,7 +5,7 @@ use crate::digest::Digest;
 use crate::reference::Reference;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, RwLock};
 
 const IMAGES: TableDefinition<&str, &[u8]> = TableDefinition::new("images");
@@ -111,34 +111,56 @@ pub struct NamedImage {
 
 #[derive(Debug, Default)]
 struct State {
-    /// Sorted by id, the order ListImages answers in.
-    images: BTreeMap<Digest, Arc<ImageRecord>>,
+    /// Every image with its names, sorted by id (the order ListImages answers in). The
+    /// names are kept here rather than looked up per call, so listing does no lookups.
+    images: BTreeMap<Digest, Arc<NamedImage>>,
     names: BTreeMap<String, Digest>,
-    by_image: HashMap<Digest, BTreeSet<String>>,
 }
 
 impl State {
     fn set_name(&mut self, name: String, id: Digest) {
         if let Some(old) = self.names.insert(name.clone(), id.clone())
-            && let Some(set) = self.by_image.get_mut(&old)
+            && old != id
         {
-            set.remove(&name);
+            self.edit(&old, |named| {
+                named.tags.retain(|n| *n != name);
+                named.digests.retain(|n| *n != name);
+            });
         }
-        self.by_image.entry(id).or_default().insert(name);
+        self.edit(&id, |named| {
+            let list = match name.contains('@') {
+                true => &mut named.digests,
+                false => &mut named.tags,
+            };
+            if let Err(at) = list.binary_search(&name) {
+                list.insert(at, name);
+            }
+        });
     }
 
-    fn named(&self, record: &Arc<ImageRecord>) -> NamedImage {
-        let (digests, tags) = self
-            .by_image
-            .get(&record.id)
-            .into_iter()
-            .flatten()
-            .cloned()
-            .partition(|n| n.contains('@'));
-        NamedImage {
-            record: record.clone(),
-            tags,
-            digests,
+    /// Changes the names of image `id`, if it is stored.
+    fn edit(&mut self, id: &Digest, change: impl FnOnce(&mut NamedImage)) {
+        if let Some(named) = self.images.get_mut(id) {
+            change(Arc::make_mut(named));
+        }
+    }
+
+    /// Stores `record`, keeping the names an earlier record with the same id had.
+    fn insert(&mut self, record: ImageRecord) {
+        let id = record.id.clone();
+        let record = Arc::new(record);
+        match self.images.get_mut(&id) {
+            Some(named) => Arc::make_mut(named).record = record,
+            None => {
+                self.images.insert(
+                    id,
+                    Arc::new(NamedImage {
+                        record,
+                        tags: Vec::new(),
+                        digests: Vec::new(),
+                    }),
+                );
+            }
         }
     }
 }
@@ -171,7 +193,7 @@ impl ImageStore {
                     id: key.value().to_string(),
                     message: e.to_string(),
                 })?;
-            state.images.insert(record.id.clone(), Arc::new(record));
+            state.insert(record);
         }
         for row in read
             .open_table(NAMES)
@@ -215,9 +237,7 @@ impl ImageStore {
         }
         txn.commit().map_err(db_err)?;
         let mut state = self.state.write().expect("image state");
-        state
-            .images
-            .insert(record.id.clone(), Arc::new(record.clone()));
+        state.insert(record.clone());
         for name in names {
             state.set_name(name.clone(), record.id.clone());
         }
@@ -228,18 +248,21 @@ impl ImageStore {
     /// an image already present then writes nothing.
     fn holds(&self, record: &ImageRecord, names: &[String]) -> bool {
         let state = self.state.read().expect("image state");
-        state.images.get(&record.id).is_some_and(|r| **r == *record)
+        state
+            .images
+            .get(&record.id)
+            .is_some_and(|n| *n.record == *record)
             && names.iter().all(|n| state.names.get(n) == Some(&record.id))
     }
 
     /// Finds an image by name, digest reference, full ID or unique ID prefix.
-    pub fn lookup(&self, text: &str) -> Result<Option<NamedImage>, ImageStoreError> {
+    pub fn lookup(&self, text: &str) -> Result<Option<Arc<NamedImage>>, ImageStoreError> {
         let state = self.state.read().expect("image state");
         if let Ok(reference) = Reference::parse(text) {
             // A parsed reference prints as the name it is recorded under: `name:tag`, or
             // `name@digest` (a tag next to a digest is dropped by the parser).
             if let Some(id) = state.names.get(&reference.to_string()) {
-                return Ok(state.images.get(id).map(|r| state.named(r)));
+                return Ok(state.images.get(id).cloned());
             }
         }
         let prefix = text.strip_prefix("sha256:").unwrap_or(text);
@@ -250,18 +273,18 @@ impl ImageStore {
         let mut matches = state
             .images
             .values()
-            .filter(|r| r.id.hex().starts_with(&prefix));
+            .filter(|n| n.record.id.hex().starts_with(&prefix));
         match (matches.next(), matches.next()) {
-            (Some(record), None) => Ok(Some(state.named(record))),
+            (Some(named), None) => Ok(Some(named.clone())),
             (Some(_), Some(_)) => Err(ImageStoreError::Ambiguous(text.to_string())),
             (None, _) => Ok(None),
         }
     }
 
     /// Every image with its names.
-    pub fn list(&self) -> Vec<NamedImage> {
+    pub fn list(&self) -> Vec<Arc<NamedImage>> {
         let state = self.state.read().expect("image state");
-        state.images.values().map(|r| state.named(r)).collect()
+        state.images.values().cloned().collect()
     }
 
     /// Removes an image and every name pointing at it.
@@ -269,12 +292,10 @@ impl ImageStore {
         let names: Vec<String> = {
             let state = self.state.read().expect("image state");
             state
-                .by_image
+                .images
                 .get(id)
-                .into_iter()
-                .flatten()
-                .cloned()
-                .collect()
+                .map(|n| n.tags.iter().chain(&n.digests).cloned().collect())
+                .unwrap_or_default()
         };
         let txn = self.db.begin_write().map_err(db_err)?;
         {
@@ -291,7 +312,6 @@ impl ImageStore {
         for name in &names {
             state.names.remove(name);
         }
-        state.by_image.remove(id);
         Ok(())
     }
 
@@ -300,7 +320,7 @@ impl ImageStore {
         let state = self.state.read().expect("image state");
         let mut blobs = HashSet::new();
         let mut chains = HashSet::new();
-        for record in state.images.values() {
+        for record in state.images.values().map(|n| &n.record) {
             blobs.extend(record.blobs().cloned());
             chains.extend(record.layers.iter().map(|l| l.chain_id.clone()));
         }
