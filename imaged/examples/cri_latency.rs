@@ -84,7 +84,11 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn populate(client: &ImageServiceClient<Channel>, prefix: &str, count: u32) -> anyhow::Result<()> {
+async fn populate(
+    client: &ImageServiceClient<Channel>,
+    prefix: &str,
+    count: u32,
+) -> anyhow::Result<()> {
     futures_util::stream::iter(0..count)
         .map(|n| {
             let mut client = client.clone();

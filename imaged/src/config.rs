@@ -143,7 +143,10 @@ impl Config {
                 message: format!("{text:?} is not a duration like \"5m\" or \"30s\""),
             });
         }
-        if let Some(model) = raw.image_decryption.as_ref().and_then(|d| d.key_model.as_ref())
+        if let Some(model) = raw
+            .image_decryption
+            .as_ref()
+            .and_then(|d| d.key_model.as_ref())
             && !matches!(model.as_str(), "node" | "")
         {
             return Err(ConfigError::Invalid {
@@ -164,13 +167,11 @@ impl Config {
             }
         }
         let config = Self::resolve(raw);
-        config
-            .processors()
-            .map_err(|e| ConfigError::Invalid {
-                path: path.to_path_buf(),
-                key: "stream_processors",
-                message: e.to_string(),
-            })?;
+        config.processors().map_err(|e| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key: "stream_processors",
+            message: e.to_string(),
+        })?;
         Ok(config)
     }
 
@@ -198,9 +199,7 @@ impl Config {
                     .unwrap_or_else(|| "/etc/imaged/certs.d".into()),
             },
             image_decryption: DecryptionConfig {
-                key_model: decryption
-                    .key_model
-                    .unwrap_or_else(|| "node".into()),
+                key_model: decryption.key_model.unwrap_or_else(|| "node".into()),
                 keys_dir: decryption
                     .keys_dir
                     .unwrap_or_else(|| "/etc/imaged/ocicrypt/keys".into()),

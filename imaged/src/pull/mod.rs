@@ -378,7 +378,9 @@ impl Puller {
         let present: Vec<LayerRecord> = layers
             .iter()
             .enumerate()
-            .filter(|(i, l)| !missing.contains(i) && processors::ocicrypt::is_encrypted(&l.media_type))
+            .filter(|(i, l)| {
+                !missing.contains(i) && processors::ocicrypt::is_encrypted(&l.media_type)
+            })
             .map(|(_, l)| l.clone())
             .collect();
         if present.is_empty() {

@@ -207,13 +207,12 @@ fn decode(
     tx: SyncSender<io::Result<Vec<u8>>>,
     free: Receiver<Vec<u8>>,
 ) -> Result<(), PullError> {
-    let mut tar =
-        processors
-            .open(&layer.descriptor(), blob)
-            .map_err(|source| PullError::Processor {
-                digest: layer.digest.clone(),
-                source,
-            })?;
+    let mut tar = processors
+        .open(&layer.descriptor(), blob)
+        .map_err(|source| PullError::Processor {
+            digest: layer.digest.clone(),
+            source,
+        })?;
     // A closed channel either way means the applier stopped; its error says why.
     while let Ok(mut chunk) = free.recv() {
         chunk.resize(CHUNK, 0);
