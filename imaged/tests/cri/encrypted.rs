@@ -285,6 +285,14 @@ async fn expect_failure(
             pushed.image
         );
     }
+    let layers = pushed.manifest["layers"].as_array().unwrap();
+    for layer in layers {
+        let digest = layer["digest"].as_str().unwrap();
+        assert!(
+            message.matches(digest).count() <= 1,
+            "{digest} repeated in {message:?}"
+        );
+    }
     let documents = pushed.documents();
     let added: Vec<String> = imaged
         .store_files()
