@@ -309,21 +309,36 @@ async fn jwe_images_pull_with_rsa_and_ec_keys() {
     let lab = Lab::new();
     let keys = keys_dir(&lab, "keys");
     let imaged = start(&keys).await;
-    for (name, kind) in [
-        ("rsa", "rsa:2048"),
-        ("p256", "ec:P-256"),
-        ("p384", "ec:P-384"),
-    ] {
+    // P-256 goes in as a SEC1 `EC PRIVATE KEY`, the others as PKCS#8.
+    let cases = [
+        ("rsa", "rsa:2048", false),
+        ("p256", "ec:P-256", true),
+        ("p384", "ec:P-384", false),
+    ];
+    for (name, kind, sec1) in cases {
         let pair = lab.key_pair(name, kind);
         let spec = catalog::simple(&format!("encrypted for {kind}"));
         let repo = format!("enc/{name}");
         let pushed = lab.encrypt(&spec, &repo, &["--encryption-key", &jwe(&pair)]);
         assert_eq!(pushed.media_type(0), GZIP_ENCRYPTED, "{name}");
-        // Only this key is on the node: each algorithm has to work on its own.
+        // Only this key is on the node: each algorithm has to work on its own. Files that
+        // are no private key are skipped, not fatal.
         for old in fs::read_dir(&keys).unwrap() {
             fs::remove_file(old.unwrap().path()).unwrap();
         }
-        install(&keys, &pair.private, "key.pem");
+        let key = keys.join("key.pem");
+        if sec1 {
+            run(
+                "openssl",
+                &["ec", "-in", text(&pair.private), "-out", text(&key)],
+            );
+            assert!(fs::read_to_string(&key).unwrap().contains("EC PRIVATE KEY"));
+        } else {
+            fs::copy(&pair.private, &key).unwrap();
+        }
+        install(&keys, &pair.public, "key.pub.pem");
+        fs::write(keys.join("README"), "node keys\n").unwrap();
+        std::os::unix::fs::symlink(&pair.private, keys.join("link.pem")).unwrap();
         expect_pull(&imaged, &pushed, &spec).await;
     }
 }
@@ -406,7 +421,60 @@ async fn mixed_images_decrypt_only_the_encrypted_layer() {
     assert_eq!(imaged.status(&top.image).await, None);
     install(&keys, &pair.private, "key.pem");
     expect_pull(&imaged, &top, &spec).await;
+    // Both images unpack to the same layers: a daemon of its own decrypts base's layer.
+    let imaged = start(&keys).await;
     expect_pull(&imaged, &base, &spec).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_recipient_images_pull_with_either_key() {
+    let lab = Lab::new();
+    let first = lab.key_pair("first", "rsa:2048");
+    let second = lab.key_pair("second", "rsa:2048");
+    let p256 = lab.key_pair("p256", "ec:P-256");
+    let spec = catalog::simple("two recipients");
+    let (a, b, c) = (jwe(&first), jwe(&second), jwe(&p256));
+    let rsa_rsa = lab.encrypt(
+        &spec,
+        "enc/rsa-rsa",
+        &["--encryption-key", &a, "--encryption-key", &b],
+    );
+    let rsa_ec = lab.encrypt(
+        &spec,
+        "enc/rsa-ec",
+        &["--encryption-key", &a, "--encryption-key", &c],
+    );
+    // One daemon per key, so no pull finds the layer unpacked already.
+    let cases = [(&rsa_rsa, &second), (&rsa_ec, &p256), (&rsa_ec, &first)];
+    for (n, (pushed, pair)) in cases.into_iter().enumerate() {
+        let keys = keys_dir(&lab, &format!("keys-{n}"));
+        install(&keys, &pair.private, "only.pem");
+        let imaged = start(&keys).await;
+        expect_pull(&imaged, pushed, &spec).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_copy_on_the_node_does_not_unlock_an_encrypted_image() {
+    let lab = Lab::new();
+    let keys = keys_dir(&lab, "keys");
+    let pair = lab.key_pair("rsa", "rsa:2048");
+    let spec = catalog::simple("plain and encrypted");
+    let encrypted = lab.encrypt(&spec, "enc/locked", &["--encryption-key", &jwe(&pair)]);
+    let built = spec.build().unwrap();
+    lab.registry
+        .pusher()
+        .push_image("plain/open", &built, &["v1"])
+        .unwrap();
+    let plain = lab.fetch("plain/open", "v1");
+    let imaged = start(&keys).await;
+    expect_pull(&imaged, &plain, &spec).await;
+    // Same diff_ids, so the layers are unpacked already; the key is still required.
+    let digest = encrypted.layer_digest(0).to_string();
+    expect_failure(&imaged, &encrypted, &[Code::FailedPrecondition], &[&digest]).await;
+    assert_eq!(imaged.status(&encrypted.image).await, None);
+    install(&keys, &pair.private, "key.pem");
+    expect_pull(&imaged, &encrypted, &spec).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
