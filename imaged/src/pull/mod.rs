@@ -62,8 +62,8 @@ pub enum PullError {
         /// Digest of the uncompressed stream.
         actual: Digest,
     },
-    /// No processor turns the layer into tar.
-    #[error("layer {digest}: {source}")]
+    /// No processor turns the layer into tar, or the layer's key cannot be unwrapped.
+    #[error("{}", about_layer(digest, "", source))]
     Processor {
         /// Layer blob.
         digest: Digest,
@@ -72,7 +72,7 @@ pub enum PullError {
     },
     /// The processor chain failed while streaming (corrupt compression, a decryption or
     /// external processor failure).
-    #[error("layer {digest}: decoding failed: {source}")]
+    #[error("{}", about_layer(digest, "decoding failed: ", source))]
     Decode {
         /// Layer blob.
         digest: Digest,
@@ -106,6 +106,17 @@ pub enum PullError {
     /// Recording the image failed.
     #[error(transparent)]
     Images(#[from] crate::images::ImageStoreError),
+}
+
+/// `layer <digest>: <what><cause>`, or the cause alone when it names the layer already
+/// (the decryption errors do), so the digest is not repeated.
+fn about_layer(digest: &Digest, what: &str, cause: &dyn std::fmt::Display) -> String {
+    let cause = cause.to_string();
+    if cause.contains(digest.as_str()) {
+        cause
+    } else {
+        format!("layer {digest}: {what}{cause}")
+    }
 }
 
 /// Everything a pull needs; one per daemon.

@@ -2,6 +2,7 @@
 //! over the unix socket, and rootfs trees mounted from the overlay snapshots. Root only.
 
 mod auth;
+mod encrypted;
 mod errors;
 mod harness;
 mod mirrors;
