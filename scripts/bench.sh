@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Pull benchmark (`make bench`): cold pulls of a ~500 MB image (gzip and zstd variants) by
-# imaged, by containerd (CRI plugin through crictl, and `ctr images pull`), and the raw
-# limit (the same layer blobs decompressed and extracted from local disk, all layers in
-# parallel); then a 10-way concurrent pull, imaged's idle RSS, the round-trip times of a
-# warm PullImage and of ListImages over 1,000 stored images (imaged and containerd, over one
-# connection each), and imaged's cold pulls of an image twice the size (peak RSS must not
-# grow with it). Every cold run starts from an empty store with the page cache dropped; the
+# imaged and by containerd (CRI PullImage timed from request to answer by the same client,
+# imaged/examples/cri_latency.rs, and `ctr images pull`), and the raw limit (the same layer
+# blobs decompressed and extracted from local disk, all layers in parallel); then a 10-way
+# concurrent pull, imaged's idle RSS, the round-trip times of a warm PullImage and of
+# ListImages over 1,000 stored images (imaged and containerd, over one connection each), and
+# imaged's cold pulls of an image twice the size (peak RSS must not grow with it). Every cold run starts from an empty store with the page cache dropped; the
 # median of $BENCH_RUNS runs is reported. Prints a table and writes it as JSON to
 # target/bench/pull.json.
 #
@@ -191,9 +191,7 @@ for variant in gzip zstd; do
     fresh_imaged
     drop_caches
     cpu_before=$(cpu_seconds "$imaged_pid")
-    t0=$EPOCHREALTIME
-    "$crictl" --image-endpoint "unix://$socket" pull "$image" >/dev/null
-    record "imaged $variant" "$(elapsed "$t0")"
+    record "imaged $variant" "$("$latency" --socket "$socket" once "$image")"
     rss["$variant"]+="$(peak_rss_mb "$imaged_pid") "
     cpu["$variant"]+="$(awk -v a="$cpu_before" -v b="$(cpu_seconds "$imaged_pid")" 'BEGIN { printf "%.2f", b - a }') "
     stop_imaged
@@ -201,9 +199,7 @@ for variant in gzip zstd; do
     echo "run $run/$runs, $variant: containerd CRI" >&2
     start_containerd
     drop_caches
-    t0=$EPOCHREALTIME
-    "$crictl" --image-endpoint "unix://$ctrd_sock" pull "$image" >/dev/null
-    record "cri $variant" "$(elapsed "$t0")"
+    record "cri $variant" "$("$latency" --socket "$ctrd_sock" once "$image")"
     rss["cri $variant"]+="$(peak_rss_mb "$containerd_pid") "
     stop_containerd
 
@@ -305,9 +301,7 @@ while read -r _ image_ref _ _ uncompressed; do
     echo "run $run/$runs, $variant at scale $double: imaged" >&2
     fresh_imaged
     drop_caches
-    t0=$EPOCHREALTIME
-    "$crictl" --image-endpoint "unix://$socket" pull "$image_ref" >/dev/null
-    double_seconds[$variant]+="$(elapsed "$t0") "
+    double_seconds[$variant]+="$("$latency" --socket "$socket" once "$image_ref") "
     double_rss[$variant]+="$(peak_rss_mb "$imaged_pid") "
     stop_imaged
   done

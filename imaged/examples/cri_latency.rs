@@ -1,14 +1,17 @@
-//! Round-trip times of CRI image calls over one connection, for the pull benchmark: the
-//! PullImage of an image already present (a warm pull) and ListImages. Speaks plain CRI, so
-//! the same numbers can be taken from imaged and from containerd.
+//! Round-trip times of CRI image calls, for the pull benchmark: one PullImage (a cold pull,
+//! timed from the request to the answer, without a client process starting up), and over
+//! one connection the PullImage of an image already present (a warm pull) and ListImages.
+//! Speaks plain CRI, so the same numbers can be taken from imaged and from containerd.
 //!
 //! ```text
+//! cri_latency --socket S once IMAGE
 //! cri_latency --socket S populate --prefix REGISTRY/bench/many --count 1000
 //! cri_latency --socket S warm IMAGE --calls 100
 //! cri_latency --socket S list --calls 1000
 //! ```
 //!
-//! `warm` and `list` print `p50_ms P50 p99_ms P99 calls N` (and `images N` for list).
+//! `once` prints the seconds; `warm` and `list` print `p50_ms P50 p99_ms P99 calls N`
+//! (and `images N` for list).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -31,6 +34,8 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Pull IMAGE once and print how many seconds the call took.
+    Once { image: String },
     /// Pull PREFIX:0 .. PREFIX:<COUNT - 1>, eight at a time.
     Populate {
         #[arg(long)]
@@ -59,6 +64,12 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("connecting to {}", args.socket.display()))?;
     let mut client = ImageServiceClient::new(channel);
     match args.command {
+        Command::Once { image } => {
+            let start = Instant::now();
+            pull(&mut client, &image).await?;
+            println!("{:.3}", start.elapsed().as_secs_f64());
+            Ok(())
+        }
         Command::Populate { prefix, count } => populate(&client, &prefix, count).await,
         Command::Warm { image, calls } => {
             pull(&mut client, &image).await?;

@@ -332,25 +332,33 @@ impl Puller {
             }),
         );
         let downloads = Arc::new(Semaphore::new(self.max_concurrent_downloads));
-        let tasks: Vec<_> = missing
-            .iter()
-            .map(|&i| {
-                let this = self.clone();
-                let job = LayerJob {
-                    session: session.clone(),
-                    layer: layers[i].clone(),
-                    progress: progress.clone(),
-                };
-                let downloads = downloads.clone();
-                tokio::spawn(async move {
-                    let _permit = downloads.acquire_owned().await.expect("semaphore open");
-                    this.unpack_layer(job).await
-                })
-            })
-            .collect();
+        // Largest first: the biggest layer sets how long the pull takes, so it must not
+        // wait for a download slot behind small ones.
+        let mut order = missing.clone();
+        order.sort_by_key(|&i| std::cmp::Reverse(layers[i].size));
+        let mut tasks = Vec::with_capacity(order.len());
+        for i in order {
+            let permit = downloads
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("semaphore open");
+            let this = self.clone();
+            let job = LayerJob {
+                session: session.clone(),
+                layer: layers[i].clone(),
+                progress: progress.clone(),
+            };
+            let task = tokio::spawn(async move {
+                let _permit = permit;
+                this.unpack_layer(job).await
+            });
+            tasks.push((i, task));
+        }
+        tasks.sort_by_key(|(i, _)| *i);
         let mut keys = Vec::with_capacity(tasks.len());
         let mut failure = None;
-        for task in tasks {
+        for (_, task) in tasks {
             match task.await.expect("layer task") {
                 Ok(key) => keys.push(key),
                 Err(e) => failure = failure.or(Some(e)),
@@ -458,7 +466,15 @@ impl Puller {
                 key: key.clone(),
                 source,
             })?;
+        let started = std::time::Instant::now();
         let result = self.fill(&job, &key).await;
+        tracing::debug!(
+            digest = %job.layer.digest,
+            size = job.layer.size,
+            elapsed = ?started.elapsed(),
+            ok = result.is_ok(),
+            "layer unpacked"
+        );
         if result.is_err() {
             let snapshotter = self.snapshotter.clone();
             let remove_key = key.clone();
