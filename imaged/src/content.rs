@@ -210,6 +210,13 @@ impl Writer {
         Ok(())
     }
 
+    /// The data written so far, opened for reading from the start.
+    pub fn reopen(&mut self) -> Result<File, ContentError> {
+        self.file.flush().map_err(io_err(&self.dir))?;
+        let data = self.dir.join("data");
+        File::open(&data).map_err(io_err(&data))
+    }
+
     /// Checks size and digest, syncs, and renames the blob into the store.
     pub fn commit(mut self) -> Result<(), ContentError> {
         self.check()?;

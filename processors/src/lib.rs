@@ -244,6 +244,29 @@ impl Chain {
         }
     }
 
+    /// Reads an encrypted blob through decryption alone and reports an integrity failure (or
+    /// a key that cannot be unwrapped). A later stage may fail on tampered plaintext before
+    /// the check at the end of the blob ran; this tells tampering from a bad blob. Blobs
+    /// that are not encrypted, or that an external processor decrypts, pass.
+    pub fn verify_ciphertext(&self, layer: &Layer<'_>, blob: Stream<'_>) -> Result<(), Error> {
+        let Decryption::Node(keys) = &self.decryption else {
+            return Ok(());
+        };
+        if !ocicrypt::is_encrypted(layer.media_type)
+            || self.external_for(layer.media_type).is_some()
+        {
+            return Ok(());
+        }
+        let mut plain = ocicrypt::decrypt(keys, layer, blob)?;
+        match io::copy(&mut plain, &mut io::sink()) {
+            Ok(_) => Ok(()),
+            Err(e) => match e.into_inner().map(|inner| inner.downcast::<Error>()) {
+                Some(Ok(error)) => Err(*error),
+                _ => Ok(()),
+            },
+        }
+    }
+
     fn external_for(&self, media_type: &str) -> Option<&ExternalProcessor> {
         self.external
             .iter()

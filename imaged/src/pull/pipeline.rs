@@ -18,7 +18,7 @@ use bytes::{Bytes, BytesMut};
 use sha2::{Digest as _, Sha256};
 use snapshotters::Snapshotter;
 use std::fs::File;
-use std::io::{self, Read};
+use std::io::{self, Read, Seek};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread;
 use tokio::sync::mpsc;
@@ -102,6 +102,10 @@ pub(super) fn apply_blob(
     layer: &LayerRecord,
     source: Source,
 ) -> Result<(), PullError> {
+    let replay = match &source {
+        Source::Local(file) => file.try_clone().ok(),
+        Source::Remote { .. } => None,
+    };
     thread::scope(|scope| {
         let (blob, ingest) = match source {
             Source::Remote { rx, writer } => {
@@ -131,18 +135,22 @@ pub(super) fn apply_blob(
             ChunkReader::new(tar_rx, Some(free_tx)),
         );
         let decoded = decode.join().expect("decode thread");
-        let writer = ingest
+        let mut writer = ingest
             .map(|ingest| ingest.join().expect("ingest thread"))
             .transpose()?;
         // A lying blob explains any later failure, and a failed decoder the applier's.
-        decoded?;
-        let actual = applied?;
-        if actual != layer.diff_id {
-            return Err(PullError::DiffId {
+        let checked = decoded.and_then(|()| applied).and_then(|actual| {
+            if actual == layer.diff_id {
+                return Ok(());
+            }
+            Err(PullError::DiffId {
                 digest: layer.digest.clone(),
                 expected: layer.diff_id.clone(),
                 actual,
-            });
+            })
+        });
+        if let Err(error) = checked {
+            return Err(tampering(processors, layer, writer.as_mut(), replay).unwrap_or(error));
         }
         match writer {
             Some(writer) => writer.commit().map_err(|source| PullError::Blob {
@@ -151,6 +159,34 @@ pub(super) fn apply_blob(
             }),
             None => Ok(()),
         }
+    })
+}
+
+/// The integrity failure of an encrypted blob, if it has one. Decryption checks the blob's
+/// HMAC only at its end, while the stages after it (gunzip, the tar reader) may already have
+/// failed on the altered plaintext: the HMAC says what really happened.
+fn tampering(
+    processors: &processors::Chain,
+    layer: &LayerRecord,
+    writer: Option<&mut Writer>,
+    local: Option<File>,
+) -> Option<PullError> {
+    if !processors::ocicrypt::is_encrypted(&layer.media_type) {
+        return None;
+    }
+    let mut blob = match (writer, local) {
+        (Some(writer), _) => writer.reopen().ok()?,
+        (None, Some(file)) => file,
+        (None, None) => return None,
+    };
+    blob.seek(io::SeekFrom::Start(0)).ok()?;
+    let blob = Box::new(io::BufReader::with_capacity(CHUNK, blob));
+    let source = processors
+        .verify_ciphertext(&layer.descriptor(), blob)
+        .err()?;
+    Some(PullError::Processor {
+        digest: layer.digest.clone(),
+        source,
     })
 }
 
