@@ -139,7 +139,7 @@ pub(super) fn apply_blob(
             .map(|ingest| ingest.join().expect("ingest thread"))
             .transpose()?;
         // A lying blob explains any later failure, and a failed decoder the applier's.
-        let checked = decoded.and_then(|()| applied).and_then(|actual| {
+        let checked = decoded.and(applied).and_then(|actual| {
             if actual == layer.diff_id {
                 return Ok(());
             }
