@@ -86,6 +86,7 @@ impl Daemon {
         let snapshotter: Arc<dyn Snapshotter> =
             Arc::new(Overlay::open(root.join("snapshots/overlayfs"), db)?);
         drop_unfinished_extractions(snapshotter.as_ref())?;
+        warn_overlapping_processors(config);
         let puller = Arc::new(Puller {
             content,
             images,
@@ -180,4 +181,23 @@ fn bind(path: &Path) -> Result<UnixListener, StartError> {
     let listener = UnixListener::bind(path).map_err(io)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(io)?;
     Ok(listener)
+}
+
+/// Two processors accepting one media type: the first name in sort order wins, as
+/// `processors::Chain` picks; say so, since containerd leaves the choice to chance.
+fn warn_overlapping_processors(config: &Config) {
+    let mut first = std::collections::BTreeMap::new();
+    for (name, processor) in &config.stream_processors {
+        for media_type in &processor.accepts {
+            let used = *first.entry(media_type.as_str()).or_insert(name.as_str());
+            if used != name {
+                tracing::warn!(
+                    media_type,
+                    used,
+                    ignored = %name,
+                    "two stream processors accept one media type"
+                );
+            }
+        }
+    }
 }
