@@ -11,14 +11,16 @@ use crate::reference::Reference;
 use crate::registry::auth::Credentials;
 use proto::cri;
 use snapshotters::{Mount, Snapshotter};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 
 /// imaged's image service.
 pub struct ImageService {
     puller: Arc<Puller>,
-    pinned: HashSet<String>,
+    /// Few names, looked up in each image's sorted name lists (ListImages asks for every
+    /// image, and a few comparisons beat hashing each of its names).
+    pinned: Vec<String>,
     root: PathBuf,
 }
 
@@ -203,11 +205,9 @@ impl ImageService {
 
     fn to_cri(&self, named: &NamedImage) -> cri::Image {
         let record = &named.record;
-        let pinned = named
-            .tags
-            .iter()
-            .chain(&named.digests)
-            .any(|n| self.pinned.contains(n));
+        let pinned = self.pinned.iter().any(|name| {
+            named.tags.binary_search(name).is_ok() || named.digests.binary_search(name).is_ok()
+        });
         cri::Image {
             id: record.id.to_string(),
             repo_tags: named.tags.clone(),
