@@ -7,6 +7,7 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use fixtures::keys::{KeyPair, certificate, export, key_pair};
 use processors::{Chain, Decryption, Error, Keyring, Layer};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -27,87 +28,8 @@ fn sha256(data: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(data)))
 }
 
-/// Key files of one key pair, in several encodings.
-struct KeyPair {
-    /// PKCS#8 PEM private key.
-    private: PathBuf,
-    public: PathBuf,
-}
-
 fn path(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-/// `kind` is `rsa:BITS` or `ec:CURVE`.
-fn key_pair(dir: &Path, name: &str, kind: &str) -> KeyPair {
-    let private = dir.join(format!("{name}.pem"));
-    let public = dir.join(format!("{name}.pub.pem"));
-    let option = match kind.split_once(':').unwrap() {
-        ("rsa", bits) => format!("rsa_keygen_bits:{bits}"),
-        (_, curve) => format!("ec_paramgen_curve:{curve}"),
-    };
-    let algorithm = if kind.starts_with("rsa") { "RSA" } else { "EC" };
-    run(
-        "openssl",
-        &[
-            "genpkey",
-            "-algorithm",
-            algorithm,
-            "-pkeyopt",
-            &option,
-            "-out",
-            path(&private),
-        ],
-    );
-    run(
-        "openssl",
-        &[
-            "pkey",
-            "-in",
-            path(&private),
-            "-pubout",
-            "-out",
-            path(&public),
-        ],
-    );
-    KeyPair { private, public }
-}
-
-/// Writes the private key of `pair` in the form `form` to `to`.
-fn export(pair: &KeyPair, form: &str, to: &Path) {
-    let input = path(&pair.private);
-    match form {
-        "pkcs8" => drop(fs::copy(&pair.private, to).unwrap()),
-        "pkcs1" => run(
-            "openssl",
-            &["rsa", "-in", input, "-traditional", "-out", path(to)],
-        ),
-        "sec1" => run("openssl", &["ec", "-in", input, "-out", path(to)]),
-        "der" => run(
-            "openssl",
-            &["pkey", "-in", input, "-outform", "DER", "-out", path(to)],
-        ),
-        other => panic!("unknown key form {other}"),
-    }
-}
-
-fn certificate(pair: &KeyPair, to: &Path) {
-    run(
-        "openssl",
-        &[
-            "req",
-            "-x509",
-            "-new",
-            "-key",
-            path(&pair.private),
-            "-subj",
-            "/CN=imaged-test",
-            "-days",
-            "2",
-            "-out",
-            path(to),
-        ],
-    );
 }
 
 fn tar_layer(files: &[(&str, &[u8])]) -> Vec<u8> {
@@ -299,7 +221,7 @@ fn assert_decrypts(keys: &Keyring, blobs: &[Blob]) {
 fn keyring_with(fixture: &Fixture, name: &str, files: &[(&KeyPair, &str, &str)]) -> Keyring {
     let dir = fixture.keys_dir(name);
     for (pair, form, file) in files {
-        export(pair, form, &dir.join(file));
+        export(pair, form, &dir.join(file)).unwrap();
     }
     Keyring::new(dir)
 }
@@ -307,7 +229,7 @@ fn keyring_with(fixture: &Fixture, name: &str, files: &[(&KeyPair, &str, &str)])
 #[test]
 fn jwe_rsa_layers_decrypt_with_every_key_encoding() {
     let fx = Fixture::new();
-    let rsa = key_pair(fx.dir.path(), "rsa", "rsa:2048");
+    let rsa = key_pair(fx.dir.path(), "rsa", "rsa:2048").unwrap();
     let blobs = fx.encrypt(
         "enc",
         &["--encryption-key", &format!("jwe:{}", path(&rsa.public))],
@@ -331,7 +253,7 @@ fn jwe_rsa_layers_decrypt_with_every_key_encoding() {
 #[test]
 fn jwe_rsa_4096_layers_decrypt() {
     let fx = Fixture::new();
-    let rsa = key_pair(fx.dir.path(), "rsa", "rsa:4096");
+    let rsa = key_pair(fx.dir.path(), "rsa", "rsa:4096").unwrap();
     let blobs = fx.encrypt(
         "enc",
         &["--encryption-key", &format!("jwe:{}", path(&rsa.public))],
@@ -346,7 +268,7 @@ fn jwe_rsa_4096_layers_decrypt() {
 fn jwe_ec_layers_decrypt_on_p256_and_p384() {
     let fx = Fixture::new();
     for (curve, forms) in [("P-256", ["sec1", "pkcs8"]), ("P-384", ["der", "sec1"])] {
-        let ec = key_pair(fx.dir.path(), curve, &format!("ec:{curve}"));
+        let ec = key_pair(fx.dir.path(), curve, &format!("ec:{curve}")).unwrap();
         let name = format!("enc-{curve}");
         let blobs = fx.encrypt(
             &name,
@@ -362,9 +284,9 @@ fn jwe_ec_layers_decrypt_on_p256_and_p384() {
 #[test]
 fn two_recipients_decrypt_with_either_key_alone() {
     let fx = Fixture::new();
-    let a = key_pair(fx.dir.path(), "a", "rsa:2048");
-    let b = key_pair(fx.dir.path(), "b", "rsa:2048");
-    let c = key_pair(fx.dir.path(), "c", "ec:P-384");
+    let a = key_pair(fx.dir.path(), "a", "rsa:2048").unwrap();
+    let b = key_pair(fx.dir.path(), "b", "rsa:2048").unwrap();
+    let c = key_pair(fx.dir.path(), "c", "ec:P-384").unwrap();
     let blobs = fx.encrypt(
         "enc",
         &[
@@ -388,9 +310,9 @@ fn two_recipients_decrypt_with_either_key_alone() {
 #[test]
 fn pkcs7_layers_need_the_key_and_its_certificate() {
     let fx = Fixture::new();
-    let rsa = key_pair(fx.dir.path(), "rsa", "rsa:2048");
+    let rsa = key_pair(fx.dir.path(), "rsa", "rsa:2048").unwrap();
     let cert = fx.path("cert.pem");
-    certificate(&rsa, &cert);
+    certificate(&rsa, &cert).unwrap();
     let blobs = fx.encrypt(
         "enc",
         &["--encryption-key", &format!("pkcs7:{}", path(&cert))],
@@ -424,9 +346,9 @@ fn pkcs7_layers_need_the_key_and_its_certificate() {
 #[test]
 fn wrong_key_names_what_the_layer_was_wrapped_for() {
     let fx = Fixture::new();
-    let rsa = key_pair(fx.dir.path(), "rsa", "rsa:2048");
-    let ec = key_pair(fx.dir.path(), "ec", "ec:P-256");
-    let other = key_pair(fx.dir.path(), "other", "rsa:2048");
+    let rsa = key_pair(fx.dir.path(), "rsa", "rsa:2048").unwrap();
+    let ec = key_pair(fx.dir.path(), "ec", "ec:P-256").unwrap();
+    let other = key_pair(fx.dir.path(), "other", "rsa:2048").unwrap();
     let blobs = fx.encrypt(
         "enc",
         &[
@@ -453,7 +375,11 @@ fn wrong_key_names_what_the_layer_was_wrapped_for() {
     let ec_only = keyring_with(
         &fx,
         "keys-ec",
-        &[(&key_pair(fx.dir.path(), "e2", "ec:P-384"), "pkcs8", "k")],
+        &[(
+            &key_pair(fx.dir.path(), "e2", "ec:P-384").unwrap(),
+            "pkcs8",
+            "k",
+        )],
     );
     let err = open(&ec_only, &blobs[0], blobs[0].data.clone()).unwrap_err();
     assert!(err.to_string().contains("the node has EC P-384"), "{err}");
@@ -462,7 +388,7 @@ fn wrong_key_names_what_the_layer_was_wrapped_for() {
 #[test]
 fn no_key_at_all_is_reported_with_the_directory() {
     let fx = Fixture::new();
-    let rsa = key_pair(fx.dir.path(), "rsa", "rsa:2048");
+    let rsa = key_pair(fx.dir.path(), "rsa", "rsa:2048").unwrap();
     let blobs = fx.encrypt(
         "enc",
         &["--encryption-key", &format!("jwe:{}", path(&rsa.public))],
@@ -487,7 +413,7 @@ fn no_key_at_all_is_reported_with_the_directory() {
 #[test]
 fn keys_added_later_are_picked_up() {
     let fx = Fixture::new();
-    let rsa = key_pair(fx.dir.path(), "rsa", "rsa:2048");
+    let rsa = key_pair(fx.dir.path(), "rsa", "rsa:2048").unwrap();
     let blobs = fx.encrypt(
         "enc",
         &["--encryption-key", &format!("jwe:{}", path(&rsa.public))],
@@ -498,7 +424,7 @@ fn keys_added_later_are_picked_up() {
         open(&keys, &blobs[0], blobs[0].data.clone()),
         Err(Error::NoKey { .. })
     ));
-    export(&rsa, "der", &dir.join("sub-key.der"));
+    export(&rsa, "der", &dir.join("sub-key.der")).unwrap();
     assert_decrypts(&keys, &blobs);
     fs::remove_file(dir.join("sub-key.der")).unwrap();
     assert!(matches!(
@@ -510,7 +436,7 @@ fn keys_added_later_are_picked_up() {
 #[test]
 fn unusable_files_do_not_disable_the_good_key() {
     let fx = Fixture::new();
-    let rsa = key_pair(fx.dir.path(), "rsa", "rsa:2048");
+    let rsa = key_pair(fx.dir.path(), "rsa", "rsa:2048").unwrap();
     let blobs = fx.encrypt(
         "enc",
         &["--encryption-key", &format!("jwe:{}", path(&rsa.public))],
@@ -533,14 +459,14 @@ fn unusable_files_do_not_disable_the_good_key() {
         ],
     );
     fs::create_dir(dir.join("nested")).unwrap();
-    export(&rsa, "pkcs1", &dir.join("nested/key.pem"));
+    export(&rsa, "pkcs1", &dir.join("nested/key.pem")).unwrap();
     assert_decrypts(&Keyring::new(&dir), &blobs);
 }
 
 #[test]
 fn flipped_and_truncated_ciphertext_fail_the_integrity_check() {
     let fx = Fixture::new();
-    let rsa = key_pair(fx.dir.path(), "rsa", "rsa:2048");
+    let rsa = key_pair(fx.dir.path(), "rsa", "rsa:2048").unwrap();
     fx.encrypt(
         "enc",
         &["--encryption-key", &format!("jwe:{}", path(&rsa.public))],
@@ -578,7 +504,7 @@ fn flipped_and_truncated_ciphertext_fail_the_integrity_check() {
 #[test]
 fn garbage_key_annotations_are_refused_without_panicking() {
     let fx = Fixture::new();
-    let rsa = key_pair(fx.dir.path(), "rsa", "rsa:2048");
+    let rsa = key_pair(fx.dir.path(), "rsa", "rsa:2048").unwrap();
     let blobs = fx.encrypt(
         "enc",
         &["--encryption-key", &format!("jwe:{}", path(&rsa.public))],
@@ -607,7 +533,7 @@ fn garbage_key_annotations_are_refused_without_panicking() {
 #[test]
 fn mixed_images_keep_plain_layers_readable() {
     let fx = Fixture::new();
-    let rsa = key_pair(fx.dir.path(), "rsa", "rsa:2048");
+    let rsa = key_pair(fx.dir.path(), "rsa", "rsa:2048").unwrap();
     let blobs = fx.encrypt(
         "enc",
         &[

@@ -5,6 +5,7 @@
 use crate::harness::{Imaged, assert_tree, registry};
 use fixtures::catalog;
 use fixtures::image::{Blob, Compression, Entry, ImageSpec, Layer, OCI_MANIFEST};
+use fixtures::keys::{self, KeyPair};
 use fixtures::registry::Registry;
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
@@ -40,12 +41,6 @@ fn text(path: &Path) -> &str {
 
 fn sha256(data: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(data)))
-}
-
-struct KeyPair {
-    /// PKCS#8 PEM.
-    private: PathBuf,
-    public: PathBuf,
 }
 
 /// An image as the registry holds it.
@@ -112,56 +107,12 @@ impl Lab {
 
     /// `kind` is `rsa:BITS` or `ec:CURVE`.
     fn key_pair(&self, name: &str, kind: &str) -> KeyPair {
-        let private = self.path(&format!("{name}.pem"));
-        let public = self.path(&format!("{name}.pub.pem"));
-        let (algorithm, option) = match kind.split_once(':').unwrap() {
-            ("rsa", bits) => ("RSA", format!("rsa_keygen_bits:{bits}")),
-            (_, curve) => ("EC", format!("ec_paramgen_curve:{curve}")),
-        };
-        run(
-            "openssl",
-            &[
-                "genpkey",
-                "-algorithm",
-                algorithm,
-                "-pkeyopt",
-                &option,
-                "-out",
-                text(&private),
-            ],
-        );
-        run(
-            "openssl",
-            &[
-                "pkey",
-                "-in",
-                text(&private),
-                "-pubout",
-                "-out",
-                text(&public),
-            ],
-        );
-        KeyPair { private, public }
+        keys::key_pair(self.dir.path(), name, kind).unwrap()
     }
 
     fn certificate(&self, pair: &KeyPair) -> PathBuf {
         let cert = pair.private.with_extension("crt");
-        run(
-            "openssl",
-            &[
-                "req",
-                "-x509",
-                "-new",
-                "-key",
-                text(&pair.private),
-                "-subj",
-                "/CN=imaged-test",
-                "-days",
-                "2",
-                "-out",
-                text(&cert),
-            ],
-        );
+        keys::certificate(pair, &cert).unwrap();
         cert
     }
 
@@ -328,10 +279,7 @@ async fn jwe_images_pull_with_rsa_and_ec_keys() {
         }
         let key = keys.join("key.pem");
         if sec1 {
-            run(
-                "openssl",
-                &["ec", "-in", text(&pair.private), "-out", text(&key)],
-            );
+            keys::export(&pair, "sec1", &key).unwrap();
             assert!(fs::read_to_string(&key).unwrap().contains("EC PRIVATE KEY"));
         } else {
             fs::copy(&pair.private, &key).unwrap();
