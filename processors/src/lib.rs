@@ -328,14 +328,23 @@ mod tests {
         data
     }
 
+    /// A layer descriptor without annotations.
+    fn layer<'a>(
+        media_type: &'a str,
+        digest: &'a str,
+        none: &'a BTreeMap<String, String>,
+    ) -> Layer<'a> {
+        Layer {
+            media_type,
+            digest,
+            size: 0,
+            annotations: none,
+        }
+    }
+
     fn read_all(chain: &Chain, media_type: &str, blob: Vec<u8>) -> Vec<u8> {
         let annotations = BTreeMap::new();
-        let layer = Layer {
-            media_type,
-            digest: "sha256:00",
-            size: blob.len() as u64,
-            annotations: &annotations,
-        };
+        let layer = layer(media_type, "sha256:00", &annotations);
         let mut out = Vec::new();
         chain
             .open(&layer, Box::new(io::Cursor::new(blob)))
@@ -382,12 +391,7 @@ mod tests {
     #[test]
     fn unknown_media_type_is_refused_by_name() {
         let annotations = BTreeMap::new();
-        let layer = Layer {
-            media_type: "application/x-rar",
-            digest: "sha256:00",
-            size: 0,
-            annotations: &annotations,
-        };
+        let layer = layer("application/x-rar", "sha256:00", &annotations);
         let err = Chain::builtin()
             .open(&layer, Box::new(io::empty()))
             .err()
@@ -400,12 +404,11 @@ mod tests {
     #[test]
     fn encrypted_layers_fail_clearly_when_decryption_is_disabled() {
         let annotations = BTreeMap::new();
-        let layer = Layer {
-            media_type: "application/vnd.oci.image.layer.v1.tar+gzip+encrypted",
-            digest: "sha256:ab",
-            size: 0,
-            annotations: &annotations,
-        };
+        let layer = layer(
+            "application/vnd.oci.image.layer.v1.tar+gzip+encrypted",
+            "sha256:ab",
+            &annotations,
+        );
         let err = Chain::builtin()
             .open(&layer, Box::new(io::empty()))
             .err()

@@ -5,24 +5,12 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use fixtures::keys::{KeyPair, certificate, export, key_pair};
+use fixtures::tool::run_args;
 use processors::{Chain, Decryption, Error, Keyring, Layer};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-
-fn run(program: &str, args: &[&str]) {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program} (is it installed?): {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 fn sha256(data: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(data)))
@@ -166,7 +154,7 @@ impl Fixture {
         let mut all = vec!["--insecure-policy", "copy"];
         all.extend_from_slice(args);
         all.extend_from_slice(&[&src, &dst]);
-        run("skopeo", &all);
+        run_args("skopeo", &all).unwrap();
         layers(&self.path(name))
     }
 }
@@ -445,7 +433,7 @@ fn unusable_files_do_not_disable_the_good_key() {
     fs::write(dir.join("README"), "keys for the node\n").unwrap();
     fs::copy(&rsa.public, dir.join("public.pem")).unwrap();
     std::os::unix::fs::symlink(&rsa.private, dir.join("link.pem")).unwrap();
-    run(
+    run_args(
         "openssl",
         &[
             "pkey",
@@ -457,7 +445,8 @@ fn unusable_files_do_not_disable_the_good_key() {
             "-out",
             path(&dir.join("protected.pem")),
         ],
-    );
+    )
+    .unwrap();
     fs::create_dir(dir.join("nested")).unwrap();
     export(&rsa, "pkcs1", &dir.join("nested/key.pem")).unwrap();
     assert_decrypts(&Keyring::new(&dir), &blobs);

@@ -7,13 +7,13 @@ use fixtures::catalog;
 use fixtures::image::{Blob, Compression, Entry, ImageSpec, Layer, OCI_MANIFEST};
 use fixtures::keys::{self, KeyPair};
 use fixtures::registry::Registry;
+use fixtures::tool::run_args;
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use tonic::Code;
 
 const GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
@@ -22,18 +22,6 @@ const ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
 const ZSTD_ENCRYPTED: &str = "application/vnd.oci.image.layer.v1.tar+zstd+encrypted";
 const TAR: &str = "application/vnd.oci.image.layer.v1.tar";
 const JWE_KEYS: &str = "org.opencontainers.image.enc.keys.jwe";
-
-fn run(program: &str, args: &[&str]) {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program} (is it installed?): {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 fn text(path: &Path) -> &str {
     path.to_str().unwrap()
@@ -129,7 +117,7 @@ impl Lab {
         let mut all = vec!["--insecure-policy", "copy", "--dest-tls-verify=false"];
         all.extend_from_slice(args);
         all.extend_from_slice(&[&source, &destination]);
-        run("skopeo", &all);
+        run_args("skopeo", &all).unwrap();
         self.fetch(repo, "v1")
     }
 
