@@ -13,7 +13,12 @@
 //! - Metadata goes on in the order create, lchown, xattrs, chmod, times (chown clears
 //!   setuid, setgid and `security.capability`); directory times are set after the whole
 //!   layer, so children added later do not change them.
+//! - Every change to the tree happens on the calling thread in archive order; small regular
+//!   files are created there and then written and given their metadata on a second thread
+//!   ([`files`]), through their descriptors. Most entries are new, so each is created
+//!   first and whatever is in the way is removed only when the creation reports it.
 
+mod files;
 mod resolve;
 mod stream;
 
@@ -21,6 +26,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
+use std::sync::mpsc::{channel, sync_channel};
 
 use rustix::fs::{
     AtFlags, FileType, Gid, Mode, OFlags, Stat, Timespec, Timestamps, Uid, XattrFlags,
@@ -29,6 +35,7 @@ use rustix::io::Errno;
 
 use crate::fsutil;
 use crate::{ApplyStats, Error, LayerError};
+use files::{Handoff, Job};
 use resolve::{Missing, open_dir};
 use stream::{Entry, TarStream, Time};
 
@@ -64,26 +71,31 @@ pub(crate) fn apply_layer(
         Mode::empty(),
     )
     .map_err(|e| Error::io("open layer directory", root)(e.into()))?;
-    let mut layer = Layer {
-        root: root_fd,
-        limits: *limits,
-        stats: ApplyStats::default(),
-        dir_times: Vec::new(),
-        buffer: vec![0; COPY_BUFFER],
-    };
-    let mut stream = TarStream::new(tar);
-    while let Some(entry) = stream.next_entry()? {
-        layer
-            .apply(&entry, &mut stream)
-            .map_err(|reason| Error::Layer {
-                path: String::from_utf8_lossy(&entry.path).into_owned(),
-                reason,
-            })?;
-    }
-    layer.set_dir_times()?;
-    stream.drain()?;
-    let dirs = layer.dir_times.into_iter().map(|(path, _)| path).collect();
-    Ok((layer.stats, dirs))
+    std::thread::scope(|scope| {
+        let (jobs, queue) = sync_channel(files::QUEUE);
+        let (done, answers) = channel();
+        scope.spawn(move || files::work(queue, done));
+        let mut layer = Layer {
+            root: root_fd,
+            limits: *limits,
+            stats: ApplyStats::default(),
+            dir_times: Vec::new(),
+            buffer: vec![0; COPY_BUFFER],
+            parent: None,
+            removed: false,
+            files: Handoff::new(jobs, answers),
+        };
+        let mut stream = TarStream::new(tar);
+        let applied = layer.apply_all(&mut stream);
+        // Every handed-over file is finished (or has failed) before the layer counts as
+        // applied, and before directory times are set.
+        layer.files.wait();
+        applied.and(layer.files.check())?;
+        layer.set_dir_times()?;
+        stream.drain()?;
+        let dirs = layer.dir_times.into_iter().map(|(path, _)| path).collect();
+        Ok((layer.stats, dirs))
+    })
 }
 
 /// State of one layer application.
@@ -94,6 +106,14 @@ struct Layer {
     /// Cleaned directory paths and their times, in archive order.
     dir_times: Vec<(Vec<u8>, Timestamps)>,
     buffer: Vec<u8>,
+    /// The previous entry's parent directory (cleaned path and descriptor), reused while
+    /// entries share it: archives list a directory's files together.
+    parent: Option<(Vec<u8>, OwnedFd)>,
+    /// Set when the current entry removed something; a removal may replace a directory on
+    /// the cached parent's path, so the cache is dropped.
+    removed: bool,
+    /// Small regular files are finished by a second thread.
+    files: Handoff,
 }
 
 /// The file types a layer may contain.
@@ -132,6 +152,17 @@ enum Existing {
 }
 
 impl Layer {
+    fn apply_all(&mut self, stream: &mut TarStream<'_>) -> Result<(), Error> {
+        while let Some(entry) = stream.next_entry()? {
+            self.apply(&entry, stream).map_err(|reason| Error::Layer {
+                path: String::from_utf8_lossy(&entry.path).into_owned(),
+                reason,
+            })?;
+            self.files.check()?;
+        }
+        Ok(())
+    }
+
     fn apply(&mut self, entry: &Entry, stream: &mut TarStream<'_>) -> Result<(), LayerError> {
         let kind = entry_kind(entry)?;
         self.count(entry, kind)?;
@@ -148,14 +179,62 @@ impl Layer {
             Name::AufsMeta => return Ok(()),
             Name::Plain => {}
         }
-        let dir = open_dir(&self.root, parent, Missing::Create)
-            .map_err(io_error("open parent directory"))?;
-        match kind {
+        let (parent, dir) = self.parent_dir(parent)?;
+        self.removed = false;
+        let applied = match kind {
             EntryKind::Directory => self.directory(&dir, base, entry, &path),
             EntryKind::Regular => self.regular(&dir, base, entry, stream),
             EntryKind::Symlink => self.symlink(&dir, base, entry),
             EntryKind::Hardlink => self.hardlink(&dir, base, entry),
             EntryKind::Node(file_type) => self.node(&dir, base, entry, file_type),
+        };
+        if !self.removed {
+            self.parent = Some((parent, dir));
+        }
+        applied
+    }
+
+    /// Opens (or takes from the cache) the directory at the cleaned path `parent`.
+    fn parent_dir(&mut self, parent: &[u8]) -> Result<(Vec<u8>, OwnedFd), LayerError> {
+        match self.parent.take() {
+            Some((cached, dir)) if cached == parent => Ok((cached, dir)),
+            _ => {
+                let dir = open_dir(&self.root, parent, Missing::Create)
+                    .map_err(io_error("open parent directory"))?;
+                Ok((parent.to_vec(), dir))
+            }
+        }
+    }
+
+    /// Makes room for a new entry at `base`; see [`clear`].
+    fn clear(
+        &mut self,
+        dir: &OwnedFd,
+        base: &[u8],
+        keep_dir: bool,
+    ) -> Result<Existing, LayerError> {
+        let existing = clear(dir, base, keep_dir)?;
+        if matches!(existing, Existing::Whiteout | Existing::Other) {
+            self.removed = true;
+        }
+        Ok(existing)
+    }
+
+    /// Creates `base` with `create`; if an entry is in the way, removes it and creates again.
+    /// Most entries are new, so trying first saves a lookup per entry.
+    fn create<T>(
+        &mut self,
+        dir: &OwnedFd,
+        base: &[u8],
+        op: &'static str,
+        create: impl Fn() -> rustix::io::Result<T>,
+    ) -> Result<T, LayerError> {
+        match create() {
+            Err(Errno::EXIST) => {
+                self.clear(dir, base, false)?;
+                create().map_err(io_error(op))
+            }
+            created => created.map_err(io_error(op)),
         }
     }
 
@@ -229,11 +308,18 @@ impl Layer {
         entry: &Entry,
         path: &[u8],
     ) -> Result<(), LayerError> {
-        let existing = clear(dir, base, true)?;
-        if existing != Existing::Directory {
-            rustix::fs::mkdirat(dir, base, Mode::from_raw_mode(0o700))
-                .map_err(io_error("create directory"))?;
-        }
+        let mkdir = || rustix::fs::mkdirat(dir, base, Mode::from_raw_mode(0o700));
+        let existing = match mkdir() {
+            Ok(()) => Existing::Nothing,
+            Err(Errno::EXIST) => {
+                let existing = self.clear(dir, base, true)?;
+                if existing != Existing::Directory {
+                    mkdir().map_err(io_error("create directory"))?;
+                }
+                existing
+            }
+            Err(e) => return Err(io_error("create directory")(e)),
+        };
         if existing == Existing::Whiteout {
             // The whiteout hid a lower entry; the new directory must keep hiding its content.
             set_xattr_at(dir, base, OPAQUE_XATTR, b"y")
@@ -251,15 +337,31 @@ impl Layer {
         entry: &Entry,
         stream: &mut TarStream<'_>,
     ) -> Result<(), LayerError> {
-        clear(dir, base, false)?;
-        let fd = rustix::fs::openat(
-            dir,
-            base,
-            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::from_raw_mode(0o600),
-        )
-        .map_err(io_error("create file"))?;
+        let fd = self.create(dir, base, "create file", || {
+            rustix::fs::openat(
+                dir,
+                base,
+                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o600),
+            )
+        })?;
         let mut file = File::from(fd);
+        if let Some(size) = usize::try_from(entry.size)
+            .ok()
+            .filter(|size| *size <= files::MAX_FILE)
+        {
+            let mut data = self.files.buffer(size);
+            let mut filled = 0;
+            while filled < data.len() {
+                filled += stream.read_data(&mut data[filled..])?;
+            }
+            self.files.send(Job {
+                file,
+                data,
+                entry: entry.clone(),
+            });
+            return Ok(());
+        }
         loop {
             let n = stream.read_data(&mut self.buffer)?;
             if n == 0 {
@@ -268,20 +370,18 @@ impl Layer {
             file.write_all(&self.buffer[..n])
                 .map_err(io_error("write file"))?;
         }
-        drop(file);
-        set_metadata(dir, base, entry, EntryKind::Regular)?;
-        set_times(dir, base, entry)
+        set_file_metadata(&file, entry)
     }
 
-    fn symlink(&self, dir: &OwnedFd, base: &[u8], entry: &Entry) -> Result<(), LayerError> {
-        clear(dir, base, false)?;
-        rustix::fs::symlinkat(entry.link.as_slice(), dir, base)
-            .map_err(io_error("create symlink"))?;
+    fn symlink(&mut self, dir: &OwnedFd, base: &[u8], entry: &Entry) -> Result<(), LayerError> {
+        self.create(dir, base, "create symlink", || {
+            rustix::fs::symlinkat(entry.link.as_slice(), dir, base)
+        })?;
         set_metadata(dir, base, entry, EntryKind::Symlink)?;
         set_times(dir, base, entry)
     }
 
-    fn hardlink(&self, dir: &OwnedFd, base: &[u8], entry: &Entry) -> Result<(), LayerError> {
+    fn hardlink(&mut self, dir: &OwnedFd, base: &[u8], entry: &Entry) -> Result<(), LayerError> {
         let target = clean(&entry.link);
         if target.is_empty() {
             return Err(io_error("hard link to the root directory")(Errno::PERM));
@@ -289,10 +389,12 @@ impl Layer {
         let (target_parent, target_base) = split_last(&target);
         let target_dir = open_dir(&self.root, target_parent, Missing::Fail)
             .map_err(io_error("open hard link target directory"))?;
-        clear(dir, base, false)?;
+        // The target's own header may still be on its way onto the inode.
+        self.files.wait();
         // Flags 0: a final symlink is linked itself, never followed.
-        rustix::fs::linkat(&target_dir, target_base, dir, base, AtFlags::empty())
-            .map_err(io_error("hard link"))?;
+        self.create(dir, base, "hard link", || {
+            rustix::fs::linkat(&target_dir, target_base, dir, base, AtFlags::empty())
+        })?;
         let stat = rustix::fs::statat(dir, base, AtFlags::SYMLINK_NOFOLLOW)
             .map_err(io_error("inspect hard link"))?;
         let kind = match FileType::from_raw_mode(stat.st_mode) {
@@ -304,22 +406,22 @@ impl Layer {
     }
 
     fn node(
-        &self,
+        &mut self,
         dir: &OwnedFd,
         base: &[u8],
         entry: &Entry,
         file_type: FileType,
     ) -> Result<(), LayerError> {
-        clear(dir, base, false)?;
         let (major, minor) = entry.device;
-        rustix::fs::mknodat(
-            dir,
-            base,
-            file_type,
-            Mode::from_raw_mode(entry.mode),
-            rustix::fs::makedev(major, minor),
-        )
-        .map_err(io_error("create device or fifo"))?;
+        self.create(dir, base, "create device or fifo", || {
+            rustix::fs::mknodat(
+                dir,
+                base,
+                file_type,
+                Mode::from_raw_mode(entry.mode),
+                rustix::fs::makedev(major, minor),
+            )
+        })?;
         set_metadata(dir, base, entry, EntryKind::Node(file_type))?;
         set_times(dir, base, entry)
     }
@@ -447,13 +549,30 @@ fn set_metadata(
 ) -> Result<(), LayerError> {
     chown_at(dir, base, entry).map_err(io_error("change owner"))?;
     for (name, value) in &entry.xattrs {
-        set_entry_xattr(dir, base, name, value, kind)?;
+        set_entry_xattr(name, kind, || set_xattr_at(dir, base, name, value))?;
     }
     if kind != EntryKind::Symlink {
         rustix::fs::chmodat(dir, base, Mode::from_raw_mode(entry.mode), AtFlags::empty())
             .map_err(io_error("change mode"))?;
     }
     Ok(())
+}
+
+/// [`set_metadata`] and the times of a regular file, through its open descriptor.
+fn set_file_metadata(file: &File, entry: &Entry) -> Result<(), LayerError> {
+    rustix::fs::fchown(
+        file,
+        Some(Uid::from_raw(entry.uid)),
+        Some(Gid::from_raw(entry.gid)),
+    )
+    .map_err(io_error("change owner"))?;
+    for (name, value) in &entry.xattrs {
+        set_entry_xattr(name, EntryKind::Regular, || {
+            rustix::fs::fsetxattr(file, name, value, XattrFlags::empty())
+        })?;
+    }
+    rustix::fs::fchmod(file, Mode::from_raw_mode(entry.mode)).map_err(io_error("change mode"))?;
+    rustix::fs::futimens(file, &timestamps(entry)).map_err(io_error("set times"))
 }
 
 fn chown_at(dir: &OwnedFd, base: &[u8], entry: &Entry) -> rustix::io::Result<()> {
@@ -469,18 +588,16 @@ fn chown_at(dir: &OwnedFd, base: &[u8], entry: &Entry) -> rustix::io::Result<()>
 /// `trusted.*` is refused, which also blocks forged `trusted.overlay.*` markers. Filesystems
 /// without xattrs, and `user.*` on what cannot carry it, are tolerated as containerd does.
 fn set_entry_xattr(
-    dir: &OwnedFd,
-    base: &[u8],
     name: &[u8],
-    value: &[u8],
     kind: EntryKind,
+    set: impl FnOnce() -> rustix::io::Result<()>,
 ) -> Result<(), LayerError> {
     let shown = String::from_utf8_lossy(name);
     if name.starts_with(b"trusted.") {
         tracing::warn!(xattr = %shown, "ignoring trusted.* xattr in layer");
         return Ok(());
     }
-    match set_xattr_at(dir, base, name, value) {
+    match set() {
         Ok(()) => Ok(()),
         Err(Errno::OPNOTSUPP) => {
             tracing::debug!(xattr = %shown, "xattrs not supported here; skipped");

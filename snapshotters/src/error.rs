@@ -53,7 +53,8 @@ pub enum Error {
         /// What failed in the store.
         source: MetadataError,
     },
-    /// A layer could not be applied; nothing after the failing entry was applied.
+    /// A layer could not be applied; the snapshot holds a partial layer (small files are
+    /// finished on a second thread, so entries shortly after the failing one may be there).
     #[error("layer entry {path:?}: {reason}")]
     Layer {
         /// The entry's path as written in the archive, or the header's byte offset when the

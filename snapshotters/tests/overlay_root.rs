@@ -295,6 +295,7 @@ conformance!(
         item28_forged_overlay_xattrs,
         item29_symlink_loop,
         item30_header_bombs,
+        item31_many_small_files_in_archive_order,
         rebase_commit_of_independently_applied_layers,
     ]
 );
@@ -1048,6 +1049,73 @@ mod conformance {
             env.apply_err(&dangling),
             LayerError::DanglingExtension(_)
         ));
+    }
+
+    /// Small files are finished off the applier's thread; the tree must still be exactly
+    /// what applying the entries one after the other gives.
+    pub fn item31_many_small_files_in_archive_order(new: Constructor) {
+        let env = Env::new(new);
+        let mut tar = Tar::new().dir("many/", 0o755);
+        for n in 0..300u32 {
+            let mut header = Tar::header(EntryType::Regular, &format!("many/{n}"), 0o600 + n % 64);
+            header.set_uid(u64::from(n));
+            header.set_gid(u64::from(n + 1));
+            header.set_mtime(MTIME + u64::from(n));
+            tar = tar.entry(header, n.to_string().repeat(n as usize).as_bytes());
+        }
+        let big = vec![7u8; 1 << 20];
+        // The link follows its target at once, while the target is still queued.
+        let mut link = Tar::with_link(Tar::header(EntryType::Link, "many/link", 0o640), "target");
+        link.set_uid(42);
+        link.set_mtime(1234);
+        let layer = tar
+            .file("big", &big, 0o644)
+            .file("twice", b"first", 0o600)
+            .file("twice", b"second", 0o644)
+            .file("gone", b"file", 0o644)
+            .dir("gone/", 0o750)
+            .file("gone/inner", b"inner", 0o644)
+            .file("target", b"linked", 0o600)
+            .entry(link, b"")
+            .build();
+        let applied = env.applied(&layer);
+        for n in 0..300u32 {
+            let path = format!("many/{n}");
+            assert_eq!(applied.read(&path), n.to_string().repeat(n as usize), "{path}");
+            let meta = applied.meta(&path);
+            assert_eq!(
+                (meta.mode() & 0o7777, meta.uid(), meta.gid(), meta.mtime()),
+                (0o600 + n % 64, n, n + 1, (MTIME + u64::from(n)) as i64),
+                "{path}"
+            );
+        }
+        let linked = applied.meta("target");
+        assert_eq!(linked.ino(), applied.meta("many/link").ino());
+        assert_eq!(
+            (linked.mode() & 0o7777, linked.uid(), linked.mtime()),
+            (0o640, 42, 1234)
+        );
+        assert_eq!(fs::read(applied.path("big")).unwrap(), big);
+        assert_eq!(applied.read("twice"), "second");
+        assert_eq!(applied.meta("twice").mode() & 0o7777, 0o644);
+        assert_eq!(applied.list("gone"), ["inner"]);
+
+        // A failure on the other thread names its file and fails the layer.
+        let bad = Tar::new()
+            .file("fine", b"ok", 0o644)
+            .pax(&[("SCHILY.xattr.security.capability", b"bad")])
+            .file("bad-capability", b"x", 0o755)
+            .file("after", b"ok", 0o644)
+            .build();
+        env.sn.prepare("bad", None, BTreeMap::new()).unwrap();
+        match env.apply("bad", &bad).unwrap_err() {
+            Error::Layer {
+                path,
+                reason: LayerError::Io { op: "set xattr", .. },
+            } => assert_eq!(path, "bad-capability"),
+            other => panic!("expected the xattr failure, got {other}"),
+        }
+        env.sn.remove("bad").unwrap();
     }
 
     pub fn rebase_commit_of_independently_applied_layers(new: Constructor) {

@@ -26,7 +26,7 @@ pub(crate) struct Time {
 }
 
 /// One entry's header with its PAX and GNU extensions already merged in.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Entry {
     pub(crate) typeflag: u8,
     pub(crate) path: Vec<u8>,
