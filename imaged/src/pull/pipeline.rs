@@ -3,8 +3,9 @@
 //!
 //! - ingest: writes the compressed blob into the content store while hashing it, and
 //!   forwards each chunk;
-//! - decode: runs the processor chain (decrypt, decompress) into plain tar chunks;
-//! - apply (the calling thread): hashes the tar stream (the diff_id) and writes the files.
+//! - decode: runs the processor chain (decrypt, decompress) into plain tar chunks, hashing
+//!   them (the diff_id);
+//! - apply (the calling thread): writes the files.
 //!
 //! Chunks travel through bounded channels of fixed-size chunks, so the memory a layer takes
 //! does not depend on its size, and the slowest stage sets the pace for the others.
@@ -134,21 +135,25 @@ pub(super) fn apply_blob(
             layer,
             ChunkReader::new(tar_rx, Some(free_tx)),
         );
+        // The applier reads the tar stream to its end unless it fails, so on success the
+        // decoder has hashed all of it.
         let decoded = decode.join().expect("decode thread");
         let mut writer = ingest
             .map(|ingest| ingest.join().expect("ingest thread"))
             .transpose()?;
         // A lying blob explains any later failure, and a failed decoder the applier's.
-        let checked = decoded.and(applied).and_then(|actual| {
-            if actual == layer.diff_id {
-                return Ok(());
-            }
-            Err(PullError::DiffId {
-                digest: layer.digest.clone(),
-                expected: layer.diff_id.clone(),
-                actual,
-            })
-        });
+        let checked = decoded
+            .and_then(|actual| applied.map(|()| actual))
+            .and_then(|actual| {
+                if actual == layer.diff_id {
+                    return Ok(());
+                }
+                Err(PullError::DiffId {
+                    digest: layer.digest.clone(),
+                    expected: layer.diff_id.clone(),
+                    actual,
+                })
+            });
         if let Err(error) = checked {
             return Err(tampering(processors, layer, writer.as_mut(), replay).unwrap_or(error));
         }
@@ -235,29 +240,33 @@ fn ingest(
     Ok(writer)
 }
 
-/// Runs the processor chain over the blob and sends the plain tar stream on in chunks.
+/// Runs the processor chain over the blob and sends the plain tar stream on in chunks;
+/// returns the digest of what it sent. Hashing here rather than in the applier splits the
+/// work of a layer more evenly between the two threads.
 fn decode(
     processors: &processors::Chain,
     layer: &LayerRecord,
     blob: processors::Stream<'_>,
     tx: SyncSender<io::Result<Vec<u8>>>,
     free: Receiver<Vec<u8>>,
-) -> Result<(), PullError> {
+) -> Result<Digest, PullError> {
     let mut tar = processors
         .open(&layer.descriptor(), blob)
         .map_err(|source| PullError::Processor {
             digest: layer.digest.clone(),
             source,
         })?;
+    let mut hasher = Sha256::new();
     // A closed channel either way means the applier stopped; its error says why.
     while let Ok(mut chunk) = free.recv() {
         chunk.resize(CHUNK, 0);
         match read_full(&mut tar, &mut chunk) {
-            Ok(0) => return Ok(()),
+            Ok(0) => break,
             Ok(n) => {
                 chunk.truncate(n);
+                hasher.update(&chunk);
                 if tx.send(Ok(chunk)).is_err() {
-                    return Ok(());
+                    break;
                 }
             }
             Err(source) => {
@@ -269,7 +278,7 @@ fn decode(
             }
         }
     }
-    Ok(())
+    Ok(Digest::from_hasher(hasher))
 }
 
 /// Reads until `buf` is full or the stream ends; returns the bytes read.
@@ -286,24 +295,20 @@ fn read_full(reader: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
     Ok(filled)
 }
 
-/// Applies the tar stream while hashing it; returns its digest, the diff_id.
+/// Applies the tar stream, reading it to its end.
 fn apply_tar(
     snapshotter: &dyn Snapshotter,
     key: &str,
     layer: &LayerRecord,
-    tar: ChunkReader<Vec<u8>>,
-) -> Result<Digest, PullError> {
-    let mut hashing = HashingReader {
-        inner: tar,
-        hasher: Sha256::new(),
-    };
+    mut tar: ChunkReader<Vec<u8>>,
+) -> Result<(), PullError> {
     snapshotter
-        .apply(key, &mut hashing)
+        .apply(key, &mut tar)
+        .map(drop)
         .map_err(|source| PullError::Apply {
             digest: layer.digest.clone(),
             source,
-        })?;
-    Ok(Digest::from_hasher(hashing.hasher))
+        })
 }
 
 /// The receiving end of a chunk channel as a `Read`; a closed channel is the end of the
@@ -353,20 +358,6 @@ impl<T: AsRef<[u8]>> Read for ChunkReader<T> {
         let n = buf.len().min(rest.len());
         buf[..n].copy_from_slice(&rest[..n]);
         self.position += n;
-        Ok(n)
-    }
-}
-
-/// Hashes every byte read through it.
-struct HashingReader<R> {
-    inner: R,
-    hasher: Sha256,
-}
-
-impl<R: Read> Read for HashingReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
         Ok(n)
     }
 }
