@@ -23,12 +23,14 @@ critest: deps build
 demo: deps
 	$(CARGO) build --release -p imaged -p fixtures --bins
 	$(CARGO) build --release -p imaged --example cri_latency
+	$(CARGO) build --release -p snapshotters --example apply_bench
 	./scripts/demo.sh
 
 # Cold-pull benchmark against containerd and the raw limit (needs root); see scripts/bench.sh.
 bench: deps
 	$(CARGO) build --release -p imaged -p fixtures --bins
 	$(CARGO) build --release -p imaged --example cri_latency
+	$(CARGO) build --release -p snapshotters --example apply_bench
 	./scripts/bench.sh
 
 fmt:

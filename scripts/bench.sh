@@ -5,9 +5,17 @@
 # blobs decompressed and extracted from local disk, all layers in parallel); then a 10-way
 # concurrent pull, imaged's idle RSS, the round-trip times of a warm PullImage and of
 # ListImages over 1,000 stored images (imaged and containerd, over one connection each), and
-# imaged's cold pulls of an image twice the size (peak RSS must not grow with it). Every cold run starts from an empty store with the page cache dropped; the
-# median of $BENCH_RUNS runs is reported. Prints a table and writes it as JSON to
-# target/bench/pull.json.
+# imaged's cold pulls of an image twice the size (peak RSS must not grow with it), and layer
+# application alone (snapshotters/examples/apply_bench.rs: the same tars applied by the
+# overlay snapshotter and by `tar -x`, all layers at once). Every cold run starts from an
+# empty store with the page cache dropped; the median of $BENCH_RUNS runs is reported.
+# Prints a table and writes it as JSON to target/bench/pull.json.
+#
+# Every store, registry and extraction lives on a fresh journaled ext4 filesystem in a loop
+# file (as /var/lib sits on a journaled filesystem on a node): ext4 without a journal, which
+# some VM images use for /, scans for recently freed inodes on every file it creates within
+# a minute of a mass deletion, so each contender would pay for the previous one's cleanup.
+# BENCH_LOOPFS=0 runs on the filesystem of /tmp instead.
 #
 # Needs root. Environment: BENCH_RUNS (default 3), BENCH_SCALE (image size factor,
 # default 1 = about 500 MB uncompressed; the larger image is twice that).
@@ -24,6 +32,7 @@ scale=${BENCH_SCALE:-1}
 export BIN_DIR=target/release
 crictl=target/tools/crictl
 latency=target/release/examples/cri_latency
+apply_bench=target/release/examples/apply_bench
 out_dir=target/bench
 image_dir=$out_dir/image
 started=$EPOCHREALTIME
@@ -41,13 +50,33 @@ fi
 source scripts/lib.sh
 
 containerd_pid=
-# Unmounts whatever a daemon left mounted under $work, then lib.sh's cleanup.
+loop_device=
+loop_image=
+# Unmounts whatever a daemon left mounted under $work and the loop filesystem, then
+# lib.sh's cleanup.
 bench_cleanup() {
   if [ -n "$containerd_pid" ]; then kill "$containerd_pid" 2>/dev/null || true; fi
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
   { grep -o " $work/[^ ]*" /proc/mounts || true; } | sort -r | while read -r mount; do umount -l "$mount" || true; done
+  if [ -n "$loop_device" ]; then
+    umount "$work" || umount -l "$work" || true
+    losetup -d "$loop_device" || true
+  fi
+  if [ -n "$loop_image" ]; then rm -f "$loop_image"; fi
   cleanup
 }
 trap bench_cleanup EXIT
+
+filesystem="$(df --output=fstype /tmp | tail -n 1) of /tmp"
+if [ "${BENCH_LOOPFS:-1}" != 0 ]; then
+  loop_image=$(mktemp /var/tmp/imaged-bench.XXXXXX.img)
+  truncate -s 16G "$loop_image"
+  mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 "$loop_image"
+  loop_device=$(losetup -f --show --direct-io=on "$loop_image")
+  mount "$loop_device" "$work"
+  filesystem="fresh journaled ext4 in a loop file"
+fi
 
 # elapsed SINCE: seconds from SINCE ($EPOCHREALTIME) to now.
 elapsed() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.3f", b - a }'; }
@@ -307,11 +336,23 @@ while read -r _ image_ref _ _ uncompressed; do
   done
 done <"$work/images-double.txt"
 
+# Layer application alone: the gzip variant's tars, decompressed beforehand onto tmpfs (which
+# dropping the page cache leaves alone), applied all at once by each side.
+echo "layer application alone: snapshotter and tar -x" >&2
+tars=$(mktemp -d /dev/shm/imaged-bench-tars.XXXXXX)
+blobs=("$image_dir/blobs/gzip"/*)
+for n in "${!blobs[@]}"; do libdeflate-gunzip -c "${blobs[$n]}" >"$tars/$n.tar"; done
+mkdir -p "$work/apply"
+apply_line=$("$apply_bench" --parallel --runs "$runs" --dir "$work/apply" "$tars"/*.tar | tail -n 1)
+rm -rf "$tars"
+read -r apply_s apply_tar_s apply_ratio < <(sed -E 's/^median: snapshotter ([0-9.]+) s, tar -x ([0-9.]+) s, ratio ([0-9.]+)$/\1 \2 \3/' <<<"$apply_line")
+
 # Results.
 mkdir -p "$out_dir"
 json=$out_dir/pull.json
 {
-  printf '{\n  "scale": %s,\n  "runs": %s,\n  "containerd_version": "%s",\n' "$scale" "$runs" "$containerd_version"
+  printf '{\n  "scale": %s,\n  "runs": %s,\n  "containerd_version": "%s",\n  "filesystem": "%s",\n' \
+    "$scale" "$runs" "$containerd_version" "$filesystem"
   printf '  "variants": {\n'
 }>"$json"
 printf '\n%-6s %8s %8s %12s %8s %8s %8s %10s %10s %10s %9s %7s %10s %10s\n' \
@@ -353,6 +394,8 @@ total_s=$(elapsed "$started")
   printf '\n  },\n  "concurrent_10": {"seconds": %s, "blob_gets": %s, "distinct_blobs": %s},\n' \
     "$concurrent_seconds" "$blob_gets" "$distinct_blobs"
   printf '  "imaged_idle_rss_mb": %s,\n' "$idle_rss_mb"
+  printf '  "apply_only_gzip_layers": {"snapshotter_s": %s, "tar_x_s": %s, "ratio": %s},\n' \
+    "$apply_s" "$apply_tar_s" "$apply_ratio"
   printf '  "warm_pull_ms": {"imaged": {"p50": %s, "p99": %s, "manifest_requests_per_pull": %s}, "containerd": {"p50": %s, "p99": %s, "manifest_requests_per_pull": %s}},\n' \
     "$warm_imaged_p50" "$warm_imaged_p99" "$manifests_imaged" "$warm_containerd_p50" "$warm_containerd_p99" "$manifests_containerd"
   printf '  "list_images_1000_ms": {"imaged": {"p50": %s, "p99": %s}, "containerd": {"p50": %s, "p99": %s}},\n' \
@@ -366,6 +409,9 @@ printf 'containerd %s (CRI peak RSS MB: gzip %s, zstd %s)\n' \
 printf '10-way concurrent pull of bench/gzip: %ss, %s blob GETs for %s distinct blobs\n' \
   "$concurrent_seconds" "$blob_gets" "$distinct_blobs"
 printf 'imaged idle RSS: %s MB\n' "$idle_rss_mb"
+printf 'layer application alone (all gzip layers at once): snapshotter %ss, tar -x %ss, ratio %s\n' \
+  "$apply_s" "$apply_tar_s" "$apply_ratio"
+printf 'filesystem: %s\n' "$filesystem"
 printf '\n%-34s %9s %9s %12s %12s %12s\n' "round trip, ms (one connection)" imaged_p50 imaged_p99 containerd_p50 containerd_p99 p99_ratio
 printf '%-34s %9s %9s %12s %12s %12s\n' "warm PullImage (1000 images)" "$warm_imaged_p50" "$warm_imaged_p99" \
   "$warm_containerd_p50" "$warm_containerd_p99" "$(ratio "$warm_imaged_p99" "$warm_containerd_p99")"
