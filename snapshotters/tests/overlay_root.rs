@@ -1081,7 +1081,11 @@ mod conformance {
         let applied = env.applied(&layer);
         for n in 0..300u32 {
             let path = format!("many/{n}");
-            assert_eq!(applied.read(&path), n.to_string().repeat(n as usize), "{path}");
+            assert_eq!(
+                applied.read(&path),
+                n.to_string().repeat(n as usize),
+                "{path}"
+            );
             let meta = applied.meta(&path);
             assert_eq!(
                 (meta.mode() & 0o7777, meta.uid(), meta.gid(), meta.mtime()),
@@ -1111,7 +1115,9 @@ mod conformance {
         match env.apply("bad", &bad).unwrap_err() {
             Error::Layer {
                 path,
-                reason: LayerError::Io { op: "set xattr", .. },
+                reason: LayerError::Io {
+                    op: "set xattr", ..
+                },
             } => assert_eq!(path, "bad-capability"),
             other => panic!("expected the xattr failure, got {other}"),
         }

@@ -29,7 +29,7 @@ use tokio::sync::mpsc;
 const CHUNK: usize = 256 * 1024;
 
 /// Chunks each channel holds before its sender waits.
-const QUEUE: usize = 4;
+const QUEUE: usize = 2;
 
 /// Where a layer blob comes from. One lives per layer being unpacked, so the size of the
 /// variants does not matter.
