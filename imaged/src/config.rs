@@ -46,6 +46,7 @@ struct RawConfig {
     address: Option<PathBuf>,
     max_concurrent_downloads: Option<usize>,
     image_pull_progress_timeout: Option<String>,
+    image_pull_with_sync_fs: Option<bool>,
     pinned_images: Option<Vec<String>>,
     registry: Option<RawRegistry>,
     image_decryption: Option<RawDecryption>,
@@ -79,6 +80,9 @@ pub struct Config {
     /// A registry connection that delivers no byte for this long is abandoned (the next
     /// host is tried); a Go duration, `"0"` turns it off.
     pub image_pull_progress_timeout: String,
+    /// Each unpacked layer's filesystem is synced (one syncfs) before the layer is committed,
+    /// as containerd's setting of the same name; off by default, as there.
+    pub image_pull_with_sync_fs: bool,
     /// Images reported as pinned (kubelet's image GC leaves them alone).
     pub pinned_images: Vec<String>,
     /// Registry settings.
@@ -189,6 +193,7 @@ impl Config {
             image_pull_progress_timeout: raw
                 .image_pull_progress_timeout
                 .unwrap_or_else(|| "5m".into()),
+            image_pull_with_sync_fs: raw.image_pull_with_sync_fs.unwrap_or(false),
             pinned_images: raw
                 .pinned_images
                 .unwrap_or_else(|| vec!["registry.k8s.io/pause:3.10".into()]),
@@ -250,7 +255,19 @@ mod tests {
         assert_eq!(loaded.root, Path::new("/var/lib/imaged"));
         assert_eq!(loaded.address, Path::new("/run/imaged/imaged.sock"));
         assert_eq!(loaded.max_concurrent_downloads, 3);
+        assert!(!loaded.image_pull_with_sync_fs);
         assert_eq!(loaded.registry.config_path, "/etc/imaged/certs.d");
+    }
+
+    #[test]
+    fn sync_fs_is_a_boolean() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "image_pull_with_sync_fs = true\n").unwrap();
+        assert!(Config::load(Some(&file)).unwrap().image_pull_with_sync_fs);
+        std::fs::write(&file, "image_pull_with_sync_fs = \"yes\"\n").unwrap();
+        let err = Config::load(Some(&file)).unwrap_err().to_string();
+        assert!(err.contains("image_pull_with_sync_fs"), "{err}");
     }
 
     #[test]

@@ -83,8 +83,10 @@ impl Daemon {
         let db = Arc::new(db);
         let content = Arc::new(ContentStore::open(root)?);
         let images = Arc::new(ImageStore::open(db.clone())?);
-        let snapshotter: Arc<dyn Snapshotter> =
-            Arc::new(Overlay::open(root.join("snapshots/overlayfs"), db)?);
+        let snapshotter: Arc<dyn Snapshotter> = Arc::new(
+            Overlay::open(root.join("snapshots/overlayfs"), db)?
+                .with_sync_fs(config.image_pull_with_sync_fs),
+        );
         drop_unfinished_extractions(snapshotter.as_ref())?;
         warn_overlapping_processors(config);
         let puller = Arc::new(Puller {

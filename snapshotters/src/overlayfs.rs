@@ -34,6 +34,7 @@ pub struct Overlay {
     store: MetaStore,
     index_off: bool,
     limits: ApplyLimits,
+    sync_fs: bool,
 }
 
 impl Overlay {
@@ -54,12 +55,20 @@ impl Overlay {
             store,
             index_off: Path::new(INDEX_PARAMETER).exists(),
             limits: ApplyLimits::default(),
+            sync_fs: false,
         })
     }
 
     /// Caps what one [`Snapshotter::apply`] may write.
     pub fn with_limits(mut self, limits: ApplyLimits) -> Self {
         self.limits = limits;
+        self
+    }
+
+    /// After each [`Snapshotter::apply`], syncs the filesystem holding the snapshot (one
+    /// `syncfs`, no fsync per file), so an applied layer is on disk before it is committed.
+    pub fn with_sync_fs(mut self, sync_fs: bool) -> Self {
+        self.sync_fs = sync_fs;
         self
     }
 
@@ -238,6 +247,10 @@ impl Snapshotter for Overlay {
         let fs = self.fs_dir(record.id);
         let (stats, named) = apply::apply_layer(&fs, tar, &self.limits)?;
         implicit::record(&fs, &self.dir(record.id).join(implicit::FILE), &named)?;
+        if self.sync_fs {
+            let dir = fs::File::open(&fs).map_err(Error::io("open", &fs))?;
+            rustix::fs::syncfs(&dir).map_err(|e| Error::io("sync filesystem of", &fs)(e.into()))?;
+        }
         Ok(stats)
     }
 

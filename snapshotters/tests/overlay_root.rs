@@ -1262,6 +1262,26 @@ mod overlay {
     }
 
     #[test]
+    fn with_sync_fs_applies_and_syncs() {
+        let dir = host_scratch("sync-fs");
+        fs::create_dir_all(&dir).unwrap();
+        let sn = open_overlay(&dir).with_sync_fs(true);
+        sn.prepare("synced", None, BTreeMap::new()).unwrap();
+        let layer = Tar::new()
+            .dir("d/", 0o755)
+            .file("d/f", b"kept", 0o644)
+            .build();
+        let stats = sn.apply("synced", &mut layer.as_slice()).unwrap();
+        assert_eq!((stats.entries, stats.bytes), (2, 4));
+        sn.commit("synced-layer", "synced", None, BTreeMap::new())
+            .unwrap();
+        let view = Mounted::new(&sn.view("v", Some("synced-layer"), BTreeMap::new()).unwrap());
+        assert_eq!(view.read("d/f"), "kept");
+        drop(view);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn layout_is_named_by_id_and_commit_moves_nothing() {
         let o = overlay_env();
         let sn = &o.env.sn;
