@@ -85,7 +85,7 @@ fn time_imaged(work: &Path, args: &Args) -> io::Result<Duration> {
             .prepare(key, None, BTreeMap::new())
             .map_err(io::Error::other)?;
     }
-    sync();
+    drop_caches();
     let apply = |key: &str, tar: &Path| -> io::Result<()> {
         let mut reader = BufReader::with_capacity(256 * 1024, File::open(tar)?);
         overlay.apply(key, &mut reader).map_err(io::Error::other)?;
@@ -118,7 +118,7 @@ fn time_tar(work: &Path, args: &Args) -> io::Result<Duration> {
     for dir in &dirs {
         std::fs::create_dir(dir)?;
     }
-    sync();
+    drop_caches();
     let command = |tar: &Path, dir: &Path| {
         let mut command = Command::new("tar");
         command.arg("-x").arg("-f").arg(tar).arg("-C").arg(dir);
@@ -151,8 +151,9 @@ fn check(status: std::process::ExitStatus) -> io::Result<()> {
     }
 }
 
-/// Dirty pages of the previous run would otherwise be written back during the next one.
-fn sync() {
+/// Syncs, then drops caches: dirty pages of the previous run would otherwise be written back
+/// during the next one, and every run starts cold.
+fn drop_caches() {
     rustix::fs::sync();
     if let Err(e) = std::fs::write("/proc/sys/vm/drop_caches", "3") {
         eprintln!("cannot drop caches: {e}");
