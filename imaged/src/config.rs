@@ -139,7 +139,7 @@ impl Config {
             });
         }
         if let Some(text) = &raw.image_pull_progress_timeout
-            && crate::registry::hosts::go_duration(text).is_none()
+            && plumbing::go_duration(text).is_none()
         {
             return Err(ConfigError::Invalid {
                 path: path.to_path_buf(),
@@ -232,8 +232,7 @@ impl Config {
 
     /// The stall timeout, `None` when turned off (`"0"`).
     pub fn progress_timeout(&self) -> Option<std::time::Duration> {
-        crate::registry::hosts::go_duration(&self.image_pull_progress_timeout)
-            .filter(|d| !d.is_zero())
+        plumbing::go_duration(&self.image_pull_progress_timeout).filter(|d| !d.is_zero())
     }
 
     /// The full default configuration as TOML.

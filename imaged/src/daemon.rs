@@ -4,24 +4,18 @@
 use crate::config::Config;
 use crate::content::{ContentError, ContentStore};
 use crate::cri::CriImageService;
-use crate::gc::Leases;
 use crate::images::{ImageStore, ImageStoreError};
 use crate::internal_api::InternalApi;
-use crate::locks::KeyedLocks;
 use crate::manifest::HostPlatform;
-use crate::pull::Puller;
+use crate::pull::PullSettings;
 use crate::registry::Registry;
 use crate::service::ImageService;
 use proto::cri::image_service_server::ImageServiceServer;
 use proto::imaged::images_server::ImagesServer;
 use proto::imaged::snapshots_server::SnapshotsServer;
 use snapshotters::{Kind, Overlay, Snapshotter};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tokio::net::UnixListener;
-use tokio_stream::StreamExt as _;
-use tokio_stream::wrappers::UnixListenerStream;
 
 /// Why the daemon could not start or serve.
 #[derive(Debug, thiserror::Error)]
@@ -89,19 +83,17 @@ impl Daemon {
         );
         drop_unfinished_extractions(snapshotter.as_ref())?;
         warn_overlapping_processors(config);
-        let puller = Arc::new(Puller {
+        let settings = PullSettings {
+            registry: Registry::new(&config.registry.config_path, config.progress_timeout()),
+            processors: config.processors()?,
+            max_concurrent_downloads: config.max_concurrent_downloads,
+            platform: HostPlatform::current(),
+        };
+        let service = Arc::new(ImageService::new(
             content,
             images,
             snapshotter,
-            registry: Registry::new(&config.registry.config_path, config.progress_timeout()),
-            processors: config.processors()?,
-            leases: Arc::new(Leases::default()),
-            max_concurrent_downloads: config.max_concurrent_downloads,
-            locks: KeyedLocks::default(),
-            platform: HostPlatform::current(),
-        });
-        let service = Arc::new(ImageService::new(
-            puller,
+            settings,
             &config.pinned_images,
             root.clone(),
         ));
@@ -116,26 +108,32 @@ impl Daemon {
 
     /// Serves until `shutdown` resolves, then lets running requests finish.
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), StartError> {
-        let listener = bind(&self.address)?;
+        let listener = plumbing::grpc::bind(&self.address).map_err(|source| StartError::Io {
+            path: self.address.clone(),
+            source,
+        })?;
         tracing::info!(socket = %self.address.display(), "serving CRI image service");
         let internal = InternalApi::new(self.service.clone());
         let result = tonic::transport::Server::builder()
+            .layer(plumbing::grpc::RpcSpans::new(rpc_span))
             .add_service(ImageServiceServer::new(CriImageService::new(
                 self.service.clone(),
             )))
             .add_service(ImagesServer::new(internal.clone()))
             .add_service(SnapshotsServer::new(internal))
-            .serve_with_incoming_shutdown(
-                UnixListenerStream::new(listener).map(|conn| conn.map(crate::authority::filter)),
-                shutdown,
-            )
+            .serve_with_incoming_shutdown(plumbing::grpc::incoming(listener), shutdown)
             .await;
         let _ = std::fs::remove_file(&self.address);
         result.map_err(|e| StartError::Serve {
             path: self.address.clone(),
-            message: crate::registry::error_chain(&e),
+            message: plumbing::error_chain(&e),
         })
     }
+}
+
+/// The span every RPC runs in; handlers fill in `image` once they have parsed the request.
+fn rpc_span(method: &str) -> tracing::Span {
+    tracing::info_span!("rpc", method, image = tracing::field::Empty)
 }
 
 fn create_dir(path: &Path) -> Result<(), StartError> {
@@ -159,30 +157,6 @@ fn drop_unfinished_extractions(snapshotter: &dyn Snapshotter) -> Result<(), Star
     }
     snapshotter.cleanup()?;
     Ok(())
-}
-
-/// Binds the socket: parent created, a stale socket replaced, mode 0660.
-fn bind(path: &Path) -> Result<UnixListener, StartError> {
-    let io = |source| StartError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    if let Some(parent) = path.parent() {
-        create_dir(parent)?;
-    }
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path).map_err(io)?,
-        Ok(_) => {
-            return Err(io(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                "exists and is not a socket",
-            )));
-        }
-        Err(_) => {}
-    }
-    let listener = UnixListener::bind(path).map_err(io)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(io)?;
-    Ok(listener)
 }
 
 /// Two processors accepting one media type: the first name in sort order wins, as

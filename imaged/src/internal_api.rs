@@ -13,6 +13,7 @@ use std::sync::Arc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status};
+use tracing::Instrument as _;
 
 /// Server side of `imaged.v1.Images` and `imaged.v1.Snapshots`.
 #[derive(Clone)]
@@ -35,6 +36,7 @@ impl images_server::Images for InternalApi {
 
     async fn pull(&self, request: Request<PullRequest>) -> Result<Response<EventStream>, Status> {
         let request = request.into_inner();
+        tracing::Span::current().record("image", &request.image);
         let credentials = if request.username.is_empty() {
             Credentials::Anonymous
         } else {
@@ -46,14 +48,15 @@ impl images_server::Images for InternalApi {
         let (events, receiver) = tokio::sync::mpsc::unbounded_channel();
         let (results, result_stream) = tokio::sync::mpsc::unbounded_channel();
         let service = self.service.clone();
-        tokio::spawn(async move {
+        let pull = async move {
             if let Err(e) = service
                 .pull(&request.image, credentials, Some(events))
                 .await
             {
                 let _ = results.send(Err(to_status(&e)));
             }
-        });
+        };
+        tokio::spawn(pull.instrument(tracing::Span::current()));
         let progress = UnboundedReceiverStream::new(receiver)
             .map(|event| Ok(PullEvent { event: Some(event) }));
         let failure = UnboundedReceiverStream::new(result_stream);
@@ -74,6 +77,7 @@ impl snapshots_server::Snapshots for InternalApi {
         request: Request<PrepareRequest>,
     ) -> Result<Response<MountsResponse>, Status> {
         let request = request.into_inner();
+        tracing::Span::current().record("image", &request.image);
         let mounts = self
             .service
             .prepare(&request.image, &request.key, request.readonly)

@@ -10,7 +10,6 @@
 // their size is not worth boxing.
 #![allow(clippy::result_large_err)]
 
-mod authority;
 pub mod cli;
 pub mod config;
 pub mod content;

@@ -6,7 +6,7 @@ use crate::digest::Digest;
 use crate::error::Error;
 use crate::gc::{self, Leases};
 use crate::images::{ImageStore, NamedImage};
-use crate::pull::{Progress, Puller};
+use crate::pull::{Progress, PullSettings, Puller};
 use crate::reference::Reference;
 use crate::registry::auth::Credentials;
 use proto::cri;
@@ -14,9 +14,15 @@ use snapshotters::{Mount, Snapshotter};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
+use tracing::Instrument as _;
 
-/// imaged's image service.
+/// imaged's image service: it owns the stores and shares them with its puller and the
+/// garbage collector.
 pub struct ImageService {
+    content: Arc<ContentStore>,
+    images: Arc<ImageStore>,
+    snapshotter: Arc<dyn Snapshotter>,
+    leases: Arc<Leases>,
     puller: Arc<Puller>,
     /// Few names, looked up in each image's sorted name lists (ListImages asks for every
     /// image, and a few comparisons beat hashing each of its names).
@@ -25,30 +31,38 @@ pub struct ImageService {
 }
 
 impl ImageService {
-    /// A service over the given puller; `pinned` lists image names reported as pinned.
-    pub fn new(puller: Arc<Puller>, pinned: &[String], root: PathBuf) -> Self {
+    /// A service over the stores under `root`, pulling with `settings`; `pinned` lists
+    /// image names reported as pinned.
+    pub fn new(
+        content: Arc<ContentStore>,
+        images: Arc<ImageStore>,
+        snapshotter: Arc<dyn Snapshotter>,
+        settings: PullSettings,
+        pinned: &[String],
+        root: PathBuf,
+    ) -> Self {
         let pinned = pinned
             .iter()
             .filter_map(|p| Reference::parse(p).ok())
             .map(|r| r.to_string())
             .collect();
+        let leases = Arc::new(Leases::default());
+        let puller = Arc::new(Puller::new(
+            content.clone(),
+            images.clone(),
+            snapshotter.clone(),
+            leases.clone(),
+            settings,
+        ));
         Self {
+            content,
+            images,
+            snapshotter,
+            leases,
             puller,
             pinned,
             root,
         }
-    }
-
-    fn images(&self) -> &Arc<ImageStore> {
-        &self.puller.images
-    }
-
-    fn content(&self) -> &Arc<ContentStore> {
-        &self.puller.content
-    }
-
-    fn snapshotter(&self) -> &Arc<dyn Snapshotter> {
-        &self.puller.snapshotter
     }
 
     /// Pulls an image; returns its id.
@@ -61,10 +75,10 @@ impl ImageService {
         let reference = Reference::parse(image)?;
         // The pull runs in its own task so a caller that goes away cannot leave it half done.
         let puller = self.puller.clone();
-        let record =
-            tokio::spawn(async move { puller.pull(&reference, credentials, progress).await })
-                .await
-                .expect("pull task")?;
+        let pull = async move { puller.pull(&reference, credentials, progress).await };
+        let record = tokio::spawn(pull.in_current_span())
+            .await
+            .expect("pull task")?;
         Ok(record.id.to_string())
     }
 
@@ -75,7 +89,7 @@ impl ImageService {
         image: &str,
         verbose: bool,
     ) -> Result<(Option<cri::Image>, HashMap<String, String>), Error> {
-        let Some(named) = self.images().lookup(image)? else {
+        let Some(named) = self.images.lookup(image)? else {
             return Ok((None, HashMap::new()));
         };
         let info = if verbose {
@@ -88,7 +102,7 @@ impl ImageService {
 
     /// Verbose status: the chain ID and the image config.
     fn info(&self, named: &NamedImage) -> Result<HashMap<String, String>, Error> {
-        let config_bytes = self.content().read(&named.record.id)?;
+        let config_bytes = self.content.read(&named.record.id)?;
         let config: serde_json::Value =
             serde_json::from_slice(&config_bytes).unwrap_or(serde_json::Value::Null);
         let info = serde_json::json!({
@@ -103,8 +117,8 @@ impl ImageService {
     /// Every image, or the one the filter names.
     pub fn list(&self, filter: Option<&str>) -> Result<Vec<cri::Image>, Error> {
         let named = match filter.filter(|f| !f.is_empty()) {
-            Some(text) => self.images().lookup(text)?.into_iter().collect(),
-            None => self.images().list(),
+            Some(text) => self.images.lookup(text)?.into_iter().collect(),
+            None => self.images.list(),
         };
         let mut images: Vec<cri::Image> = named.iter().map(|n| self.to_cri(n)).collect();
         images.sort_by(|a, b| a.id.cmp(&b.id));
@@ -113,28 +127,24 @@ impl ImageService {
 
     /// Removes an image under all its names; absent images are fine.
     pub async fn remove(&self, image: &str) -> Result<(), Error> {
-        let Some(named) = self.images().lookup(image)? else {
+        let Some(named) = self.images.lookup(image)? else {
             return Ok(());
         };
-        self.images().remove(&named.record.id)?;
+        self.images.remove(&named.record.id)?;
         self.collect_garbage().await
     }
 
     /// Deletes blobs and snapshots no image needs.
     pub async fn collect_garbage(&self) -> Result<(), Error> {
         let collected = gc::collect(
-            self.images().clone(),
-            self.content().clone(),
-            self.snapshotter().clone(),
-            self.leases().clone(),
+            self.images.clone(),
+            self.content.clone(),
+            self.snapshotter.clone(),
+            self.leases.clone(),
         )
         .await?;
         tracing::debug!(?collected, "garbage collected");
         Ok(())
-    }
-
-    fn leases(&self) -> &Arc<Leases> {
-        &self.puller.leases
     }
 
     /// Usage of the filesystem holding content and snapshots.
@@ -172,11 +182,11 @@ impl ImageService {
             return Err(Error::InvalidRequest("snapshot key is empty"));
         }
         let named = self
-            .images()
+            .images
             .lookup(image)?
             .ok_or_else(|| Error::ImageNotFound(image.to_string()))?;
         let parent = named.record.top_chain().map(Digest::to_string);
-        let snapshotter = self.snapshotter().clone();
+        let snapshotter = self.snapshotter.clone();
         let key = key.to_string();
         tokio::task::spawn_blocking(move || {
             let labels = BTreeMap::new();
@@ -193,7 +203,7 @@ impl ImageService {
 
     /// Removes a snapshot made by [`Self::prepare`]; absent keys are fine.
     pub async fn remove_snapshot(&self, key: &str) -> Result<(), Error> {
-        let snapshotter = self.snapshotter().clone();
+        let snapshotter = self.snapshotter.clone();
         let key = key.to_string();
         tokio::task::spawn_blocking(move || match snapshotter.remove(&key) {
             Ok(()) | Err(snapshotters::Error::NotFound { .. }) => Ok(()),

@@ -10,7 +10,7 @@ pub use pull::pull;
 use proto::cri;
 use proto::cri::image_service_client::ImageServiceClient;
 use std::path::{Path, PathBuf};
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 /// Client-side failures.
 #[derive(Debug, thiserror::Error)]
@@ -48,28 +48,13 @@ impl From<tonic::Status> for CliError {
     }
 }
 
-/// HTTP/2 receive window of the client: a whole ListImages answer for thousands of images
-/// fits, so the server never waits for a window update in the middle of one.
-const WINDOW: u32 = 4 << 20;
-
 /// Opens a gRPC channel over the unix socket at `path`.
 pub async fn connect(path: &Path) -> Result<Channel, CliError> {
-    let socket = path.to_path_buf();
-    // The URI is required by tonic but unused: the connector dials the socket.
-    Endpoint::from_static("http://imaged.sock")
-        .initial_stream_window_size(WINDOW)
-        .initial_connection_window_size(WINDOW)
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move {
-                let stream = tokio::net::UnixStream::connect(socket).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-            }
-        }))
+    plumbing::grpc::connect(path)
         .await
         .map_err(|e| CliError::Connect {
             path: path.to_path_buf(),
-            message: crate::registry::error_chain(&e),
+            message: plumbing::error_chain(&e),
         })
 }
 

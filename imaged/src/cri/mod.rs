@@ -1,5 +1,5 @@
-//! The CRI v1 `ImageService` over gRPC: a thin layer that opens a span per request, calls
-//! [`ImageService`](crate::service::ImageService) and converts errors.
+//! The CRI v1 `ImageService` over gRPC: a thin layer that names the image in the RPC's span,
+//! calls [`ImageService`](crate::service::ImageService) and converts errors.
 
 pub mod status;
 
@@ -9,7 +9,6 @@ use proto::cri;
 use proto::cri::image_service_server;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
-use tracing::Instrument;
 
 /// The tonic server side of `runtime.v1.ImageService`.
 #[derive(Clone)]
@@ -24,8 +23,11 @@ impl CriImageService {
     }
 }
 
+/// The requested image, also recorded in the RPC's span.
 fn image_name(spec: Option<&cri::ImageSpec>) -> &str {
-    spec.map_or("", |s| s.image.as_str())
+    let name = spec.map_or("", |s| s.image.as_str());
+    tracing::Span::current().record("image", name);
+    name
 }
 
 /// Decodes the CRI credentials; `server_address`, when set, limits them to that registry.
@@ -85,8 +87,6 @@ impl image_service_server::ImageService for CriImageService {
     ) -> Result<Response<cri::ImageStatusResponse>, Status> {
         let request = request.into_inner();
         let name = image_name(request.image.as_ref());
-        let span = tracing::debug_span!("image_status", image = name);
-        let _entered = span.enter();
         let (image, info) = self
             .service
             .status(name, request.verbose)
@@ -99,27 +99,22 @@ impl image_service_server::ImageService for CriImageService {
         request: Request<cri::PullImageRequest>,
     ) -> Result<Response<cri::PullImageResponse>, Status> {
         let request = request.into_inner();
-        let name = image_name(request.image.as_ref()).to_string();
-        let span = tracing::info_span!("pull_image", image = %name);
-        async {
-            let reference = crate::reference::Reference::parse(&name)
-                .map_err(|e| status::to_status(&e.into()))?;
-            let credentials = credentials(request.auth.as_ref(), &reference.registry)
-                .map_err(|e| status::to_status(&e))?;
-            let started = std::time::Instant::now();
-            match self.service.pull(&name, credentials, None).await {
-                Ok(image_ref) => {
-                    tracing::info!(image_ref, elapsed = ?started.elapsed(), "pulled");
-                    Ok(Response::new(cri::PullImageResponse { image_ref }))
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "pull failed");
-                    Err(status::to_status(&e))
-                }
+        let name = image_name(request.image.as_ref());
+        let reference =
+            crate::reference::Reference::parse(name).map_err(|e| status::to_status(&e.into()))?;
+        let credentials = credentials(request.auth.as_ref(), &reference.registry)
+            .map_err(|e| status::to_status(&e))?;
+        let started = std::time::Instant::now();
+        match self.service.pull(name, credentials, None).await {
+            Ok(image_ref) => {
+                tracing::info!(image_ref, elapsed = ?started.elapsed(), "pulled");
+                Ok(Response::new(cri::PullImageResponse { image_ref }))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "pull failed");
+                Err(status::to_status(&e))
             }
         }
-        .instrument(span)
-        .await
     }
 
     async fn remove_image(
@@ -127,11 +122,9 @@ impl image_service_server::ImageService for CriImageService {
         request: Request<cri::RemoveImageRequest>,
     ) -> Result<Response<cri::RemoveImageResponse>, Status> {
         let request = request.into_inner();
-        let name = image_name(request.image.as_ref()).to_string();
-        let span = tracing::info_span!("remove_image", image = %name);
+        let name = image_name(request.image.as_ref());
         self.service
-            .remove(&name)
-            .instrument(span)
+            .remove(name)
             .await
             .map_err(|e| status::to_status(&e))?;
         Ok(Response::new(cri::RemoveImageResponse {}))

@@ -28,6 +28,7 @@ use std::io;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::{Semaphore, mpsc};
+use tracing::Instrument as _;
 
 /// Where progress events go, if anyone listens.
 pub type Progress = Option<mpsc::UnboundedSender<Event>>;
@@ -119,27 +120,32 @@ fn about_layer(digest: &Digest, what: &str, cause: &dyn std::fmt::Display) -> St
     }
 }
 
-/// Everything a pull needs; one per daemon.
-pub struct Puller {
-    /// Blob store.
-    pub content: Arc<ContentStore>,
-    /// Image records.
-    pub images: Arc<ImageStore>,
-    /// Where layers are unpacked.
-    pub snapshotter: Arc<dyn Snapshotter>,
+/// How pulls reach registries and decode layers; the daemon builds it from its config.
+pub struct PullSettings {
     /// Registry access.
     pub registry: Arc<Registry>,
     /// Layer processors.
     pub processors: processors::Chain,
-    /// Digests in use by running pulls (kept from the garbage collector).
-    pub leases: Arc<Leases>,
     /// Layer downloads per pull.
     pub max_concurrent_downloads: usize,
-    /// One lock per chain ID (and per config digest), so a layer is unpacked once however
-    /// many pulls want it.
-    pub locks: KeyedLocks,
     /// The platform picked from indexes.
     pub platform: HostPlatform,
+}
+
+/// Everything a pull needs; one per daemon. The stores are the service's, shared.
+pub struct Puller {
+    content: Arc<ContentStore>,
+    images: Arc<ImageStore>,
+    snapshotter: Arc<dyn Snapshotter>,
+    /// Digests in use by running pulls (kept from the garbage collector).
+    leases: Arc<Leases>,
+    registry: Arc<Registry>,
+    processors: processors::Chain,
+    max_concurrent_downloads: usize,
+    /// One lock per chain ID (and per config digest), so a layer is unpacked once however
+    /// many pulls want it.
+    locks: KeyedLocks,
+    platform: HostPlatform,
 }
 
 struct Resolution {
@@ -152,6 +158,27 @@ struct Resolution {
 }
 
 impl Puller {
+    /// A puller writing into the given stores.
+    pub fn new(
+        content: Arc<ContentStore>,
+        images: Arc<ImageStore>,
+        snapshotter: Arc<dyn Snapshotter>,
+        leases: Arc<Leases>,
+        settings: PullSettings,
+    ) -> Self {
+        Self {
+            content,
+            images,
+            snapshotter,
+            leases,
+            registry: settings.registry,
+            processors: settings.processors,
+            max_concurrent_downloads: settings.max_concurrent_downloads,
+            locks: KeyedLocks::default(),
+            platform: settings.platform,
+        }
+    }
+
     /// Pulls `reference` and returns the stored image.
     pub async fn pull(
         self: &Arc<Self>,
@@ -349,10 +376,13 @@ impl Puller {
                 layer: layers[i].clone(),
                 progress: progress.clone(),
             };
-            let task = tokio::spawn(async move {
-                let _permit = permit;
-                this.unpack_layer(job).await
-            });
+            let task = tokio::spawn(
+                async move {
+                    let _permit = permit;
+                    this.unpack_layer(job).await
+                }
+                .in_current_span(),
+            );
             tasks.push((i, task));
         }
         tasks.sort_by_key(|(i, _)| *i);

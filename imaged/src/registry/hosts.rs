@@ -292,9 +292,13 @@ fn apply_settings(
             "client" => host.client = clients(value, dir).map_err(|m| field(name, m))?,
             "header" => host.headers = headers(value).map_err(|m| field(name, m))?,
             "dial_timeout" => {
-                host.dial_timeout = value.as_str().and_then(go_duration).ok_or_else(|| {
-                    field(name, "must be a duration like \"500ms\" or \"2s\"".into())
-                })?
+                host.dial_timeout =
+                    value
+                        .as_str()
+                        .and_then(plumbing::go_duration)
+                        .ok_or_else(|| {
+                            field(name, "must be a duration like \"500ms\" or \"2s\"".into())
+                        })?
             }
             _ => return Err(field(name, "unknown field".into())),
         }
@@ -396,38 +400,6 @@ fn headers(value: &toml::Value) -> Result<Vec<(String, String)>, String> {
     Ok(out)
 }
 
-/// Parses Go durations as hosts.toml and the config use them: `1h2m3s`, `500ms`, `1.5s`,
-/// and a bare `0`.
-pub fn go_duration(text: &str) -> Option<Duration> {
-    let mut total = 0f64;
-    let mut rest = text;
-    if rest.is_empty() {
-        return None;
-    }
-    if rest == "0" {
-        return Some(Duration::ZERO);
-    }
-    while !rest.is_empty() {
-        let split = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
-        let number: f64 = rest[..split].parse().ok()?;
-        let unit_end = rest[split..]
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .map_or(rest.len(), |i| split + i);
-        let scale = match &rest[split..unit_end] {
-            "ns" => 1e-9,
-            "us" | "µs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ => return None,
-        };
-        total += number * scale;
-        rest = &rest[unit_end..];
-    }
-    Duration::try_from_secs_f64(total).ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -526,14 +498,5 @@ override_path = true
             let err = hosts_for(path, "r.io").unwrap_err().to_string();
             assert!(err.contains(needle) && err.contains("hosts.toml"), "{err}");
         }
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(go_duration("500ms"), Some(Duration::from_millis(500)));
-        assert_eq!(go_duration("1m30s"), Some(Duration::from_secs(90)));
-        assert_eq!(go_duration("2x"), None);
-        assert_eq!(go_duration("99999999999999999999h"), None);
-        assert_eq!(go_duration(""), None);
     }
 }

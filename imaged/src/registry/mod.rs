@@ -438,7 +438,7 @@ impl Session {
             let response = request
                 .send()
                 .await
-                .map_err(|e| fail(FailureKind::Unavailable, error_chain(&e)))?;
+                .map_err(|e| fail(FailureKind::Unavailable, plumbing::error_chain(&e)))?;
             let status = response.status();
             if status.is_success() {
                 if round == 1
@@ -572,7 +572,7 @@ async fn fetch_token(
     let response = request
         .send()
         .await
-        .map_err(|e| format!("token request to {realm}: {}", error_chain(&e)))?;
+        .map_err(|e| format!("token request to {realm}: {}", plumbing::error_chain(&e)))?;
     let status = response.status();
     if !status.is_success() {
         return Err(format!(
@@ -638,7 +638,7 @@ async fn read_limited(mut response: Response, limit: u64) -> Result<Bytes, Attem
     while let Some(chunk) = response
         .chunk()
         .await
-        .map_err(|e| fail(FailureKind::Unavailable, error_chain(&e)))?
+        .map_err(|e| fail(FailureKind::Unavailable, plumbing::error_chain(&e)))?
     {
         if (body.len() + chunk.len()) as u64 > limit {
             return Err(fail(
@@ -662,18 +662,6 @@ fn verify(bytes: &[u8], expected: &Digest, url: &str) -> Result<(), Attempt> {
             detail: format!("digest mismatch: expected {expected}, got {actual}"),
         })
     }
-}
-
-/// The error and its causes on one line (reqwest hides the useful part in sources).
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

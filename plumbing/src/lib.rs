@@ -1,0 +1,41 @@
+//! Node-level plumbing shared by the daemons: serving and dialling gRPC over unix sockets
+//! (with the `:authority` fix old grpc-go clients need), one tracing span per RPC, Go-style
+//! durations as containerd's configuration files write them, and error chains on one line.
+//!
+//! Nothing here knows about images or containers; both daemons depend on this crate and it
+//! depends on neither.
+#![deny(missing_docs)]
+
+pub mod authority;
+mod duration;
+pub mod grpc;
+
+pub use duration::go_duration;
+
+/// The error and its causes on one line, `outer: cause: root cause` (reqwest, tonic and
+/// hyper keep the useful part in their sources).
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn error_chain_joins_every_cause() {
+        let error = Outer(std::io::Error::other("root"));
+        assert_eq!(error_chain(&error), "outer: root");
+    }
+}
