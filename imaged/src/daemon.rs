@@ -7,7 +7,7 @@ use crate::cri::CriImageService;
 use crate::images::{ImageStore, ImageStoreError};
 use crate::internal_api::InternalApi;
 use crate::manifest::HostPlatform;
-use crate::pull::PullSettings;
+use crate::pull::{EXTRACT_KEY_PREFIX, PullSettings};
 use crate::registry::Registry;
 use crate::service::ImageService;
 use proto::cri::image_service_server::ImageServiceServer;
@@ -147,7 +147,7 @@ fn create_dir(path: &Path) -> Result<(), StartError> {
 fn drop_unfinished_extractions(snapshotter: &dyn Snapshotter) -> Result<(), StartError> {
     let mut stale = Vec::new();
     snapshotter.walk(&mut |info| {
-        if info.kind == Kind::Active && info.name.starts_with("extract-") {
+        if info.kind == Kind::Active && info.name.starts_with(EXTRACT_KEY_PREFIX) {
             stale.push(info.name.clone());
         }
     })?;

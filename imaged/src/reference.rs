@@ -9,6 +9,15 @@ use std::fmt;
 
 /// The registry that short names resolve to.
 pub const DOCKER_HUB: &str = "docker.io";
+/// The host that serves Docker Hub's registry API.
+pub const DOCKER_HUB_API: &str = "registry-1.docker.io";
+/// Docker Hub's legacy index host; references naming it are normalised to [`DOCKER_HUB`].
+const DOCKER_HUB_INDEX: &str = "index.docker.io";
+
+/// Whether `host` is one of Docker Hub's names.
+pub fn is_docker_hub(host: &str) -> bool {
+    [DOCKER_HUB, DOCKER_HUB_API, DOCKER_HUB_INDEX].contains(&host)
+}
 const MAX_NAME: usize = 255;
 
 /// A fully qualified image reference.
@@ -137,7 +146,7 @@ fn split_registry(name: &str) -> (String, String) {
         }
         _ => (DOCKER_HUB.to_string(), name.to_string()),
     };
-    let registry = if registry == "index.docker.io" {
+    let registry = if registry == DOCKER_HUB_INDEX {
         DOCKER_HUB.to_string()
     } else {
         registry

@@ -3,6 +3,7 @@
 
 pub mod status;
 
+use crate::reference::is_docker_hub;
 use crate::registry::auth::{AuthInput, Credentials};
 use crate::service::ImageService;
 use proto::cri;
@@ -46,9 +47,7 @@ pub fn credentials(
             .split('/')
             .next()
             .unwrap_or("");
-        let same = host == registry
-            || (registry == crate::reference::DOCKER_HUB
-                && matches!(host, "index.docker.io" | "registry-1.docker.io"));
+        let same = host == registry || (is_docker_hub(registry) && is_docker_hub(host));
         if !same {
             return Ok(Credentials::Anonymous);
         }

@@ -30,6 +30,19 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::{Semaphore, mpsc};
 use tracing::Instrument as _;
 
+/// Keys of the Active snapshots that layers are unpacked into, as containerd names them:
+/// whatever still has such a key at start-up was cut off by a crash.
+pub const EXTRACT_KEY_PREFIX: &str = "extract-";
+
+/// The labels of a layer's snapshot, while unpacked and once committed: containerd's
+/// `containerd.io/snapshot.ref`, naming the chain ID the snapshot is (or will be).
+fn snapshot_labels(layer: &LayerRecord) -> BTreeMap<String, String> {
+    BTreeMap::from([(
+        "containerd.io/snapshot.ref".to_string(),
+        layer.chain_id.to_string(),
+    )])
+}
+
 /// Where progress events go, if anyone listens.
 pub type Progress = Option<mpsc::UnboundedSender<Event>>;
 
@@ -479,14 +492,11 @@ impl Puller {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
         let key = format!(
-            "extract-{nanos}-{} {}",
+            "{EXTRACT_KEY_PREFIX}{nanos}-{} {}",
             std::process::id(),
             job.layer.chain_id
         );
-        let labels = BTreeMap::from([(
-            "containerd.io/snapshot.ref".to_string(),
-            job.layer.chain_id.to_string(),
-        )]);
+        let labels = snapshot_labels(&job.layer);
         let snapshotter = self.snapshotter.clone();
         let prepare_key = key.clone();
         tokio::task::spawn_blocking(move || snapshotter.prepare(&prepare_key, None, labels))
@@ -585,15 +595,11 @@ fn commit_in_order(
     keys: &[String],
 ) -> Result<(), PullError> {
     for (done, ((layer, parent), key)) in plan.iter().zip(keys).enumerate() {
-        let labels = BTreeMap::from([(
-            "containerd.io/snapshot.ref".to_string(),
-            layer.chain_id.to_string(),
-        )]);
         if let Err(source) = snapshotter.commit(
             layer.chain_id.as_str(),
             key,
             parent.as_ref().map(Digest::as_str),
-            labels,
+            snapshot_labels(layer),
         ) {
             remove_all(snapshotter, &keys[done..]);
             return Err(PullError::Snapshot {

@@ -4,6 +4,7 @@
 //! then the `server` entry (or the registry itself). Files are read on every pull, so
 //! edits apply without a restart.
 
+use crate::reference::{DOCKER_HUB, DOCKER_HUB_API};
 use reqwest::Url;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -134,7 +135,7 @@ fn find_dir(config_path: &str, registry: &str) -> Result<Option<PathBuf>, HostsE
 /// The registry itself, as used when no file says otherwise.
 fn upstream(registry: &str) -> Host {
     let (scheme, authority) = match registry {
-        "docker.io" => ("https", "registry-1.docker.io".to_string()),
+        DOCKER_HUB => ("https", DOCKER_HUB_API.to_string()),
         r if is_loopback(r) => ("http", r.to_string()),
         r => ("https", r.to_string()),
     };

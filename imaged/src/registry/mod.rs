@@ -8,7 +8,7 @@ pub mod auth;
 pub mod hosts;
 
 use crate::digest::Digest;
-use crate::reference::Reference;
+use crate::reference::{DOCKER_HUB, DOCKER_HUB_API, Reference};
 use auth::{Challenge, Credentials};
 use bytes::Bytes;
 use hosts::Host;
@@ -390,7 +390,7 @@ impl Session {
 
     fn is_upstream(&self, host: &Host) -> bool {
         host.authority == self.reference.registry
-            || (self.reference.registry == "docker.io" && host.authority == "registry-1.docker.io")
+            || (self.reference.registry == DOCKER_HUB && host.authority == DOCKER_HUB_API)
     }
 
     /// Credentials may go over TLS, or in clear only to this machine.
