@@ -152,3 +152,81 @@ fn sweep(
     }
     Ok(collected)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::MemorySnapshotter;
+    use std::collections::BTreeMap;
+
+    fn commit(snapshotter: &MemorySnapshotter, name: &str, parent: Option<&str>) {
+        let key = format!("extract-{name}");
+        snapshotter.prepare(&key, None, BTreeMap::new()).unwrap();
+        snapshotter
+            .commit(name, &key, parent, BTreeMap::new())
+            .unwrap();
+    }
+
+    #[test]
+    fn sweep_keeps_what_is_referenced_and_removes_children_before_parents() {
+        let dir = tempfile::tempdir().unwrap();
+        let content = ContentStore::open(dir.path()).unwrap();
+        let (kept, dropped) = (b"kept".as_slice(), b"dropped".as_slice());
+        for data in [kept, dropped] {
+            content.write_verified(&Digest::of(data), data).unwrap();
+        }
+        let chain = |n: &str| Digest::of(n.as_bytes()).to_string();
+        let snapshotter = MemorySnapshotter::default();
+        commit(&snapshotter, &chain("base"), None);
+        commit(&snapshotter, &chain("mid"), Some(&chain("base")));
+        commit(&snapshotter, &chain("top"), Some(&chain("mid")));
+        commit(&snapshotter, &chain("under-a-container"), None);
+        commit(&snapshotter, "not-a-digest", None);
+        let container_parent = chain("under-a-container");
+        snapshotter
+            .prepare("container", Some(&container_parent), BTreeMap::new())
+            .unwrap();
+
+        let blobs = HashSet::from([Digest::of(kept)]);
+        let chains = HashSet::from([Digest::parse(&chain("base")).unwrap()]);
+        let collected = sweep(&content, &snapshotter, &blobs, &chains).unwrap();
+
+        assert_eq!(
+            collected,
+            Collected {
+                blobs: 1,
+                snapshots: 3
+            }
+        );
+        assert_eq!(content.list().unwrap(), vec![Digest::of(kept)]);
+        let mut left: Vec<String> = snapshotter.tree().into_iter().map(|s| s.0).collect();
+        left.sort();
+        let mut expected = vec![
+            chain("base"),
+            chain("under-a-container"),
+            "container".into(),
+        ];
+        expected.sort();
+        assert_eq!(left, expected);
+    }
+
+    #[test]
+    fn sweep_of_a_store_everything_references_removes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let content = ContentStore::open(dir.path()).unwrap();
+        let blob = Digest::of(b"blob");
+        content.write_verified(&blob, b"blob").unwrap();
+        let snapshotter = MemorySnapshotter::default();
+        let name = Digest::of(b"chain");
+        commit(&snapshotter, name.as_str(), None);
+        let collected = sweep(
+            &content,
+            &snapshotter,
+            &HashSet::from([blob]),
+            &HashSet::from([name]),
+        )
+        .unwrap();
+        assert_eq!(collected, Collected::default());
+        assert_eq!(snapshotter.tree().len(), 1);
+    }
+}

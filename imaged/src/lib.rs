@@ -26,5 +26,7 @@ pub mod pull;
 pub mod reference;
 pub mod registry;
 pub mod service;
+#[cfg(test)]
+mod testing;
 
 pub use error::Error;

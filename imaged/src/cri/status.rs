@@ -218,7 +218,10 @@ mod tests {
                 },
                 Code::Internal,
             ),
-            (ImageStoreError::Ambiguous("ab".into()), Code::InvalidArgument),
+            (
+                ImageStoreError::Ambiguous("ab".into()),
+                Code::InvalidArgument,
+            ),
         ]
     }
 
@@ -299,7 +302,11 @@ mod tests {
         };
         let metadata = serde_json::from_str::<u8>("x").unwrap_err();
         vec![
-            (E::NotFound { key: key() }, Code::NotFound, Code::InvalidArgument),
+            (
+                E::NotFound { key: key() },
+                Code::NotFound,
+                Code::InvalidArgument,
+            ),
             (
                 E::AlreadyExists { key: key() },
                 Code::AlreadyExists,

@@ -399,13 +399,9 @@ impl Puller {
             tasks.push((i, task));
         }
         tasks.sort_by_key(|(i, _)| *i);
-        let mut keys = Vec::with_capacity(tasks.len());
-        let mut failure = None;
+        let mut outcomes = Vec::with_capacity(tasks.len());
         for (_, task) in tasks {
-            match task.await.expect("layer task") {
-                Ok(key) => keys.push(key),
-                Err(e) => failure = failure.or(Some(e)),
-            }
+            outcomes.push(task.await.expect("layer task"));
         }
         let snapshotter = self.snapshotter.clone();
         let plan: Vec<(LayerRecord, Option<Digest>)> = missing
@@ -417,15 +413,10 @@ impl Puller {
                 )
             })
             .collect();
-        let committed = tokio::task::spawn_blocking(move || match failure {
-            Some(e) => {
-                remove_all(snapshotter.as_ref(), &keys);
-                Err(e)
-            }
-            None => commit_in_order(snapshotter.as_ref(), &plan, &keys),
-        })
-        .await
-        .expect("commit task");
+        let committed =
+            tokio::task::spawn_blocking(move || settle(snapshotter.as_ref(), &plan, outcomes))
+                .await
+                .expect("commit task");
         drop(guards);
         committed
     }
@@ -589,6 +580,30 @@ fn send_layer(progress: &Progress, layer: &LayerRecord, downloaded: u64, finishe
     );
 }
 
+/// Commits the unpacked layers base first (`plan` and `outcomes` in layer order), or, when
+/// any layer failed, removes every snapshot this pull unpacked and returns the first failure.
+fn settle(
+    snapshotter: &dyn Snapshotter,
+    plan: &[(LayerRecord, Option<Digest>)],
+    outcomes: Vec<Result<String, PullError>>,
+) -> Result<(), PullError> {
+    let mut keys = Vec::with_capacity(outcomes.len());
+    let mut failure = None;
+    for outcome in outcomes {
+        match outcome {
+            Ok(key) => keys.push(key),
+            Err(e) => failure = failure.or(Some(e)),
+        }
+    }
+    match failure {
+        Some(e) => {
+            remove_all(snapshotter, &keys);
+            Err(e)
+        }
+        None => commit_in_order(snapshotter, plan, &keys),
+    }
+}
+
 fn commit_in_order(
     snapshotter: &dyn Snapshotter,
     plan: &[(LayerRecord, Option<Digest>)],
@@ -616,5 +631,119 @@ fn remove_all(snapshotter: &dyn Snapshotter, keys: &[String]) {
         if let Err(e) = snapshotter.remove(key) {
             tracing::warn!(key, error = %e, "removing an unfinished snapshot failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::MemorySnapshotter;
+    use snapshotters::Kind;
+
+    fn layers(count: u8) -> Vec<LayerRecord> {
+        let diff_ids: Vec<Digest> = (0..count).map(|i| Digest::of(&[i])).collect();
+        diff_ids
+            .iter()
+            .zip(chain_ids(&diff_ids))
+            .map(|(diff_id, chain_id)| LayerRecord {
+                digest: Digest::of(diff_id.as_str().as_bytes()),
+                diff_id: diff_id.clone(),
+                chain_id,
+                size: 1,
+                media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+                annotations: BTreeMap::new(),
+            })
+            .collect()
+    }
+
+    /// What `unpack` hands to `settle` for layers `missing`: the plan, and each layer's
+    /// parentless Active snapshot as `unpack_layer` prepares it.
+    fn unpacked(
+        snapshotter: &MemorySnapshotter,
+        layers: &[LayerRecord],
+        missing: &[usize],
+    ) -> (Vec<(LayerRecord, Option<Digest>)>, Vec<String>) {
+        let mut plan = Vec::new();
+        let mut keys = Vec::new();
+        for &i in missing {
+            let key = format!("{EXTRACT_KEY_PREFIX}{i} {}", layers[i].chain_id);
+            snapshotter
+                .prepare(&key, None, snapshot_labels(&layers[i]))
+                .unwrap();
+            let parent = i.checked_sub(1).map(|p| layers[p].chain_id.clone());
+            plan.push((layers[i].clone(), parent));
+            keys.push(key);
+        }
+        (plan, keys)
+    }
+
+    fn interrupted() -> PullError {
+        PullError::Stream {
+            digest: Digest::of(b"x"),
+            detail: "connection reset".into(),
+        }
+    }
+
+    #[test]
+    fn settle_commits_missing_layers_on_top_of_present_ones() {
+        let snapshotter = MemorySnapshotter::default();
+        let layers = layers(3);
+        let base = layers[0].chain_id.as_str();
+        snapshotter.prepare("base", None, BTreeMap::new()).unwrap();
+        snapshotter
+            .commit(base, "base", None, BTreeMap::new())
+            .unwrap();
+        let (plan, keys) = unpacked(&snapshotter, &layers, &[1, 2]);
+
+        settle(&snapshotter, &plan, keys.into_iter().map(Ok).collect()).unwrap();
+
+        for (i, layer) in layers.iter().enumerate() {
+            let info = snapshotter.stat(layer.chain_id.as_str()).unwrap();
+            assert_eq!(info.kind, Kind::Committed);
+            let parent = i.checked_sub(1).map(|p| layers[p].chain_id.to_string());
+            assert_eq!(info.parent, parent);
+            if i > 0 {
+                assert_eq!(info.labels, snapshot_labels(layer));
+            }
+        }
+        assert_eq!(snapshotter.tree().len(), 3);
+    }
+
+    #[test]
+    fn a_failed_layer_removes_every_snapshot_the_pull_unpacked() {
+        let snapshotter = MemorySnapshotter::default();
+        let layers = layers(3);
+        let (plan, keys) = unpacked(&snapshotter, &layers, &[0, 1, 2]);
+        snapshotter.remove(&keys[1]).unwrap();
+        let outcomes = vec![Ok(keys[0].clone()), Err(interrupted()), Ok(keys[2].clone())];
+
+        let error = settle(&snapshotter, &plan, outcomes).unwrap_err();
+
+        assert!(matches!(error, PullError::Stream { .. }), "{error}");
+        assert_eq!(snapshotter.tree(), vec![]);
+    }
+
+    #[test]
+    fn a_failed_commit_keeps_the_layers_below_and_removes_the_rest() {
+        let snapshotter = MemorySnapshotter::default();
+        let layers = layers(3);
+        let (plan, keys) = unpacked(&snapshotter, &layers, &[0, 1, 2]);
+        let taken = layers[1].chain_id.as_str();
+        snapshotter.prepare(taken, None, BTreeMap::new()).unwrap();
+
+        let error = settle(&snapshotter, &plan, keys.into_iter().map(Ok).collect()).unwrap_err();
+
+        let PullError::Snapshot { key, .. } = &error else {
+            panic!("{error}");
+        };
+        assert_eq!(key, taken);
+        let base = layers[0].chain_id.to_string();
+        assert_eq!(
+            snapshotter.tree(),
+            vec![
+                (base, Kind::Committed, None),
+                (taken.to_string(), Kind::Active, None),
+            ]
+        );
     }
 }
