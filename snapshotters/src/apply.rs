@@ -1,5 +1,6 @@
 //! Applies an OCI layer tar stream to a snapshot's layer directory (the overlay upperdir),
-//! following §5 and §6 of the snapshotters reference.
+//! following the OCI image spec's layer format (changesets, whiteouts, opaque directories)
+//! and the safety rules of `docs/architecture.md` ("Layer application").
 //!
 //! - The `tar` crate only parses headers ([`stream`]); every file is created here, with
 //!   `*at` calls on the final component relative to a parent directory opened inside the

@@ -287,7 +287,10 @@ impl Snapshotter for Overlay {
     }
 }
 
-/// The mounts of a snapshot, per the table in the snapshotters reference (§2).
+/// The mounts of a snapshot, as containerd's overlay snapshotter returns them: a snapshot
+/// without parents is a bind of its own directory (rw when Active), a read-only one with a
+/// single parent is a read-only bind of that parent, and everything else is an overlay whose
+/// lowerdirs are the parents, nearest first, with upperdir and workdir when Active.
 fn overlay_mounts(snapshots: &Path, snapshot: &Snapshot, index_off: bool) -> Vec<Mount> {
     let path = |id: u64, sub: &str| {
         snapshots

@@ -1,8 +1,10 @@
 //! Root-only tests: real layer application and real overlay mounts (run as root, as CI is).
 //!
-//! `conformance` holds backend-independent checks, each taking a constructor, following the
-//! compatibility checklist of the snapshotters reference (§8); they look at results through
-//! the mounts the snapshotter returns. `conformance!` runs every check against one backend.
+//! `conformance` holds backend-independent checks, each taking a constructor, for the rules
+//! of containerd's snapshotter model (kinds, keys, parents, labels, usage, mounts) that every
+//! backend must keep, as containerd's snapshot test suite does; they look at results
+//! through the mounts the snapshotter returns. `conformance!` runs every check against one
+//! backend.
 //! `overlay` holds checks of overlay's own on-disk form and mount options. Hostile archives
 //! are built here, byte by byte where the `tar` crate's builder refuses to write them.
 
