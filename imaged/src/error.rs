@@ -40,6 +40,9 @@ pub enum Error {
         /// Cause.
         source: snapshotters::Error,
     },
+    /// The snapshot key is one imaged keeps for its own snapshots.
+    #[error("snapshot key {0:?} is reserved for image layers")]
+    ReservedKey(String),
     /// A required request field is missing or empty.
     #[error("invalid request: {0}")]
     InvalidRequest(&'static str),

@@ -5,12 +5,14 @@ use crate::cri::status::to_status;
 use crate::registry::auth::Credentials;
 use crate::service::ImageService;
 use proto::imaged::{
-    self, MountsResponse, PrepareRequest, PullEvent, PullRequest, RemoveSnapshotRequest,
-    VersionResponse, images_server, snapshots_server,
+    self, ImageConfigRequest, ImageConfigResponse, MountsResponse, PrepareRequest, PullEvent,
+    PullRequest, RemoveSnapshotRequest, SnapshotKey, UsageResponse, VersionResponse, images_server,
+    snapshots_server,
 };
 use std::pin::Pin;
 use std::sync::Arc;
 use tokio_stream::Stream;
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument as _;
@@ -68,6 +70,21 @@ impl images_server::Images for InternalApi {
             version: env!("CARGO_PKG_VERSION").to_string(),
         }))
     }
+
+    async fn config(
+        &self,
+        request: Request<ImageConfigRequest>,
+    ) -> Result<Response<ImageConfigResponse>, Status> {
+        let image = request.into_inner().image;
+        tracing::Span::current().record("image", &image);
+        let config = self.service.config(&image).map_err(|e| to_status(&e))?;
+        Ok(Response::new(ImageConfigResponse {
+            name: config.name,
+            id: config.id,
+            repo_digest: config.repo_digest,
+            config: config.config,
+        }))
+    }
 }
 
 #[tonic::async_trait]
@@ -83,15 +100,34 @@ impl snapshots_server::Snapshots for InternalApi {
             .prepare(&request.image, &request.key, request.readonly)
             .await
             .map_err(|e| to_status(&e))?;
-        Ok(Response::new(MountsResponse {
-            mounts: mounts
-                .into_iter()
-                .map(|m| imaged::Mount {
-                    r#type: m.kind,
-                    source: m.source,
-                    options: m.options,
-                })
-                .collect(),
+        Ok(Response::new(mounts_response(mounts)))
+    }
+
+    async fn mounts(
+        &self,
+        request: Request<SnapshotKey>,
+    ) -> Result<Response<MountsResponse>, Status> {
+        let mounts = self
+            .service
+            .mounts(&request.into_inner().key)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(mounts_response(mounts)))
+    }
+
+    async fn usage(
+        &self,
+        request: Request<SnapshotKey>,
+    ) -> Result<Response<UsageResponse>, Status> {
+        let (usage, root) = self
+            .service
+            .usage(&request.into_inner().key)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(UsageResponse {
+            bytes: usage.size,
+            inodes: usage.inodes,
+            mountpoint: root.display().to_string(),
         }))
     }
 
@@ -107,4 +143,15 @@ impl snapshots_server::Snapshots for InternalApi {
     }
 }
 
-use tokio_stream::StreamExt as _;
+fn mounts_response(mounts: Vec<snapshotters::Mount>) -> MountsResponse {
+    MountsResponse {
+        mounts: mounts
+            .into_iter()
+            .map(|m| imaged::Mount {
+                r#type: m.kind,
+                source: m.source,
+                options: m.options,
+            })
+            .collect(),
+    }
+}

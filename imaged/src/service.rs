@@ -6,11 +6,11 @@ use crate::digest::Digest;
 use crate::error::Error;
 use crate::gc::{self, Leases};
 use crate::images::{ImageStore, NamedImage};
-use crate::pull::{Progress, PullSettings, Puller};
+use crate::pull::{EXTRACT_KEY_PREFIX, Progress, PullSettings, Puller};
 use crate::reference::Reference;
 use crate::registry::auth::Credentials;
 use proto::cri;
-use snapshotters::{Mount, Snapshotter};
+use snapshotters::{Kind, Mount, Snapshotter, Usage};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -171,16 +171,46 @@ impl ImageService {
         }
     }
 
-    /// Creates a snapshot `key` on top of an image's layers and returns its mounts.
+    /// A stored image's identity and config, for the runtime.
+    pub fn config(&self, image: &str) -> Result<ImageConfig, Error> {
+        let named = self
+            .images
+            .lookup(image)?
+            .ok_or_else(|| Error::ImageNotFound(image.to_string()))?;
+        let config = self.content.read(&named.record.id)?;
+        let asked = Reference::parse(image).ok().filter(|r| {
+            let name = r.to_string();
+            named.tags.contains(&name) || named.digests.contains(&name)
+        });
+        let name = match &asked {
+            Some(reference) => reference.to_string(),
+            None => named.tags.first().cloned().unwrap_or_default(),
+        };
+        let repository = asked
+            .as_ref()
+            .map(|r| format!("{}/{}@", r.registry, r.repository));
+        let repo_digest = repository
+            .and_then(|prefix| named.digests.iter().find(|d| d.starts_with(&prefix)))
+            .or(named.digests.first())
+            .cloned()
+            .unwrap_or_default();
+        Ok(ImageConfig {
+            name,
+            id: named.record.id.to_string(),
+            repo_digest,
+            config,
+        })
+    }
+
+    /// Creates a snapshot `key` on top of an image's layers and returns its mounts; a key
+    /// prepared on the same image before gets its mounts again.
     pub async fn prepare(
         &self,
         image: &str,
         key: &str,
         readonly: bool,
     ) -> Result<Vec<Mount>, Error> {
-        if key.is_empty() {
-            return Err(Error::InvalidRequest("snapshot key is empty"));
-        }
+        check_key(key)?;
         let named = self
             .images
             .lookup(image)?
@@ -188,29 +218,61 @@ impl ImageService {
         let parent = named.record.top_chain().map(Digest::to_string);
         let snapshotter = self.snapshotter.clone();
         let key = key.to_string();
-        tokio::task::spawn_blocking(move || {
-            let labels = BTreeMap::new();
-            let mounts = if readonly {
-                snapshotter.view(&key, parent.as_deref(), labels)
-            } else {
-                snapshotter.prepare(&key, parent.as_deref(), labels)
+        let kind = if readonly { Kind::View } else { Kind::Active };
+        blocking(move || {
+            let created = match kind {
+                Kind::View => snapshotter.view(&key, parent.as_deref(), BTreeMap::new()),
+                _ => snapshotter.prepare(&key, parent.as_deref(), BTreeMap::new()),
+            };
+            let mounts = match created {
+                Err(snapshotters::Error::AlreadyExists { .. }) => {
+                    same_snapshot(snapshotter.as_ref(), &key, kind, parent.as_deref())
+                }
+                other => other,
             };
             mounts.map_err(|source| Error::Snapshot { key, source })
         })
         .await
-        .expect("prepare task")
+    }
+
+    /// The mounts of a snapshot made by [`Self::prepare`].
+    pub async fn mounts(&self, key: &str) -> Result<Vec<Mount>, Error> {
+        check_key(key)?;
+        let snapshotter = self.snapshotter.clone();
+        let key = key.to_string();
+        blocking(move || {
+            snapshotter
+                .mounts(&key)
+                .map_err(|source| Error::Snapshot { key, source })
+        })
+        .await
+    }
+
+    /// What a snapshot made by [`Self::prepare`] holds on disk, and the directory it lives
+    /// under.
+    pub async fn usage(&self, key: &str) -> Result<(Usage, PathBuf), Error> {
+        check_key(key)?;
+        let snapshotter = self.snapshotter.clone();
+        let key = key.to_string();
+        blocking(move || {
+            let usage = snapshotter
+                .usage(&key)
+                .map_err(|source| Error::Snapshot { key, source })?;
+            Ok((usage, snapshotter.root().to_path_buf()))
+        })
+        .await
     }
 
     /// Removes a snapshot made by [`Self::prepare`]; absent keys are fine.
     pub async fn remove_snapshot(&self, key: &str) -> Result<(), Error> {
+        check_key(key)?;
         let snapshotter = self.snapshotter.clone();
         let key = key.to_string();
-        tokio::task::spawn_blocking(move || match snapshotter.remove(&key) {
+        blocking(move || match snapshotter.remove(&key) {
             Ok(()) | Err(snapshotters::Error::NotFound { .. }) => Ok(()),
             Err(source) => Err(Error::Snapshot { key, source }),
         })
         .await
-        .expect("remove task")
     }
 
     fn to_cri(&self, named: &NamedImage) -> cri::Image {
@@ -232,4 +294,56 @@ impl ImageService {
             pinned,
         }
     }
+}
+
+/// An image as the runtime needs it: what ContainerStatus reports and the config that the
+/// container's process is built from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageConfig {
+    /// The normalised reference asked for, or the image's first tag when asked for by id.
+    pub name: String,
+    /// The image id (config digest).
+    pub id: String,
+    /// The repo digest of the repository asked for, else the first one.
+    pub repo_digest: String,
+    /// The OCI image config, as stored.
+    pub config: Vec<u8>,
+}
+
+/// Keys the runtime may use: not empty, and none of the names imaged gives its own
+/// snapshots (layer chain IDs, layers being unpacked), so the internal API can never
+/// reach an image's layers.
+fn check_key(key: &str) -> Result<(), Error> {
+    if key.is_empty() {
+        return Err(Error::InvalidRequest("snapshot key is empty"));
+    }
+    if key.starts_with(EXTRACT_KEY_PREFIX) || Digest::parse(key).is_ok() {
+        return Err(Error::ReservedKey(key.to_string()));
+    }
+    Ok(())
+}
+
+/// The mounts of `key` when it already is the snapshot asked for (same kind, same parent);
+/// AlreadyExists otherwise.
+fn same_snapshot(
+    snapshotter: &dyn Snapshotter,
+    key: &str,
+    kind: Kind,
+    parent: Option<&str>,
+) -> Result<Vec<Mount>, snapshotters::Error> {
+    let info = snapshotter.stat(key)?;
+    if info.kind == kind && info.parent.as_deref() == parent {
+        snapshotter.mounts(key)
+    } else {
+        Err(snapshotters::Error::AlreadyExists { key: key.into() })
+    }
+}
+
+/// Runs snapshot work off the reactor.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .expect("snapshot task")
 }

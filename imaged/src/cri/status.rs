@@ -16,7 +16,9 @@ pub fn to_status(error: &Error) -> Status {
 
 fn code(error: &Error) -> Code {
     match error {
-        Error::Reference(_) | Error::Auth(_) | Error::InvalidRequest(_) => Code::InvalidArgument,
+        Error::Reference(_) | Error::Auth(_) | Error::InvalidRequest(_) | Error::ReservedKey(_) => {
+            Code::InvalidArgument
+        }
         Error::Pull(e) => pull_code(e),
         Error::Images(e) => images_code(e),
         Error::Content(e) => content_code(e),
@@ -400,6 +402,10 @@ mod tests {
             ),
             (InvalidAuth("bad base64").into(), Code::InvalidArgument),
             (Error::InvalidRequest("key"), Code::InvalidArgument),
+            (
+                Error::ReservedKey("extract-1".into()),
+                Code::InvalidArgument,
+            ),
             (Error::ImageNotFound("a".into()), Code::NotFound),
             (
                 PullError::Registry(RegistryError::NoHosts {

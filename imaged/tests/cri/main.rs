@@ -5,6 +5,7 @@ mod auth;
 mod encrypted;
 mod errors;
 mod harness;
+mod internal;
 mod mirrors;
 mod names;
 mod pull;
