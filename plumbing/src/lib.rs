@@ -1,6 +1,7 @@
 //! Node-level plumbing shared by the daemons: serving and dialling gRPC over unix sockets
-//! (with the `:authority` fix old grpc-go clients need), one tracing span per RPC, Go-style
-//! durations as containerd's configuration files write them, and error chains on one line.
+//! (with the `:authority` fix old grpc-go clients need), one tracing span per RPC, mounts
+//! (overlay options compacted to fit mount(2)'s page), Go-style durations as containerd's
+//! configuration files write them, and error chains on one line.
 //!
 //! Nothing here knows about images or containers; both daemons depend on this crate and it
 //! depends on neither.
@@ -9,6 +10,7 @@
 pub mod authority;
 mod duration;
 pub mod grpc;
+pub mod mount;
 
 pub use duration::go_duration;
 

@@ -3,8 +3,9 @@
 //!
 //! - [`Snapshotter`] is the interface the rest of the workspace uses; [`Overlay`] implements
 //!   it on overlayfs.
-//! - [`Mount`] describes how to mount a snapshot; the snapshotter only returns mounts, and
-//!   whoever needs the filesystem calls [`Mount::mount_all`] and [`unmount`].
+//! - [`Mount`] (from `plumbing`, which both daemons share) describes how to mount a
+//!   snapshot; the snapshotter only returns mounts, and whoever needs the filesystem mounts
+//!   them with `plumbing::mount`.
 //! - `metastore` keeps keys, ids, kinds, parents, labels and frozen usage in redb, shared by
 //!   every backend; `apply` turns a layer tar into files, whiteouts included, without ever
 //!   leaving the snapshot directory.
@@ -15,7 +16,6 @@ mod error;
 mod fsutil;
 mod implicit;
 mod metastore;
-mod mount;
 mod overlayfs;
 
 use std::collections::BTreeMap;
@@ -28,8 +28,8 @@ use serde::{Deserialize, Serialize};
 pub use apply::{ApplyLimits, MAX_EXTENSION_SIZE};
 pub use error::{Error, ErrorKind, LayerError, MetadataError};
 pub use fsutil::disk_usage;
-pub use mount::{Mount, unmount};
 pub use overlayfs::Overlay;
+pub use plumbing::mount::Mount;
 
 /// The kind of a snapshot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

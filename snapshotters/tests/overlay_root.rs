@@ -146,7 +146,7 @@ impl Mounted {
 
 impl Drop for Mounted {
     fn drop(&mut self) {
-        if let Err(e) = snapshotters::unmount(&self.target) {
+        if let Err(e) = plumbing::mount::unmount(&self.target) {
             eprintln!("unmounting {}: {e}", self.target.display());
         }
     }

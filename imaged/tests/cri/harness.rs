@@ -181,9 +181,9 @@ impl Imaged {
             })
             .collect();
         let target = tempfile::tempdir().unwrap();
-        snapshotters::Mount::mount_all(&mounts, target.path()).unwrap();
+        plumbing::mount::Mount::mount_all(&mounts, target.path()).unwrap();
         let tree = Tree::read(target.path());
-        snapshotters::unmount(target.path()).unwrap();
+        plumbing::mount::unmount(target.path()).unwrap();
         snapshots
             .remove(proto::imaged::RemoveSnapshotRequest { key })
             .await

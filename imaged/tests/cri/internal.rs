@@ -56,9 +56,9 @@ async fn remove(imaged: &Imaged, key: &str) -> Result<(), tonic::Status> {
 /// Mounts `mounts`, runs `f` on the mounted tree, unmounts.
 fn with_rootfs<T>(mounts: &[snapshotters::Mount], f: impl FnOnce(&std::path::Path) -> T) -> T {
     let target = tempfile::tempdir().unwrap();
-    snapshotters::Mount::mount_all(mounts, target.path()).unwrap();
+    plumbing::mount::Mount::mount_all(mounts, target.path()).unwrap();
     let result = f(target.path());
-    snapshotters::unmount(target.path()).unwrap();
+    plumbing::mount::unmount(target.path()).unwrap();
     result
 }
 

@@ -1,4 +1,5 @@
-//! Mount descriptions returned by snapshotters, and the code that performs them.
+//! Mount descriptions (what snapshotters return and runtimes mount as a container's rootfs),
+//! and the code that performs them.
 //!
 //! mount(2) takes at most one page of option data. A long overlay `lowerdir=` list (one entry
 //! per layer) is rewritten relative to the lower directories' common parent, and the mount is
@@ -14,7 +15,35 @@ use rustix::mount::{MountFlags, UnmountFlags};
 use rustix::thread::UnshareFlags;
 use serde::{Deserialize, Serialize};
 
-use crate::Error;
+/// Why a mount or unmount failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    /// A system call failed.
+    #[error("{op} {path:?}: {source}")]
+    Io {
+        /// What was being done, e.g. "bind mount".
+        op: &'static str,
+        /// The mount target.
+        path: PathBuf,
+        /// The system error.
+        source: io::Error,
+    },
+    /// The options do not fit in the page mount(2) takes, even with lowerdirs compacted.
+    #[error("mount on {path:?}: options of {len} bytes do not fit in one page")]
+    TooLong {
+        /// The mount target.
+        path: PathBuf,
+        /// Length of the option string.
+        len: usize,
+    },
+}
+
+impl MountError {
+    fn io(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> MountError {
+        let path = path.to_owned();
+        move |source| MountError::Io { op, path, source }
+    }
+}
 
 /// One mount: what the `mount` command would be given.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,9 +68,9 @@ impl Mount {
     /// Overlay options longer than `pagesize - 512` bytes have their lowerdirs rewritten
     /// relative to their common parent directory; the mount is then made from a new thread
     /// that did `unshare(CLONE_FS)` and `chdir` there. This supports hundreds of layers.
-    pub fn mount_all(mounts: &[Mount], target: &Path) -> Result<(), Error> {
+    pub fn mount_all(mounts: &[Mount], target: &Path) -> Result<(), MountError> {
         let target =
-            std::path::absolute(target).map_err(Error::io("resolve mount target", target))?;
+            std::path::absolute(target).map_err(MountError::io("resolve mount target", target))?;
         for (done, mount) in mounts.iter().enumerate() {
             if let Err(e) = mount.mount(&target) {
                 for _ in 0..done {
@@ -55,7 +84,7 @@ impl Mount {
         Ok(())
     }
 
-    fn mount(&self, target: &Path) -> Result<(), Error> {
+    fn mount(&self, target: &Path) -> Result<(), MountError> {
         let options = Options::parse(&self.options);
         if self.kind == "bind" || options.flags.contains(MountFlags::BIND) {
             return self.bind(target, options.flags);
@@ -64,7 +93,7 @@ impl Mount {
         let limit = rustix::param::page_size() - PAGE_MARGIN;
         if data.len() < limit {
             return mount_here(&self.source, target, &self.kind, options.flags, &data)
-                .map_err(Error::io("mount", target));
+                .map_err(MountError::io("mount", target));
         }
         let Some((dir, compacted)) = compact_lowerdirs(&options.data) else {
             return Err(too_long(target, data.len()));
@@ -74,13 +103,13 @@ impl Mount {
             return Err(too_long(target, data.len()));
         }
         mount_from(dir, &self.source, target, &self.kind, options.flags, &data)
-            .map_err(Error::io("mount", target))
+            .map_err(MountError::io("mount", target))
     }
 
-    fn bind(&self, target: &Path, flags: MountFlags) -> Result<(), Error> {
+    fn bind(&self, target: &Path, flags: MountFlags) -> Result<(), MountError> {
         let source = Path::new(&self.source);
         let first = (flags | MountFlags::BIND) - MountFlags::RDONLY;
-        rustix::mount::mount(source, target, "none", first, None).map_err(|e| Error::Io {
+        rustix::mount::mount(source, target, "none", first, None).map_err(|e| MountError::Io {
             op: "bind mount",
             path: target.to_owned(),
             source: e.into(),
@@ -92,7 +121,7 @@ impl Mount {
         let remount = (flags | MountFlags::BIND) - MountFlags::REC;
         if let Err(e) = rustix::mount::mount_remount(target, remount, "") {
             let _ = unmount(target);
-            return Err(Error::Io {
+            return Err(MountError::Io {
                 op: "remount read-only",
                 path: target.to_owned(),
                 source: e.into(),
@@ -103,14 +132,14 @@ impl Mount {
 }
 
 /// Unmounts `target`; if it is busy, detaches it so it goes away once no longer used.
-pub fn unmount(target: &Path) -> Result<(), Error> {
+pub fn unmount(target: &Path) -> Result<(), MountError> {
     let result = match rustix::mount::unmount(target, UnmountFlags::NOFOLLOW) {
         Err(Errno::BUSY) => {
             rustix::mount::unmount(target, UnmountFlags::NOFOLLOW | UnmountFlags::DETACH)
         }
         other => other,
     };
-    result.map_err(|e| Error::Io {
+    result.map_err(|e| MountError::Io {
         op: "unmount",
         path: target.to_owned(),
         source: e.into(),
@@ -154,10 +183,10 @@ impl Options {
     }
 }
 
-fn too_long(target: &Path, len: usize) -> Error {
-    Error::InvalidArgument {
-        key: target.display().to_string(),
-        reason: format!("mount options of {len} bytes do not fit in one page"),
+fn too_long(target: &Path, len: usize) -> MountError {
+    MountError::TooLong {
+        path: target.to_owned(),
+        len,
     }
 }
 
@@ -239,15 +268,16 @@ fn mount_from(
         kind.to_owned(),
         data.to_owned(),
     );
-    let thread = std::thread::Builder::new()
-        .name("snapshot-mount".to_owned())
-        .spawn(move || -> io::Result<()> {
-            // SAFETY: CLONE_FS only gives this thread its own cwd, root and umask. The file
-            // descriptor table stays shared, so no descriptor becomes invalid elsewhere.
-            unsafe { rustix::thread::unshare_unsafe(UnshareFlags::FS) }?;
-            rustix::process::chdir(&dir)?;
-            mount_here(&source, &target, &kind, flags, &data)
-        })?;
+    let thread =
+        std::thread::Builder::new()
+            .name("mount".to_owned())
+            .spawn(move || -> io::Result<()> {
+                // SAFETY: CLONE_FS only gives this thread its own cwd, root and umask. The file
+                // descriptor table stays shared, so no descriptor becomes invalid elsewhere.
+                unsafe { rustix::thread::unshare_unsafe(UnshareFlags::FS) }?;
+                rustix::process::chdir(&dir)?;
+                mount_here(&source, &target, &kind, flags, &data)
+            })?;
     thread
         .join()
         .map_err(|_| io::Error::other("mount thread panicked"))?
