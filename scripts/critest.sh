@@ -10,8 +10,9 @@ PATH="$PWD/target/tools:$PATH"
 
 start_registry critest
 start_imaged
-# critest calls RuntimeService/Version once; a socket where nothing listens is tolerated.
-critest -runtime-endpoint "unix://$work/no-runtime.sock" -image-endpoint "unix://$socket" \
+start_runtimed
+# critest asks the runtime endpoint for its Version before any spec.
+critest -runtime-endpoint "unix://$runtime_socket" -image-endpoint "unix://$socket" \
   -ginkgo.focus='Image Manager' -ginkgo.skip='public image with digest' \
   -ginkgo.json-report="$work/critest.json" -ginkgo.no-color
 python3 - "$work/critest.json" <<'PY'

@@ -1,5 +1,5 @@
-# Shared helpers for the demo and critest scripts: a fixture registry and an imaged daemon,
-# both under a temporary directory and both stopped on exit.
+# Shared helpers for the demo and critest scripts: a fixture registry, an imaged daemon and
+# a runtimed daemon, all under a temporary directory and all stopped on exit.
 
 bin_dir=${BIN_DIR:-target/debug}
 work=$(mktemp -d /tmp/imaged.XXXXXX)
@@ -51,5 +51,23 @@ TOML
   done
   echo "imaged did not start:" >&2
   cat "$work/imaged.log" >&2
+  return 1
+}
+
+# start_runtimed: starts runtimed next to imaged, with its own root and state under $work;
+# sets $runtime_socket.
+start_runtimed() {
+  mkdir -p "$work/net.d"
+  runtime_socket="$work/runtimed-state/runtimed.sock"
+  RUNTIMED_LOG=${RUNTIMED_LOG:-warn} "$bin_dir/runtimed" serve --root "$work/runtimed-root" \
+    --state "$work/runtimed-state" --image-service-endpoint "unix://$socket" \
+    2>"$work/runtimed.log" &
+  pids+=($!)
+  for _ in $(seq 1 300); do
+    [ -S "$runtime_socket" ] && return 0
+    sleep 0.1
+  done
+  echo "runtimed did not start:" >&2
+  cat "$work/runtimed.log" >&2
   return 1
 }

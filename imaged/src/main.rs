@@ -153,17 +153,7 @@ async fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
     let daemon = imaged::daemon::Daemon::open(&config)
         .await
         .with_context(|| format!("starting with root {}", config.root.display()))?;
-    daemon.serve(shutdown_signal()).await?;
+    daemon.serve(plumbing::shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: finishing running requests"),
-        _ = int.recv() => tracing::info!("SIGINT: finishing running requests"),
-    }
 }

@@ -14,6 +14,18 @@ pub mod mount;
 
 pub use duration::go_duration;
 
+/// Resolves at the first SIGTERM or SIGINT, so a daemon can stop accepting connections and
+/// let running requests finish.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: finishing running requests"),
+        _ = int.recv() => tracing::info!("SIGINT: finishing running requests"),
+    }
+}
+
 /// The error and its causes on one line, `outer: cause: root cause` (reqwest, tonic and
 /// hyper keep the useful part in their sources).
 pub fn error_chain(error: &dyn std::error::Error) -> String {

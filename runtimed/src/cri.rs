@@ -1,0 +1,245 @@
+//! The CRI v1 `RuntimeService` over gRPC: a thin layer over
+//! [`RuntimeService`](crate::service::RuntimeService). RPCs that runtimed does not perform
+//! yet answer Unimplemented naming the method, which the kubelet and critest report as is.
+
+use crate::service::RuntimeService;
+use proto::cri;
+use proto::cri::runtime_service_server;
+use std::pin::Pin;
+use std::sync::Arc;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+/// The tonic server side of `runtime.v1.RuntimeService`.
+#[derive(Clone)]
+pub struct CriRuntimeService {
+    service: Arc<RuntimeService>,
+}
+
+impl CriRuntimeService {
+    /// Wraps the service.
+    pub fn new(service: Arc<RuntimeService>) -> Self {
+        Self { service }
+    }
+}
+
+fn not_yet(method: &str) -> Status {
+    Status::unimplemented(format!("runtimed does not implement {method} yet"))
+}
+
+type Events = Pin<Box<dyn Stream<Item = Result<cri::ContainerEventResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl runtime_service_server::RuntimeService for CriRuntimeService {
+    type GetContainerEventsStream = Events;
+
+    async fn version(
+        &self,
+        _request: Request<cri::VersionRequest>,
+    ) -> Result<Response<cri::VersionResponse>, Status> {
+        Ok(Response::new(self.service.version()))
+    }
+
+    async fn status(
+        &self,
+        request: Request<cri::StatusRequest>,
+    ) -> Result<Response<cri::StatusResponse>, Status> {
+        let verbose = request.into_inner().verbose;
+        Ok(Response::new(self.service.status(verbose)))
+    }
+
+    async fn runtime_config(
+        &self,
+        _request: Request<cri::RuntimeConfigRequest>,
+    ) -> Result<Response<cri::RuntimeConfigResponse>, Status> {
+        Ok(Response::new(self.service.runtime_config()))
+    }
+
+    /// The pod CIDR matters to a CNI configuration that runtimed would write from a
+    /// template; with the operator's own configuration in `conf_dir` there is nothing to
+    /// change, as in containerd without `conf_template`.
+    async fn update_runtime_config(
+        &self,
+        request: Request<cri::UpdateRuntimeConfigRequest>,
+    ) -> Result<Response<cri::UpdateRuntimeConfigResponse>, Status> {
+        let config = request.into_inner().runtime_config;
+        let cidr = config.and_then(|c| c.network_config).map(|n| n.pod_cidr);
+        tracing::info!(pod_cidr = ?cidr, "runtime config updated");
+        Ok(Response::new(cri::UpdateRuntimeConfigResponse {}))
+    }
+
+    async fn get_container_events(
+        &self,
+        _request: Request<cri::GetEventsRequest>,
+    ) -> Result<Response<Events>, Status> {
+        Err(not_yet("GetContainerEvents"))
+    }
+
+    async fn run_pod_sandbox(
+        &self,
+        _request: Request<cri::RunPodSandboxRequest>,
+    ) -> Result<Response<cri::RunPodSandboxResponse>, Status> {
+        Err(not_yet("RunPodSandbox"))
+    }
+
+    async fn stop_pod_sandbox(
+        &self,
+        _request: Request<cri::StopPodSandboxRequest>,
+    ) -> Result<Response<cri::StopPodSandboxResponse>, Status> {
+        Err(not_yet("StopPodSandbox"))
+    }
+
+    async fn remove_pod_sandbox(
+        &self,
+        _request: Request<cri::RemovePodSandboxRequest>,
+    ) -> Result<Response<cri::RemovePodSandboxResponse>, Status> {
+        Err(not_yet("RemovePodSandbox"))
+    }
+
+    async fn pod_sandbox_status(
+        &self,
+        _request: Request<cri::PodSandboxStatusRequest>,
+    ) -> Result<Response<cri::PodSandboxStatusResponse>, Status> {
+        Err(not_yet("PodSandboxStatus"))
+    }
+
+    async fn list_pod_sandbox(
+        &self,
+        _request: Request<cri::ListPodSandboxRequest>,
+    ) -> Result<Response<cri::ListPodSandboxResponse>, Status> {
+        Err(not_yet("ListPodSandbox"))
+    }
+
+    async fn create_container(
+        &self,
+        _request: Request<cri::CreateContainerRequest>,
+    ) -> Result<Response<cri::CreateContainerResponse>, Status> {
+        Err(not_yet("CreateContainer"))
+    }
+
+    async fn start_container(
+        &self,
+        _request: Request<cri::StartContainerRequest>,
+    ) -> Result<Response<cri::StartContainerResponse>, Status> {
+        Err(not_yet("StartContainer"))
+    }
+
+    async fn stop_container(
+        &self,
+        _request: Request<cri::StopContainerRequest>,
+    ) -> Result<Response<cri::StopContainerResponse>, Status> {
+        Err(not_yet("StopContainer"))
+    }
+
+    async fn remove_container(
+        &self,
+        _request: Request<cri::RemoveContainerRequest>,
+    ) -> Result<Response<cri::RemoveContainerResponse>, Status> {
+        Err(not_yet("RemoveContainer"))
+    }
+
+    async fn list_containers(
+        &self,
+        _request: Request<cri::ListContainersRequest>,
+    ) -> Result<Response<cri::ListContainersResponse>, Status> {
+        Err(not_yet("ListContainers"))
+    }
+
+    async fn container_status(
+        &self,
+        _request: Request<cri::ContainerStatusRequest>,
+    ) -> Result<Response<cri::ContainerStatusResponse>, Status> {
+        Err(not_yet("ContainerStatus"))
+    }
+
+    async fn update_container_resources(
+        &self,
+        _request: Request<cri::UpdateContainerResourcesRequest>,
+    ) -> Result<Response<cri::UpdateContainerResourcesResponse>, Status> {
+        Err(not_yet("UpdateContainerResources"))
+    }
+
+    async fn reopen_container_log(
+        &self,
+        _request: Request<cri::ReopenContainerLogRequest>,
+    ) -> Result<Response<cri::ReopenContainerLogResponse>, Status> {
+        Err(not_yet("ReopenContainerLog"))
+    }
+
+    async fn exec_sync(
+        &self,
+        _request: Request<cri::ExecSyncRequest>,
+    ) -> Result<Response<cri::ExecSyncResponse>, Status> {
+        Err(not_yet("ExecSync"))
+    }
+
+    async fn exec(
+        &self,
+        _request: Request<cri::ExecRequest>,
+    ) -> Result<Response<cri::ExecResponse>, Status> {
+        Err(not_yet("Exec"))
+    }
+
+    async fn attach(
+        &self,
+        _request: Request<cri::AttachRequest>,
+    ) -> Result<Response<cri::AttachResponse>, Status> {
+        Err(not_yet("Attach"))
+    }
+
+    async fn port_forward(
+        &self,
+        _request: Request<cri::PortForwardRequest>,
+    ) -> Result<Response<cri::PortForwardResponse>, Status> {
+        Err(not_yet("PortForward"))
+    }
+
+    async fn container_stats(
+        &self,
+        _request: Request<cri::ContainerStatsRequest>,
+    ) -> Result<Response<cri::ContainerStatsResponse>, Status> {
+        Err(not_yet("ContainerStats"))
+    }
+
+    async fn list_container_stats(
+        &self,
+        _request: Request<cri::ListContainerStatsRequest>,
+    ) -> Result<Response<cri::ListContainerStatsResponse>, Status> {
+        Err(not_yet("ListContainerStats"))
+    }
+
+    async fn pod_sandbox_stats(
+        &self,
+        _request: Request<cri::PodSandboxStatsRequest>,
+    ) -> Result<Response<cri::PodSandboxStatsResponse>, Status> {
+        Err(not_yet("PodSandboxStats"))
+    }
+
+    async fn list_pod_sandbox_stats(
+        &self,
+        _request: Request<cri::ListPodSandboxStatsRequest>,
+    ) -> Result<Response<cri::ListPodSandboxStatsResponse>, Status> {
+        Err(not_yet("ListPodSandboxStats"))
+    }
+
+    async fn checkpoint_container(
+        &self,
+        _request: Request<cri::CheckpointContainerRequest>,
+    ) -> Result<Response<cri::CheckpointContainerResponse>, Status> {
+        Err(not_yet("CheckpointContainer"))
+    }
+
+    async fn list_metric_descriptors(
+        &self,
+        _request: Request<cri::ListMetricDescriptorsRequest>,
+    ) -> Result<Response<cri::ListMetricDescriptorsResponse>, Status> {
+        Err(not_yet("ListMetricDescriptors"))
+    }
+
+    async fn list_pod_sandbox_metrics(
+        &self,
+        _request: Request<cri::ListPodSandboxMetricsRequest>,
+    ) -> Result<Response<cri::ListPodSandboxMetricsResponse>, Status> {
+        Err(not_yet("ListPodSandboxMetrics"))
+    }
+}
