@@ -1,12 +1,15 @@
 #!/bin/sh
 # Installs what the tests and the demo need, when missing: a registry, skopeo, htpasswd,
-# openssl, and crictl/critest from the shared cri-tools folder.
+# openssl, the CNI plugins with iproute2 and iptables (runtimed's network tests), and
+# crictl/critest from the shared cri-tools folder.
 set -eu
 here=$(cd "$(dirname "$0")/.." && pwd)
 missing=""
-for pair in docker-registry:docker-registry skopeo:skopeo htpasswd:apache2-utils openssl:openssl; do
+for pair in docker-registry:docker-registry skopeo:skopeo htpasswd:apache2-utils openssl:openssl \
+  ip:iproute2 iptables:iptables; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || missing="$missing ${pair#*:}"
 done
+[ -x /usr/lib/cni/bridge ] || missing="$missing containernetworking-plugins"
 if [ -n "$missing" ]; then
   echo "installing:$missing"
   apt-get update -qq

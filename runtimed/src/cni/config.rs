@@ -1,4 +1,4 @@
-//! CNI network configuration, as the CNI specification defines it and as containerd's and
+//! Network configuration, as the CNI specification defines it and as containerd's and
 //! CRI-O's loaders pick it: the first `*.conf`, `*.conflist` or `*.json` file of the
 //! configuration directory in sort order is the pod network. A `.conf` file holds a single
 //! plugin and is read as a list of one.
