@@ -6,7 +6,7 @@ set -eu
 here=$(cd "$(dirname "$0")/.." && pwd)
 missing=""
 for pair in docker-registry:docker-registry skopeo:skopeo htpasswd:apache2-utils openssl:openssl \
-  ip:iproute2 iptables:iptables; do
+  ip:iproute2 iptables:iptables busybox:busybox; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || missing="$missing ${pair#*:}"
 done
 [ -x /usr/lib/cni/bridge ] || missing="$missing containernetworking-plugins"

@@ -211,3 +211,61 @@ fn snapshot_dirs(imaged: &Imaged) -> Vec<String> {
         .filter(|f| f.contains("/snapshots/") && f.ends_with("/fs"))
         .collect()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busybox_and_pause_images_run_on_a_prepared_rootfs() {
+    let registry = registry();
+    let imaged = Imaged::start().await;
+    push(
+        &registry,
+        "fixtures/busybox",
+        "v1",
+        &catalog::busybox().unwrap(),
+    );
+    push(
+        &registry,
+        "fixtures/pause",
+        "v1",
+        &catalog::pause().unwrap(),
+    );
+    let busybox = format!("{}/fixtures/busybox:v1", registry.addr());
+    let pause = format!("{}/fixtures/pause:v1", registry.addr());
+    imaged.pull(&busybox).await.unwrap();
+    imaged.pull(&pause).await.unwrap();
+
+    let mounts = prepare(&imaged, &busybox, "busybox-run").await.unwrap();
+    let output = with_rootfs(&mounts, |root| {
+        std::process::Command::new("chroot")
+            .arg(root)
+            .args([
+                "/bin/sh",
+                "-c",
+                "echo -n hello > /tmp/out; cat /tmp/out; id -u",
+            ])
+            .output()
+            .unwrap()
+    });
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "hello0\n",
+        "{output:?}"
+    );
+
+    let mounts = prepare(&imaged, &pause, "pause-run").await.unwrap();
+    let status = with_rootfs(&mounts, |root| {
+        let mut child = std::process::Command::new("chroot")
+            .arg(root)
+            .arg("/pause")
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "pause exited by itself"
+        );
+        let pid = rustix::process::Pid::from_child(&child);
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+        child.wait().unwrap()
+    });
+    assert!(status.success(), "{status:?}");
+}
