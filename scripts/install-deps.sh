@@ -6,7 +6,7 @@ set -eu
 here=$(cd "$(dirname "$0")/.." && pwd)
 missing=""
 for pair in docker-registry:docker-registry skopeo:skopeo htpasswd:apache2-utils openssl:openssl \
-  ip:iproute2 iptables:iptables busybox:busybox; do
+  ip:iproute2 iptables:iptables busybox:busybox runc:runc crun:crun conmon:conmon; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || missing="$missing ${pair#*:}"
 done
 [ -x /usr/lib/cni/bridge ] || missing="$missing containernetworking-plugins"
@@ -33,3 +33,13 @@ if [ -z "$found" ] && ! command -v critest >/dev/null 2>&1; then
   exit 1
 fi
 modprobe overlay 2>/dev/null || true
+# crun refuses a hybrid cgroup layout (v1 controllers plus a cgroup2 mount) whose cgroup2
+# hierarchy holds controllers ("cgroups in hybrid mode not supported"); some VM images leave
+# hugetlb there. Each such controller gets a v1 hierarchy beside the others, the layout
+# systemd's hybrid mode makes.
+if [ -f /sys/fs/cgroup/unified/cgroup.controllers ]; then
+  for controller in $(cat /sys/fs/cgroup/unified/cgroup.controllers); do
+    mkdir -p "/sys/fs/cgroup/$controller"
+    mount -t cgroup -o "$controller" cgroup "/sys/fs/cgroup/$controller" || true
+  done
+fi

@@ -219,7 +219,7 @@ impl ImageService {
         let snapshotter = self.snapshotter.clone();
         let key = key.to_string();
         let kind = if readonly { Kind::View } else { Kind::Active };
-        blocking(move || {
+        plumbing::blocking(move || {
             let created = match kind {
                 Kind::View => snapshotter.view(&key, parent.as_deref(), BTreeMap::new()),
                 _ => snapshotter.prepare(&key, parent.as_deref(), BTreeMap::new()),
@@ -240,7 +240,7 @@ impl ImageService {
         check_key(key)?;
         let snapshotter = self.snapshotter.clone();
         let key = key.to_string();
-        blocking(move || {
+        plumbing::blocking(move || {
             snapshotter
                 .mounts(&key)
                 .map_err(|source| Error::Snapshot { key, source })
@@ -254,7 +254,7 @@ impl ImageService {
         check_key(key)?;
         let snapshotter = self.snapshotter.clone();
         let key = key.to_string();
-        blocking(move || {
+        plumbing::blocking(move || {
             let usage = snapshotter
                 .usage(&key)
                 .map_err(|source| Error::Snapshot { key, source })?;
@@ -268,7 +268,7 @@ impl ImageService {
         check_key(key)?;
         let snapshotter = self.snapshotter.clone();
         let key = key.to_string();
-        blocking(move || match snapshotter.remove(&key) {
+        plumbing::blocking(move || match snapshotter.remove(&key) {
             Ok(()) | Err(snapshotters::Error::NotFound { .. }) => Ok(()),
             Err(source) => Err(Error::Snapshot { key, source }),
         })
@@ -337,13 +337,4 @@ fn same_snapshot(
     } else {
         Err(snapshotters::Error::AlreadyExists { key: key.into() })
     }
-}
-
-/// Runs snapshot work off the reactor.
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, Error> + Send + 'static,
-) -> Result<T, Error> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .expect("snapshot task")
 }

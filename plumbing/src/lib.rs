@@ -14,6 +14,15 @@ pub mod mount;
 
 pub use duration::go_duration;
 
+/// Runs blocking work (file system, child processes, mounts) on tokio's blocking pool, off
+/// the reactor, and returns what it returned. A panic in `work` is passed on.
+pub async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(value) => value,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
 /// Resolves at the first SIGTERM or SIGINT, so a daemon can stop accepting connections and
 /// let running requests finish.
 pub async fn shutdown_signal() {

@@ -23,6 +23,12 @@ impl CriRuntimeService {
     }
 }
 
+/// The sandbox id of a request, also recorded in the RPC's span.
+fn sandbox_id(id: String) -> String {
+    tracing::Span::current().record("sandbox", &id);
+    id
+}
+
 fn not_yet(method: &str) -> Status {
     Status::unimplemented(format!("runtimed does not implement {method} yet"))
 }
@@ -68,46 +74,75 @@ impl runtime_service_server::RuntimeService for CriRuntimeService {
         Ok(Response::new(cri::UpdateRuntimeConfigResponse {}))
     }
 
+    async fn run_pod_sandbox(
+        &self,
+        request: Request<cri::RunPodSandboxRequest>,
+    ) -> Result<Response<cri::RunPodSandboxResponse>, Status> {
+        let request = request.into_inner();
+        let config = request.config.unwrap_or_default();
+        let pod_sandbox_id = self
+            .service
+            .run_pod_sandbox(config, &request.runtime_handler)
+            .await
+            .map_err(|e| e.to_status())?;
+        tracing::Span::current().record("sandbox", &pod_sandbox_id);
+        Ok(Response::new(cri::RunPodSandboxResponse { pod_sandbox_id }))
+    }
+
+    async fn stop_pod_sandbox(
+        &self,
+        request: Request<cri::StopPodSandboxRequest>,
+    ) -> Result<Response<cri::StopPodSandboxResponse>, Status> {
+        let id = sandbox_id(request.into_inner().pod_sandbox_id);
+        self.service
+            .stop_pod_sandbox(&id)
+            .await
+            .map_err(|e| e.to_status())?;
+        Ok(Response::new(cri::StopPodSandboxResponse {}))
+    }
+
+    async fn remove_pod_sandbox(
+        &self,
+        request: Request<cri::RemovePodSandboxRequest>,
+    ) -> Result<Response<cri::RemovePodSandboxResponse>, Status> {
+        let id = sandbox_id(request.into_inner().pod_sandbox_id);
+        self.service
+            .remove_pod_sandbox(&id)
+            .await
+            .map_err(|e| e.to_status())?;
+        Ok(Response::new(cri::RemovePodSandboxResponse {}))
+    }
+
+    async fn pod_sandbox_status(
+        &self,
+        request: Request<cri::PodSandboxStatusRequest>,
+    ) -> Result<Response<cri::PodSandboxStatusResponse>, Status> {
+        let request = request.into_inner();
+        let id = sandbox_id(request.pod_sandbox_id);
+        let status = self
+            .service
+            .pod_sandbox_status(&id, request.verbose)
+            .await
+            .map_err(|e| e.to_status())?;
+        Ok(Response::new(status))
+    }
+
+    async fn list_pod_sandbox(
+        &self,
+        request: Request<cri::ListPodSandboxRequest>,
+    ) -> Result<Response<cri::ListPodSandboxResponse>, Status> {
+        let items = self
+            .service
+            .list_pod_sandbox(request.into_inner().filter)
+            .await;
+        Ok(Response::new(cri::ListPodSandboxResponse { items }))
+    }
+
     async fn get_container_events(
         &self,
         _request: Request<cri::GetEventsRequest>,
     ) -> Result<Response<Events>, Status> {
         Err(not_yet("GetContainerEvents"))
-    }
-
-    async fn run_pod_sandbox(
-        &self,
-        _request: Request<cri::RunPodSandboxRequest>,
-    ) -> Result<Response<cri::RunPodSandboxResponse>, Status> {
-        Err(not_yet("RunPodSandbox"))
-    }
-
-    async fn stop_pod_sandbox(
-        &self,
-        _request: Request<cri::StopPodSandboxRequest>,
-    ) -> Result<Response<cri::StopPodSandboxResponse>, Status> {
-        Err(not_yet("StopPodSandbox"))
-    }
-
-    async fn remove_pod_sandbox(
-        &self,
-        _request: Request<cri::RemovePodSandboxRequest>,
-    ) -> Result<Response<cri::RemovePodSandboxResponse>, Status> {
-        Err(not_yet("RemovePodSandbox"))
-    }
-
-    async fn pod_sandbox_status(
-        &self,
-        _request: Request<cri::PodSandboxStatusRequest>,
-    ) -> Result<Response<cri::PodSandboxStatusResponse>, Status> {
-        Err(not_yet("PodSandboxStatus"))
-    }
-
-    async fn list_pod_sandbox(
-        &self,
-        _request: Request<cri::ListPodSandboxRequest>,
-    ) -> Result<Response<cri::ListPodSandboxResponse>, Status> {
-        Err(not_yet("ListPodSandbox"))
     }
 
     async fn create_container(

@@ -36,14 +36,20 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Creates the root and state directories.
+    /// Creates the root and state directories and loads the recorded sandboxes.
     pub fn open(config: Config) -> Result<Self, StartError> {
         for dir in [&config.root, &config.state] {
             create_dir(dir)?;
         }
+        let address = config.address.clone();
+        let root = config.root.clone();
+        let service = RuntimeService::open(config).map_err(|source| StartError::Io {
+            path: root.join("sandboxes"),
+            source,
+        })?;
         Ok(Self {
-            address: config.address.clone(),
-            service: Arc::new(RuntimeService::new(config)),
+            address,
+            service: Arc::new(service),
         })
     }
 

@@ -3,13 +3,26 @@
 //! networking. It never reads image content itself: image configs and writable snapshots
 //! come from imaged's internal API.
 //!
-//! Today it answers the runtime-level RPCs (Version, Status, RuntimeConfig,
-//! UpdateRuntimeConfig); the pod and container RPCs answer Unimplemented naming the method.
-//! [`config`] holds the configuration, [`cni`] the network configuration, [`service`] the
-//! RPCs' logic, [`cri`] the gRPC edge and [`daemon`] start-up and serving.
+//! Served today: Version, Status, RuntimeConfig, UpdateRuntimeConfig, and the pod sandbox
+//! lifecycle (RunPodSandbox, StopPodSandbox, RemovePodSandbox, PodSandboxStatus,
+//! ListPodSandbox); the container and streaming RPCs answer Unimplemented naming the method.
+//!
+//! [`config`] holds the configuration, [`cni`] the network configuration and plugin calls,
+//! [`images`] the client of imaged, [`netns`] pinned network namespaces, [`spec`] OCI
+//! runtime specs, [`oci`] the OCI runtime and conmon, [`sandbox`] the steps of a sandbox's
+//! life, [`store`] records that survive a restart, [`service`] the RPCs' logic, [`cri`] the
+//! gRPC edge, [`error`] the one error type and its status codes, and [`daemon`] start-up
+//! and serving.
 
 pub mod cni;
 pub mod config;
 pub mod cri;
 pub mod daemon;
+pub mod error;
+pub mod images;
+pub mod netns;
+pub mod oci;
+pub mod sandbox;
 pub mod service;
+pub mod spec;
+pub mod store;

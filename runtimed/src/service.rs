@@ -1,10 +1,16 @@
 //! The runtime service's logic on plain Rust types: what each RPC answers, without gRPC
 //! concerns.
 
-use crate::cni;
+use crate::cni::{self, Network};
 use crate::config::{CgroupDriver, Config};
+use crate::error::Error;
+use crate::images::{Image, Images};
+use crate::oci::{self, Conmon, Runtime};
+use crate::sandbox::{self, Paths, Sandbox, Setup};
+use crate::store::Store;
 use proto::cri;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use tokio::sync::{Mutex, RwLock};
 
 /// The CRI version this service speaks, as `VersionResponse.version` reports it.
 const KUBELET_API_VERSION: &str = "0.1.0";
@@ -14,12 +20,30 @@ const RUNTIME_NAME: &str = "runtimed";
 /// runtimed's runtime service.
 pub struct RuntimeService {
     config: Config,
+    images: Images,
+    sandboxes_store: Store,
+    sandboxes: RwLock<BTreeMap<String, Sandbox>>,
+    /// Sandbox lifecycle changes one at a time, so a name is reserved once and a network
+    /// attached and detached once.
+    lifecycle: Mutex<()>,
 }
 
 impl RuntimeService {
-    /// A service configured by `config`.
-    pub fn new(config: Config) -> Self {
-        Self { config }
+    /// A service configured by `config`, with the sandboxes recorded under its root.
+    pub fn open(config: Config) -> std::io::Result<Self> {
+        let sandboxes_store = Store::open(config.root.join("sandboxes"))?;
+        let sandboxes = sandboxes_store
+            .load::<Sandbox>()?
+            .into_iter()
+            .map(|s| (s.id.clone(), s))
+            .collect();
+        Ok(Self {
+            images: Images::new(config.image_socket()),
+            config,
+            sandboxes_store,
+            sandboxes: RwLock::new(sandboxes),
+            lifecycle: Mutex::default(),
+        })
     }
 
     /// `Version`.
@@ -118,6 +142,432 @@ impl RuntimeService {
     }
 }
 
+/// Pod sandboxes.
+impl RuntimeService {
+    /// `RunPodSandbox`: returns the new sandbox's id.
+    pub async fn run_pod_sandbox(
+        &self,
+        config: cri::PodSandboxConfig,
+        handler: &str,
+    ) -> Result<String, Error> {
+        let metadata = config.metadata.clone().unwrap_or_default();
+        if metadata.name.is_empty() || metadata.namespace.is_empty() || metadata.uid.is_empty() {
+            return Err(Error::InvalidArgument(
+                "pod sandbox metadata needs a name, a namespace and a uid".into(),
+            ));
+        }
+        let _lifecycle = self.lifecycle.lock().await;
+        let reserved = Sandbox::reserved_name(&config);
+        if let Some(owner) = self.owner_of(&reserved).await {
+            return Err(Error::AlreadyExists(format!(
+                "pod sandbox name {reserved:?} is reserved for {owner}"
+            )));
+        }
+        let handler = if handler.is_empty() {
+            self.config.default_runtime.clone()
+        } else {
+            handler.to_string()
+        };
+        let runtime = self.runtime(&handler)?;
+        let conmon = self.conmon()?;
+        let mut sandbox = Sandbox {
+            id: new_id()?,
+            runtime_handler: handler,
+            created_at: now(),
+            netns: None,
+            cni_result: None,
+            network_detached: false,
+            pid: 0,
+            image: String::new(),
+            stopped: false,
+            config,
+        };
+        let network = if sandbox.host_network() {
+            None
+        } else {
+            sandbox.netns = Some(self.config.state.join("netns").join(&sandbox.id));
+            Some(self.network()?)
+        };
+        let image = self.images.get_or_pull(&self.config.pause_image).await?;
+        sandbox.image = image.id.clone();
+        let parts = Parts {
+            paths: self.paths(&sandbox.id),
+            network,
+            runtime,
+            conmon,
+        };
+        if let Err(e) = self.build(&mut sandbox, &parts, &image).await {
+            tracing::warn!(sandbox = %sandbox.id, error = %e, "pod sandbox failed; undoing");
+            self.tear_down(&mut sandbox, &parts).await;
+            return Err(e);
+        }
+        let id = sandbox.id.clone();
+        self.save(sandbox).await?;
+        Ok(id)
+    }
+
+    async fn build(
+        &self,
+        sandbox: &mut Sandbox,
+        parts: &Parts,
+        image: &Image,
+    ) -> Result<(), Error> {
+        let files = (sandbox.clone(), parts.paths.clone());
+        plumbing::blocking(move || sandbox::prepare_files(&files.0, &files.1)).await?;
+        if let Some(network) = parts.network.clone() {
+            let attached = (sandbox.clone(), self.config.cni.bin_dir.clone());
+            let result = plumbing::blocking(move || {
+                sandbox::attach_network(&attached.0, &network, &attached.1)
+            })
+            .await?;
+            sandbox.cni_result = Some(result.raw);
+        }
+        let mounts = self.images.prepare(&sandbox.id, &image.id, false).await?;
+        let paths = parts.paths.clone();
+        plumbing::blocking(move || sandbox::mount_rootfs(&paths, &mounts)).await?;
+        let (infra, parts_copy, image) = (sandbox.clone(), parts.clone(), image.clone());
+        let cgroups_path = self.cgroups_path(&infra);
+        sandbox.pid = plumbing::blocking(move || {
+            let setup = Setup {
+                paths: &parts_copy.paths,
+                network: parts_copy.network.as_ref(),
+                runtime: &parts_copy.runtime,
+                conmon: &parts_copy.conmon,
+                image: &image,
+                cgroups_path,
+            };
+            sandbox::start_infra(&infra, &setup)
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Undoes whatever of a sandbox exists, errors logged: what a failed RunPodSandbox
+    /// leaves, and what RemovePodSandbox removes.
+    async fn tear_down(&self, sandbox: &mut Sandbox, parts: &Parts) {
+        let (stopped, parts_copy) = (sandbox.clone(), parts.clone());
+        let infra = plumbing::blocking(move || {
+            sandbox::stop_infra(&stopped, &parts_copy.runtime, &parts_copy.conmon)
+        });
+        if let Err(e) = infra.await {
+            tracing::warn!(sandbox = %sandbox.id, error = %e, "stopping the infra process");
+        }
+        if let Err(e) = self.detach(sandbox, parts).await {
+            tracing::warn!(sandbox = %sandbox.id, error = %e, "detaching the network");
+        }
+        let (removed, parts_copy) = (sandbox.clone(), parts.clone());
+        let result = plumbing::blocking(move || {
+            sandbox::remove_files(
+                &removed,
+                &parts_copy.paths,
+                &parts_copy.runtime,
+                &parts_copy.conmon,
+            )
+        })
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(sandbox = %sandbox.id, error = %e, "removing files");
+        }
+        if let Err(e) = self.images.remove(&sandbox.id).await {
+            tracing::warn!(sandbox = %sandbox.id, error = %e, "removing the rootfs snapshot");
+        }
+    }
+
+    /// Stops the infra process and detaches the network.
+    async fn stop(&self, sandbox: &mut Sandbox, parts: &Parts) -> Result<(), Error> {
+        let (stopped, parts_copy) = (sandbox.clone(), parts.clone());
+        plumbing::blocking(move || {
+            sandbox::stop_infra(&stopped, &parts_copy.runtime, &parts_copy.conmon)
+        })
+        .await?;
+        self.detach(sandbox, parts).await?;
+        sandbox.stopped = true;
+        Ok(())
+    }
+
+    /// Detaches the pod network (once) and removes its namespace.
+    async fn detach(&self, sandbox: &mut Sandbox, parts: &Parts) -> Result<(), Error> {
+        let (mut detached, network, bin_dir) = (
+            sandbox.clone(),
+            parts.network.clone(),
+            self.config.cni.bin_dir.clone(),
+        );
+        let (detached, result) = plumbing::blocking(move || {
+            let result = sandbox::detach_network(&mut detached, network.as_ref(), &bin_dir);
+            (detached, result)
+        })
+        .await;
+        *sandbox = detached;
+        result
+    }
+
+    /// `StopPodSandbox`: idempotent; an unknown id is fine, as the CRI asks.
+    pub async fn stop_pod_sandbox(&self, id: &str) -> Result<(), Error> {
+        let _lifecycle = self.lifecycle.lock().await;
+        let Some(mut sandbox) = self.find(id).await? else {
+            return Ok(());
+        };
+        let parts = self.parts_of(&sandbox)?;
+        self.stop(&mut sandbox, &parts).await?;
+        self.save(sandbox).await
+    }
+
+    /// `RemovePodSandbox`: stops it first; idempotent; an unknown id is fine.
+    pub async fn remove_pod_sandbox(&self, id: &str) -> Result<(), Error> {
+        let _lifecycle = self.lifecycle.lock().await;
+        let Some(mut sandbox) = self.find(id).await? else {
+            return Ok(());
+        };
+        let parts = self.parts_of(&sandbox)?;
+        self.stop(&mut sandbox, &parts).await?;
+        let (removed, parts_copy) = (sandbox.clone(), parts.clone());
+        plumbing::blocking(move || {
+            sandbox::remove_files(
+                &removed,
+                &parts_copy.paths,
+                &parts_copy.runtime,
+                &parts_copy.conmon,
+            )
+        })
+        .await?;
+        self.images.remove(&sandbox.id).await?;
+        self.sandboxes_store
+            .delete(&sandbox.id)
+            .map_err(Error::io("remove record of", &sandbox.id))?;
+        self.sandboxes.write().await.remove(&sandbox.id);
+        Ok(())
+    }
+
+    /// `PodSandboxStatus`.
+    pub async fn pod_sandbox_status(
+        &self,
+        id: &str,
+        verbose: bool,
+    ) -> Result<cri::PodSandboxStatusResponse, Error> {
+        let sandbox = self.find(id).await?.ok_or_else(|| Error::NotFound {
+            what: "pod sandbox",
+            id: id.into(),
+        })?;
+        let ips = sandbox.ips();
+        let network = cri::PodSandboxNetworkStatus {
+            ip: ips.first().cloned().unwrap_or_default(),
+            additional_ips: ips[ips.len().min(1)..]
+                .iter()
+                .map(|ip| cri::PodIp { ip: ip.clone() })
+                .collect(),
+        };
+        let info = if verbose {
+            let info = serde_json::json!({
+                "pid": sandbox.pid,
+                "netns": sandbox.netns,
+                "runtimeHandler": sandbox.runtime_handler,
+                "image": sandbox.image,
+                "cniResult": sandbox.cni_result,
+                "config": sandbox.config,
+            });
+            HashMap::from([("info".to_string(), info.to_string())])
+        } else {
+            HashMap::new()
+        };
+        let status = cri::PodSandboxStatus {
+            id: sandbox.id.clone(),
+            metadata: sandbox.config.metadata.clone(),
+            state: self.state_of(&sandbox).into(),
+            created_at: sandbox.created_at,
+            network: Some(network),
+            linux: Some(cri::LinuxPodSandboxStatus {
+                namespaces: Some(cri::Namespace {
+                    options: Some(sandbox::namespace_options(&sandbox.config)),
+                }),
+            }),
+            labels: sandbox.config.labels.clone(),
+            annotations: sandbox.config.annotations.clone(),
+            runtime_handler: sandbox.runtime_handler.clone(),
+        };
+        Ok(cri::PodSandboxStatusResponse {
+            status: Some(status),
+            info,
+            containers_statuses: vec![],
+            timestamp: now(),
+        })
+    }
+
+    /// `ListPodSandbox`, with the filter's conditions all applied.
+    pub async fn list_pod_sandbox(
+        &self,
+        filter: Option<cri::PodSandboxFilter>,
+    ) -> Vec<cri::PodSandbox> {
+        let filter = filter.unwrap_or_default();
+        let sandboxes = self.sandboxes.read().await;
+        sandboxes
+            .values()
+            .filter(|s| filter.id.is_empty() || s.id.starts_with(&filter.id))
+            .filter(|s| {
+                filter
+                    .label_selector
+                    .iter()
+                    .all(|(k, v)| s.config.labels.get(k) == Some(v))
+            })
+            .map(|s| cri::PodSandbox {
+                id: s.id.clone(),
+                metadata: s.config.metadata.clone(),
+                state: self.state_of(s).into(),
+                created_at: s.created_at,
+                labels: s.config.labels.clone(),
+                annotations: s.config.annotations.clone(),
+                runtime_handler: s.runtime_handler.clone(),
+            })
+            .filter(|s| {
+                filter
+                    .state
+                    .as_ref()
+                    .is_none_or(|want| want.state == s.state)
+            })
+            .collect()
+    }
+
+    fn state_of(&self, sandbox: &Sandbox) -> cri::PodSandboxState {
+        let exited = self.conmon_dirs().exit_status(&sandbox.id).is_some();
+        if sandbox.stopped || exited {
+            cri::PodSandboxState::SandboxNotready
+        } else {
+            cri::PodSandboxState::SandboxReady
+        }
+    }
+
+    /// The sandbox whose id is `id` or starts with it (unique prefixes, as crictl sends).
+    async fn find(&self, id: &str) -> Result<Option<Sandbox>, Error> {
+        if id.is_empty() {
+            return Err(Error::InvalidArgument("pod sandbox id is empty".into()));
+        }
+        let sandboxes = self.sandboxes.read().await;
+        if let Some(sandbox) = sandboxes.get(id) {
+            return Ok(Some(sandbox.clone()));
+        }
+        let mut matches = sandboxes.values().filter(|s| s.id.starts_with(id));
+        match (matches.next(), matches.next()) {
+            (Some(sandbox), None) => Ok(Some(sandbox.clone())),
+            (Some(_), Some(_)) => Err(Error::InvalidArgument(format!(
+                "pod sandbox id prefix {id:?} is ambiguous"
+            ))),
+            (None, _) => Ok(None),
+        }
+    }
+
+    async fn owner_of(&self, reserved: &str) -> Option<String> {
+        let sandboxes = self.sandboxes.read().await;
+        let owner = sandboxes
+            .values()
+            .find(|s| Sandbox::reserved_name(&s.config) == reserved);
+        owner.map(|s| s.id.clone())
+    }
+
+    async fn save(&self, sandbox: Sandbox) -> Result<(), Error> {
+        self.sandboxes_store
+            .put(&sandbox.id, &sandbox)
+            .map_err(Error::io("write record of", &sandbox.id))?;
+        self.sandboxes
+            .write()
+            .await
+            .insert(sandbox.id.clone(), sandbox);
+        Ok(())
+    }
+
+    fn paths(&self, id: &str) -> Paths {
+        Paths::new(&self.config.root, &self.config.state, id)
+    }
+
+    fn parts_of(&self, sandbox: &Sandbox) -> Result<Parts, Error> {
+        Ok(Parts {
+            paths: self.paths(&sandbox.id),
+            network: if sandbox.host_network() {
+                None
+            } else {
+                self.network().ok()
+            },
+            runtime: self.runtime(&sandbox.runtime_handler)?,
+            conmon: self.conmon()?,
+        })
+    }
+
+    fn runtime(&self, handler: &str) -> Result<Runtime, Error> {
+        let runtime = self.config.runtimes.get(handler).ok_or_else(|| {
+            Error::InvalidArgument(format!("no runtime handler {handler:?} is configured"))
+        })?;
+        Ok(Runtime {
+            name: handler.to_string(),
+            path: oci::find_binary(&format!("runtime {handler}"), &runtime.runtime_path)?,
+            root: self.config.runtime_root(handler, runtime),
+            systemd_cgroup: self.config.cgroup_driver == CgroupDriver::Systemd,
+        })
+    }
+
+    fn conmon_dirs(&self) -> Conmon {
+        Conmon {
+            path: self.config.conmon_path.clone(),
+            exits: self.config.state.join("exits"),
+            sockets: self.config.state.join("attach"),
+            log_size_max: self.config.log_size_max,
+        }
+    }
+
+    fn conmon(&self) -> Result<Conmon, Error> {
+        let mut conmon = self.conmon_dirs();
+        conmon.path = oci::find_binary("conmon", &self.config.conmon_path)?;
+        for dir in [&conmon.exits, &conmon.sockets] {
+            std::fs::create_dir_all(dir).map_err(Error::io("create directory", dir))?;
+        }
+        Ok(conmon)
+    }
+
+    fn network(&self) -> Result<Network, Error> {
+        let list = cni::load(&self.config.cni.conf_dir)
+            .map_err(|e| Error::FailedPrecondition(format!("network not ready: {e}")))?;
+        Ok(Network::new(list, &self.config.cni.bin_dir))
+    }
+
+    /// The infra process's cgroup: under the kubelet's cgroup parent, in the driver's form.
+    fn cgroups_path(&self, sandbox: &Sandbox) -> String {
+        let parent = sandbox
+            .config
+            .linux
+            .as_ref()
+            .map(|l| l.cgroup_parent.clone())
+            .unwrap_or_default();
+        match self.config.cgroup_driver {
+            CgroupDriver::Cgroupfs if parent.is_empty() => format!("/runtimed/{}", sandbox.id),
+            CgroupDriver::Cgroupfs => format!("{}/{}", parent.trim_end_matches('/'), sandbox.id),
+            CgroupDriver::Systemd if parent.is_empty() => {
+                format!("system.slice:runtimed:{}", sandbox.id)
+            }
+            CgroupDriver::Systemd => format!("{parent}:runtimed:{}", sandbox.id),
+        }
+    }
+}
+
+/// What the lifecycle steps of one sandbox work with.
+#[derive(Clone)]
+struct Parts {
+    paths: Paths,
+    network: Option<Network>,
+    runtime: Runtime,
+    conmon: Conmon,
+}
+
+/// 64 hex digits from the kernel's random source, as containerd's ids.
+fn new_id() -> Result<String, Error> {
+    let mut bytes = [0u8; 32];
+    rustix::rand::getrandom(&mut bytes, rustix::rand::GetRandomFlags::empty())
+        .map_err(|e| Error::io("read random bytes from", "getrandom")(e.into()))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as i64)
+}
+
 fn condition(kind: &str, state: Result<(), (&str, String)>) -> cri::RuntimeCondition {
     let (status, reason, message) = match state {
         Ok(()) => (true, String::new(), String::new()),
@@ -138,7 +588,8 @@ mod tests {
     fn service(conf_dir: &std::path::Path) -> RuntimeService {
         let mut config = Config::default();
         config.cni.conf_dir = conf_dir.to_path_buf();
-        RuntimeService::new(config)
+        config.root = conf_dir.join("root");
+        RuntimeService::open(config).unwrap()
     }
 
     fn conditions(response: &cri::StatusResponse) -> Vec<(String, bool, String)> {

@@ -1,116 +1,9 @@
 //! A real `runtimed` process on a temporary socket, asked by crictl (grpc-go, the client the
 //! kubelet shares its code with) and by a tonic client.
 
+use crate::harness::{Runtimed, stdout};
 use proto::cri;
-use proto::cri::runtime_service_client::RuntimeServiceClient;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
-use std::time::Duration;
-
-struct Runtimed {
-    dir: tempfile::TempDir,
-    socket: PathBuf,
-    child: Child,
-}
-
-impl Runtimed {
-    /// Starts runtimed with a config file under a new temporary directory; the socket
-    /// and state directory come from flags, as a kubelet's unit file would pass them.
-    fn start(extra: &str) -> Self {
-        Self::start_in(tempfile::tempdir().unwrap(), extra)
-    }
-
-    /// Kills the daemon without warning and starts it again in the same directories.
-    fn crash_and_restart(mut self) -> Self {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-        assert!(self.socket.exists(), "a killed daemon leaves its socket");
-        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
-        Self::start_in(dir, "")
-    }
-
-    fn start_in(dir: tempfile::TempDir, extra: &str) -> Self {
-        let net = dir.path().join("net.d");
-        std::fs::create_dir_all(&net).unwrap();
-        let config = dir.path().join("runtimed.toml");
-        let text = format!(
-            "root = {:?}\n{extra}\n[cni]\nconf_dir = {net:?}\n",
-            dir.path().join("root")
-        );
-        if !config.exists() {
-            std::fs::write(&config, text).unwrap();
-        }
-        let state = dir.path().join("state");
-        let log = std::fs::File::create(dir.path().join("runtimed.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_runtimed"))
-            .arg("serve")
-            .arg("--config")
-            .arg(&config)
-            .arg("--state")
-            .arg(&state)
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let socket = state.join("runtimed.sock");
-        let runtimed = Self { dir, socket, child };
-        runtimed.wait_for_socket();
-        runtimed
-    }
-
-    fn wait_for_socket(&self) {
-        for _ in 0..200 {
-            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(25));
-        }
-        panic!("runtimed did not start: {}", self.log());
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("runtimed.log")).unwrap_or_default()
-    }
-
-    fn crictl(&self, args: &[&str]) -> Output {
-        Command::new(crictl())
-            .arg("--runtime-endpoint")
-            .arg(format!("unix://{}", self.socket.display()))
-            .args(["--timeout", "10s"])
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    async fn client(&self) -> RuntimeServiceClient<tonic::transport::Channel> {
-        RuntimeServiceClient::new(plumbing::grpc::connect(&self.socket).await.unwrap())
-    }
-}
-
-impl Drop for Runtimed {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// crictl from the tools directory `make deps` fills, or from `PATH`.
-fn crictl() -> PathBuf {
-    let tools = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools/crictl");
-    if tools.exists() {
-        tools
-    } else {
-        "crictl".into()
-    }
-}
-
-fn stdout(output: &Output) -> String {
-    assert!(
-        output.status.success(),
-        "crictl failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout.clone()).unwrap()
-}
+use std::process::Command;
 
 fn conditions(info: &serde_json::Value) -> Vec<(String, bool, String)> {
     info["status"]["conditions"]
@@ -181,13 +74,20 @@ async fn runtime_config_and_not_yet_implemented_methods() {
         .run_pod_sandbox(cri::RunPodSandboxRequest::default())
         .await
         .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("metadata"), "{status:?}");
+    let status = client
+        .create_container(cri::CreateContainerRequest::default())
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unimplemented);
-    assert!(status.message().contains("RunPodSandbox"), "{status:?}");
+    assert!(status.message().contains("CreateContainer"), "{status:?}");
 }
 
 #[test]
 fn sigterm_stops_it_and_removes_the_socket_and_a_stale_socket_is_replaced() {
-    let mut again = Runtimed::start("").crash_and_restart();
+    let mut again = Runtimed::start("");
+    again.crash_and_restart();
     assert!(stdout(&again.crictl(&["version"])).contains("runtimed"));
     let pid = rustix::process::Pid::from_child(&again.child);
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();

@@ -1,0 +1,453 @@
+//! Pod sandboxes: the namespaces a pod's containers share, held by the pause image's
+//! process under conmon, with the pod's network attached through CNI.
+//!
+//! RunPodSandbox, in containerd's order: reserve the name, write hostname, hosts and
+//! resolv.conf, mount the pod's `/dev/shm`, pin a network namespace and attach it (loopback,
+//! then the pod network), prepare the pause image's rootfs through imaged, then create and
+//! start the infra process. A failure at any step undoes the steps before it.
+
+use crate::cni::{self, Attachment, CniResult, Network};
+use crate::error::Error;
+use crate::images::Image;
+use crate::oci::{Conmon, Create, Runtime};
+use crate::spec::{self, SandboxProcess};
+use proto::cri;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// What is kept of a sandbox, in memory and in `<root>/sandboxes/<id>.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Sandbox {
+    /// 64 hex digits.
+    pub id: String,
+    /// The request's config, as given.
+    pub config: cri::PodSandboxConfig,
+    /// The handler that runs its processes.
+    pub runtime_handler: String,
+    /// Nanoseconds since the epoch.
+    pub created_at: i64,
+    /// The pinned network namespace; `None` for host network.
+    pub netns: Option<PathBuf>,
+    /// The pod network's ADD result, kept for DEL.
+    pub cni_result: Option<serde_json::Value>,
+    /// Set once the pod's network was detached, so it happens once.
+    pub network_detached: bool,
+    /// The infra process on the host.
+    pub pid: i64,
+    /// The pause image's id.
+    pub image: String,
+    /// Set by StopPodSandbox.
+    pub stopped: bool,
+}
+
+/// Where a sandbox's files are.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    /// The bundle: `config.json`, `rootfs`, `shm`, conmon's files (under `state`).
+    pub bundle: PathBuf,
+    /// hostname, hosts, resolv.conf (under `root`, kept across reboots).
+    pub files: PathBuf,
+}
+
+impl Paths {
+    /// The directories of sandbox `id`.
+    pub fn new(root: &Path, state: &Path, id: &str) -> Self {
+        Self {
+            bundle: state.join("sandboxes").join(id),
+            files: root.join("sandboxes").join(id),
+        }
+    }
+
+    fn rootfs(&self) -> PathBuf {
+        self.bundle.join("rootfs")
+    }
+
+    fn shm(&self) -> PathBuf {
+        self.bundle.join("shm")
+    }
+}
+
+/// The namespace options of a sandbox's config (POD for each when unset).
+pub fn namespace_options(config: &cri::PodSandboxConfig) -> cri::NamespaceOption {
+    config
+        .linux
+        .as_ref()
+        .and_then(|l| l.security_context.as_ref())
+        .and_then(|s| s.namespace_options.clone())
+        .unwrap_or_default()
+}
+
+impl Sandbox {
+    /// Whether the pod uses the host's network.
+    pub fn host_network(&self) -> bool {
+        namespace_options(&self.config).network() == cri::NamespaceMode::Node
+    }
+
+    /// `name_namespace_uid_attempt`, the key that makes a sandbox unique, as containerd
+    /// reserves it.
+    pub fn reserved_name(config: &cri::PodSandboxConfig) -> String {
+        let m = config.metadata.clone().unwrap_or_default();
+        format!("{}_{}_{}_{}", m.name, m.namespace, m.uid, m.attempt)
+    }
+
+    /// The pod's IPs, IPv4 first.
+    pub fn ips(&self) -> Vec<String> {
+        let result = self.cni_result.clone().map(|raw| CniResult { raw });
+        let ips = result.map(|r| r.pod_ips("eth0")).unwrap_or_default();
+        ips.iter().map(ToString::to_string).collect()
+    }
+
+    /// The CNI attachment of this pod to a network, on interface `ifname`.
+    pub fn attachment(&self, ifname: &str) -> Attachment {
+        let m = self.config.metadata.clone().unwrap_or_default();
+        let mappings: Vec<serde_json::Value> = self
+            .config
+            .port_mappings
+            .iter()
+            .filter(|p| p.host_port > 0)
+            .map(|p| {
+                serde_json::json!({
+                    "hostPort": p.host_port,
+                    "containerPort": p.container_port,
+                    "protocol": protocol(p.protocol()),
+                    "hostIP": p.host_ip,
+                })
+            })
+            .collect();
+        let mut capabilities = serde_json::Map::new();
+        capabilities.insert("portMappings".into(), mappings.into());
+        if let Some(dns) = &self.config.dns_config {
+            let dns = serde_json::json!({
+                "servers": dns.servers, "searches": dns.searches, "options": dns.options,
+            });
+            capabilities.insert("dns".into(), dns);
+        }
+        Attachment {
+            container_id: self.id.clone(),
+            netns: self.netns.clone().unwrap_or_default(),
+            ifname: ifname.into(),
+            args: vec![
+                ("K8S_POD_NAMESPACE".into(), m.namespace),
+                ("K8S_POD_NAME".into(), m.name),
+                ("K8S_POD_INFRA_CONTAINER_ID".into(), self.id.clone()),
+                ("K8S_POD_UID".into(), m.uid),
+            ],
+            capabilities,
+        }
+    }
+}
+
+fn protocol(protocol: cri::Protocol) -> &'static str {
+    match protocol {
+        cri::Protocol::Tcp => "tcp",
+        cri::Protocol::Udp => "udp",
+        cri::Protocol::Sctp => "sctp",
+    }
+}
+
+/// What building a sandbox needs from the service.
+pub struct Setup<'a> {
+    /// Its directories.
+    pub paths: &'a Paths,
+    /// The pod network, `None` for host network.
+    pub network: Option<&'a Network>,
+    /// The runtime handler.
+    pub runtime: &'a Runtime,
+    /// conmon.
+    pub conmon: &'a Conmon,
+    /// The pause image.
+    pub image: &'a Image,
+    /// cgroups path for the infra process.
+    pub cgroups_path: String,
+}
+
+/// Writes hostname, hosts and resolv.conf, and mounts the pod's `/dev/shm`.
+pub fn prepare_files(sandbox: &Sandbox, paths: &Paths) -> Result<(), Error> {
+    let files = &paths.files;
+    std::fs::create_dir_all(files).map_err(Error::io("create directory", files))?;
+    let hostname = hostname(&sandbox.config);
+    write(&files.join("hostname"), format!("{hostname}\n").as_bytes())?;
+    let hosts = std::fs::read("/etc/hosts").unwrap_or_default();
+    write(&files.join("hosts"), &hosts)?;
+    write(
+        &files.join("resolv.conf"),
+        &resolv_conf(sandbox.config.dns_config.as_ref()),
+    )?;
+    let shm = paths.shm();
+    std::fs::create_dir_all(&shm).map_err(Error::io("create directory", &shm))?;
+    if !namespace_options(&sandbox.config)
+        .ipc
+        .eq(&(cri::NamespaceMode::Node as i32))
+    {
+        rustix::mount::mount(
+            "shm",
+            &shm,
+            "tmpfs",
+            rustix::mount::MountFlags::NOSUID
+                | rustix::mount::MountFlags::NODEV
+                | rustix::mount::MountFlags::NOEXEC,
+            Some(c"mode=1777,size=67108864"),
+        )
+        .map_err(|e| Error::io("mount tmpfs on", &shm)(e.into()))?;
+    }
+    Ok(())
+}
+
+fn write(path: &Path, content: &[u8]) -> Result<(), Error> {
+    std::fs::write(path, content).map_err(Error::io("write", path))
+}
+
+/// The pod's hostname: the config's, else the node's.
+pub fn hostname(config: &cri::PodSandboxConfig) -> String {
+    if !config.hostname.is_empty() {
+        return config.hostname.clone();
+    }
+    rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// resolv.conf from the DNS config as containerd writes it, or the node's when none.
+pub fn resolv_conf(dns: Option<&cri::DnsConfig>) -> Vec<u8> {
+    let Some(dns) = dns else {
+        return std::fs::read("/etc/resolv.conf").unwrap_or_default();
+    };
+    let mut text = String::new();
+    if !dns.searches.is_empty() {
+        text.push_str(&format!("search {}\n", dns.searches.join(" ")));
+    }
+    for server in &dns.servers {
+        text.push_str(&format!("nameserver {server}\n"));
+    }
+    if !dns.options.is_empty() {
+        text.push_str(&format!("options {}\n", dns.options.join(" ")));
+    }
+    text.into_bytes()
+}
+
+/// Pins the network namespace and attaches loopback and the pod network; returns the pod
+/// network's result.
+pub fn attach_network(
+    sandbox: &Sandbox,
+    network: &Network,
+    bin_dir: &str,
+) -> Result<CniResult, Error> {
+    let netns = sandbox
+        .netns
+        .as_ref()
+        .expect("pod network sandboxes have a netns");
+    crate::netns::create(netns).map_err(Error::io("create network namespace", netns))?;
+    Network::new(cni::invoke::loopback(), bin_dir).add(&sandbox.attachment("lo"))?;
+    Ok(network.add(&sandbox.attachment("eth0"))?)
+}
+
+/// Writes the infra process's spec and starts it under conmon; returns its pid.
+pub fn start_infra(sandbox: &Sandbox, setup: &Setup<'_>) -> Result<i64, Error> {
+    let options = namespace_options(&sandbox.config);
+    let image = &setup.image.config;
+    let mut args: Vec<String> = strings(&image["Entrypoint"]);
+    args.extend(strings(&image["Cmd"]));
+    if args.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "pause image {} has neither Entrypoint nor Cmd",
+            setup.image.name
+        )));
+    }
+    let sysctls: HashMap<String, String> = sandbox
+        .config
+        .linux
+        .as_ref()
+        .map(|l| l.sysctls.clone())
+        .unwrap_or_default();
+    let process = SandboxProcess {
+        hostname: hostname(&sandbox.config),
+        netns: sandbox.netns.clone(),
+        host_pid: options.pid() == cri::NamespaceMode::Node,
+        host_ipc: options.ipc() == cri::NamespaceMode::Node,
+        shm: setup.paths.shm(),
+        args,
+        env: strings(&image["Env"]),
+        cgroups_path: setup.cgroups_path.clone(),
+        sysctls,
+        oom_score_adj: spec::clamp_oom_score_adj(-998),
+    };
+    let spec = spec::sandbox(&process, &setup.paths.rootfs()).map_err(|e| {
+        Error::InvalidArgument(format!("pod sandbox {}: runtime spec: {e}", sandbox.id))
+    })?;
+    let config = setup.paths.bundle.join("config.json");
+    let json = serde_json::to_vec_pretty(&spec).expect("spec serialises");
+    write(&config, &json)?;
+    let name = Sandbox::reserved_name(&sandbox.config);
+    let create = Create {
+        id: &sandbox.id,
+        name: &name,
+        bundle: &setup.paths.bundle,
+        log: &setup.paths.bundle.join("infra.log"),
+    };
+    let pid = setup.conmon.create(setup.runtime, &create)?;
+    setup.runtime.start(&sandbox.id)?;
+    Ok(pid)
+}
+
+fn strings(value: &serde_json::Value) -> Vec<String> {
+    let items = value.as_array().cloned().unwrap_or_default();
+    items
+        .iter()
+        .filter_map(|v| v.as_str().map(str::to_string))
+        .collect()
+}
+
+/// Stops the infra process (SIGKILL: it holds nothing worth a grace period) and waits
+/// until conmon recorded its exit. A sandbox whose infra process never started has none.
+pub fn stop_infra(sandbox: &Sandbox, runtime: &Runtime, conmon: &Conmon) -> Result<(), Error> {
+    if sandbox.pid == 0 || conmon.exit_status(&sandbox.id).is_some() {
+        return Ok(());
+    }
+    match runtime.state(&sandbox.id)? {
+        Some(state) if state.status != "stopped" => {
+            if let Err(e) = runtime.kill(&sandbox.id, "KILL") {
+                tracing::debug!(error = %e, "kill of the infra process");
+            }
+        }
+        _ => return Ok(()),
+    }
+    for _ in 0..200 {
+        if conmon.exit_status(&sandbox.id).is_some() {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    Err(Error::FailedPrecondition(format!(
+        "pod sandbox {}: the infra process did not exit after SIGKILL",
+        sandbox.id
+    )))
+}
+
+/// Detaches the pod network (once) and deletes the pinned namespace.
+pub fn detach_network(
+    sandbox: &mut Sandbox,
+    network: Option<&Network>,
+    bin_dir: &str,
+) -> Result<(), Error> {
+    let Some(netns) = sandbox.netns.clone() else {
+        return Ok(());
+    };
+    if !sandbox.network_detached && netns.exists() {
+        if let Some(network) = network {
+            let added = sandbox.cni_result.clone().map(|raw| CniResult { raw });
+            network.del(&sandbox.attachment("eth0"), added.as_ref())?;
+        }
+        let loopback = Network::new(cni::invoke::loopback(), bin_dir);
+        if let Err(e) = loopback.del(&sandbox.attachment("lo"), None) {
+            tracing::debug!(error = %e, "loopback DEL");
+        }
+    }
+    sandbox.network_detached = true;
+    crate::netns::remove(&netns).map_err(Error::io("remove network namespace", &netns))
+}
+
+/// Removes the infra container's runtime state, the rootfs mount, `/dev/shm` and the
+/// sandbox's directories. Everything that is already gone is fine.
+pub fn remove_files(
+    sandbox: &Sandbox,
+    paths: &Paths,
+    runtime: &Runtime,
+    conmon: &Conmon,
+) -> Result<(), Error> {
+    if runtime.state(&sandbox.id)?.is_some() {
+        runtime.delete(&sandbox.id)?;
+    }
+    for mountpoint in [paths.rootfs(), paths.shm()] {
+        if mountpoint.exists() {
+            let _ = plumbing::mount::unmount(&mountpoint);
+        }
+    }
+    let _ = std::fs::remove_file(conmon.exits.join(&sandbox.id));
+    for dir in [&paths.bundle, &paths.files] {
+        match std::fs::remove_dir_all(dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(Error::io("remove", dir)(e));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Mounts the rootfs imaged prepared at the bundle's `rootfs`.
+pub fn mount_rootfs(paths: &Paths, mounts: &[plumbing::mount::Mount]) -> Result<(), Error> {
+    let rootfs = paths.rootfs();
+    std::fs::create_dir_all(&rootfs).map_err(Error::io("create directory", &rootfs))?;
+    plumbing::mount::Mount::mount_all(mounts, &rootfs).map_err(|e| Error::Io {
+        what: "mount rootfs",
+        path: rootfs.clone(),
+        message: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolv_conf_is_written_as_containerd_writes_it() {
+        let dns = cri::DnsConfig {
+            servers: vec!["10.10.10.10".into(), "10.10.10.11".into()],
+            searches: vec!["google.com".into(), "svc.local".into()],
+            options: vec!["ndots:8".into()],
+        };
+        assert_eq!(
+            String::from_utf8(resolv_conf(Some(&dns))).unwrap(),
+            "search google.com svc.local\nnameserver 10.10.10.10\nnameserver 10.10.10.11\noptions ndots:8\n"
+        );
+    }
+
+    #[test]
+    fn only_mappings_with_a_host_port_reach_cni() {
+        let config = cri::PodSandboxConfig {
+            port_mappings: vec![
+                cri::PortMapping {
+                    container_port: 80,
+                    ..Default::default()
+                },
+                cri::PortMapping {
+                    container_port: 80,
+                    host_port: 12000,
+                    ..Default::default()
+                },
+            ],
+            metadata: Some(cri::PodSandboxMetadata {
+                name: "p".into(),
+                namespace: "ns".into(),
+                uid: "u".into(),
+                attempt: 2,
+            }),
+            ..Default::default()
+        };
+        let sandbox = Sandbox {
+            id: "s".into(),
+            config,
+            runtime_handler: String::new(),
+            created_at: 1,
+            netns: Some("/n".into()),
+            cni_result: None,
+            network_detached: false,
+            pid: 0,
+            image: String::new(),
+            stopped: false,
+        };
+        let attachment = sandbox.attachment("eth0");
+        assert_eq!(
+            attachment.capabilities["portMappings"],
+            serde_json::json!([{"hostPort": 12000, "containerPort": 80, "protocol": "tcp", "hostIP": ""}])
+        );
+        assert_eq!(Sandbox::reserved_name(&sandbox.config), "p_ns_u_2");
+        assert!(
+            attachment
+                .args
+                .contains(&("K8S_POD_NAME".into(), "p".into()))
+        );
+    }
+}

@@ -1,0 +1,7 @@
+//! Integration tests: real runtimed (and imaged, registry, runc, crun, conmon and CNI
+//! plugins) processes. Root only.
+
+mod cni;
+mod daemon;
+mod harness;
+mod sandbox;
