@@ -29,6 +29,12 @@ fn sandbox_id(id: String) -> String {
     id
 }
 
+/// The container id of a request, also recorded in the RPC's span.
+fn container_id(id: String) -> String {
+    tracing::Span::current().record("container", &id);
+    id
+}
+
 fn not_yet(method: &str) -> Status {
     Status::unimplemented(format!("runtimed does not implement {method} yet"))
 }
@@ -138,53 +144,89 @@ impl runtime_service_server::RuntimeService for CriRuntimeService {
         Ok(Response::new(cri::ListPodSandboxResponse { items }))
     }
 
+    async fn create_container(
+        &self,
+        request: Request<cri::CreateContainerRequest>,
+    ) -> Result<Response<cri::CreateContainerResponse>, Status> {
+        let request = request.into_inner();
+        let sandbox = sandbox_id(request.pod_sandbox_id);
+        let config = request.config.unwrap_or_default();
+        let container_id = self
+            .service
+            .create_container(&sandbox, config)
+            .await
+            .map_err(|e| e.to_status())?;
+        tracing::Span::current().record("container", &container_id);
+        Ok(Response::new(cri::CreateContainerResponse { container_id }))
+    }
+
+    async fn start_container(
+        &self,
+        request: Request<cri::StartContainerRequest>,
+    ) -> Result<Response<cri::StartContainerResponse>, Status> {
+        let id = container_id(request.into_inner().container_id);
+        self.service
+            .start_container(&id)
+            .await
+            .map_err(|e| e.to_status())?;
+        Ok(Response::new(cri::StartContainerResponse {}))
+    }
+
+    async fn stop_container(
+        &self,
+        request: Request<cri::StopContainerRequest>,
+    ) -> Result<Response<cri::StopContainerResponse>, Status> {
+        let request = request.into_inner();
+        let id = container_id(request.container_id);
+        self.service
+            .stop_container(&id, request.timeout)
+            .await
+            .map_err(|e| e.to_status())?;
+        Ok(Response::new(cri::StopContainerResponse {}))
+    }
+
+    async fn remove_container(
+        &self,
+        request: Request<cri::RemoveContainerRequest>,
+    ) -> Result<Response<cri::RemoveContainerResponse>, Status> {
+        let id = container_id(request.into_inner().container_id);
+        self.service
+            .remove_container(&id)
+            .await
+            .map_err(|e| e.to_status())?;
+        Ok(Response::new(cri::RemoveContainerResponse {}))
+    }
+
+    async fn container_status(
+        &self,
+        request: Request<cri::ContainerStatusRequest>,
+    ) -> Result<Response<cri::ContainerStatusResponse>, Status> {
+        let request = request.into_inner();
+        let id = container_id(request.container_id);
+        let status = self
+            .service
+            .container_status(&id, request.verbose)
+            .await
+            .map_err(|e| e.to_status())?;
+        Ok(Response::new(status))
+    }
+
+    async fn list_containers(
+        &self,
+        request: Request<cri::ListContainersRequest>,
+    ) -> Result<Response<cri::ListContainersResponse>, Status> {
+        let containers = self
+            .service
+            .list_containers(request.into_inner().filter)
+            .await;
+        Ok(Response::new(cri::ListContainersResponse { containers }))
+    }
+
     async fn get_container_events(
         &self,
         _request: Request<cri::GetEventsRequest>,
     ) -> Result<Response<Events>, Status> {
         Err(not_yet("GetContainerEvents"))
-    }
-
-    async fn create_container(
-        &self,
-        _request: Request<cri::CreateContainerRequest>,
-    ) -> Result<Response<cri::CreateContainerResponse>, Status> {
-        Err(not_yet("CreateContainer"))
-    }
-
-    async fn start_container(
-        &self,
-        _request: Request<cri::StartContainerRequest>,
-    ) -> Result<Response<cri::StartContainerResponse>, Status> {
-        Err(not_yet("StartContainer"))
-    }
-
-    async fn stop_container(
-        &self,
-        _request: Request<cri::StopContainerRequest>,
-    ) -> Result<Response<cri::StopContainerResponse>, Status> {
-        Err(not_yet("StopContainer"))
-    }
-
-    async fn remove_container(
-        &self,
-        _request: Request<cri::RemoveContainerRequest>,
-    ) -> Result<Response<cri::RemoveContainerResponse>, Status> {
-        Err(not_yet("RemoveContainer"))
-    }
-
-    async fn list_containers(
-        &self,
-        _request: Request<cri::ListContainersRequest>,
-    ) -> Result<Response<cri::ListContainersResponse>, Status> {
-        Err(not_yet("ListContainers"))
-    }
-
-    async fn container_status(
-        &self,
-        _request: Request<cri::ContainerStatusRequest>,
-    ) -> Result<Response<cri::ContainerStatusResponse>, Status> {
-        Err(not_yet("ContainerStatus"))
     }
 
     async fn update_container_resources(

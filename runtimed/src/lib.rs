@@ -3,11 +3,15 @@
 //! networking. It never reads image content itself: image configs and writable snapshots
 //! come from imaged's internal API.
 //!
-//! Served today: Version, Status, RuntimeConfig, UpdateRuntimeConfig, and the pod sandbox
+//! Served today: Version, Status, RuntimeConfig, UpdateRuntimeConfig, the pod sandbox
 //! lifecycle (RunPodSandbox, StopPodSandbox, RemovePodSandbox, PodSandboxStatus,
-//! ListPodSandbox); the container and streaming RPCs answer Unimplemented naming the method.
+//! ListPodSandbox) and the container lifecycle (CreateContainer, StartContainer,
+//! StopContainer, RemoveContainer, ContainerStatus, ListContainers); the other RPCs (exec,
+//! stats, resource updates, log reopening, streaming) answer Unimplemented naming the
+//! method.
 //!
-//! [`config`] holds the configuration, [`cni`] the network configuration and plugin calls,
+//! [`config`] holds the configuration, [`container`] and [`container_spec`] a container's
+//! record, steps and OCI spec, [`cni`] the network configuration and plugin calls,
 //! [`images`] the client of imaged, [`netns`] pinned network namespaces, [`spec`] OCI
 //! runtime specs, [`oci`] the OCI runtime and conmon, [`sandbox`] the steps of a sandbox's
 //! life, [`store`] records that survive a restart, [`service`] the RPCs' logic, [`cri`] the
@@ -16,6 +20,8 @@
 
 pub mod cni;
 pub mod config;
+pub mod container;
+pub mod container_spec;
 pub mod cri;
 pub mod daemon;
 pub mod error;

@@ -77,11 +77,11 @@ async fn runtime_config_and_not_yet_implemented_methods() {
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert!(status.message().contains("metadata"), "{status:?}");
     let status = client
-        .create_container(cri::CreateContainerRequest::default())
+        .exec_sync(cri::ExecSyncRequest::default())
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unimplemented);
-    assert!(status.message().contains("CreateContainer"), "{status:?}");
+    assert!(status.message().contains("ExecSync"), "{status:?}");
 }
 
 #[test]

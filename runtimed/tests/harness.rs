@@ -76,6 +76,9 @@ impl Drop for Runtimed {
 pub struct Node {
     pub runtimed: Runtimed,
     pub imaged: Child,
+    pub imaged_socket: PathBuf,
+    /// The busybox fixture image, pushed to the registry (not pulled yet).
+    pub busybox: String,
     _registry: Registry,
     pub bridge: String,
     pub leases: PathBuf,
@@ -93,6 +96,11 @@ impl Node {
         registry
             .pusher()
             .push_image("fixtures/pause", &pause, &["v1"])
+            .unwrap();
+        let busybox = fixtures::catalog::busybox().unwrap().build().unwrap();
+        let pusher = registry.pusher();
+        pusher
+            .push_image("fixtures/busybox", &busybox, &["v1"])
             .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let imaged_socket = dir.path().join("imaged/imaged.sock");
@@ -125,6 +133,8 @@ impl Node {
         Self {
             runtimed,
             imaged,
+            imaged_socket,
+            busybox: format!("{}/fixtures/busybox:v1", registry.addr()),
             _registry: registry,
             bridge: bridge.to_string(),
             leases,
@@ -133,7 +143,62 @@ impl Node {
 
     /// crictl's answer to `args`, which must succeed.
     pub fn crictl(&self, args: &[&str]) -> String {
-        stdout(&self.runtimed.crictl(args))
+        stdout(&self.crictl_output(args))
+    }
+
+    /// crictl with imaged as the image endpoint.
+    pub fn crictl_output(&self, args: &[&str]) -> Output {
+        let endpoint = format!("unix://{}", self.imaged_socket.display());
+        let mut all = vec!["--image-endpoint", endpoint.as_str()];
+        all.extend_from_slice(args);
+        self.runtimed.crictl(&all)
+    }
+
+    /// Writes `value` to a JSON file in the test directory; its path.
+    pub fn json_file(&self, value: &serde_json::Value) -> String {
+        let file = self
+            .runtimed
+            .dir
+            .path()
+            .join(format!("{}.json", rand_suffix()));
+        std::fs::write(&file, value.to_string()).unwrap();
+        file.display().to_string()
+    }
+
+    /// `crictl create` of `container` in sandbox `pod` (made from `pod_config`).
+    pub fn create(
+        &self,
+        pod: &str,
+        container: &serde_json::Value,
+        pod_config: &serde_json::Value,
+    ) -> Result<String, String> {
+        let (container, pod_config) = (self.json_file(container), self.json_file(pod_config));
+        let output = self.crictl_output(&["create", pod, &container, &pod_config]);
+        if output.status.success() {
+            Ok(String::from_utf8(output.stdout).unwrap().trim().to_string())
+        } else {
+            Err(String::from_utf8_lossy(&output.stderr).into_owned())
+        }
+    }
+
+    /// `crictl inspect -o json` of a container.
+    pub fn inspect_container(&self, id: &str) -> serde_json::Value {
+        serde_json::from_str(&self.crictl(&["inspect", "-o", "json", id])).unwrap()
+    }
+
+    /// Polls the container until its state is `state` (for at most 30 s); its inspect.
+    pub fn wait_state(&self, id: &str, state: &str) -> serde_json::Value {
+        for _ in 0..600 {
+            let inspect = self.inspect_container(id);
+            if inspect["status"]["state"] == state {
+                return inspect;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "container {id} never reached {state}: {}",
+            self.inspect_container(id)
+        );
     }
 
     /// `crictl runp` of `config` (with `--runtime handler` unless empty); the sandbox id.
@@ -156,6 +221,12 @@ impl Node {
         } else {
             Err(String::from_utf8_lossy(&output.stderr).into_owned())
         }
+    }
+
+    /// Pulls the busybox fixture through imaged.
+    pub fn pull_busybox(&self) {
+        let output = self.crictl_output(&["pull", &self.busybox]);
+        assert!(output.status.success(), "{output:?}");
     }
 
     /// `crictl inspectp -o json`.

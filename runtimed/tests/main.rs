@@ -2,6 +2,7 @@
 //! plugins) processes. Root only.
 
 mod cni;
+mod containers;
 mod daemon;
 mod harness;
 mod sandbox;

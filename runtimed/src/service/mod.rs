@@ -1,8 +1,11 @@
 //! The runtime service's logic on plain Rust types: what each RPC answers, without gRPC
 //! concerns.
 
+mod containers;
+
 use crate::cni::{self, Network};
 use crate::config::{CgroupDriver, Config};
+use crate::container::Container;
 use crate::error::Error;
 use crate::images::{Image, Images};
 use crate::oci::{self, Conmon, Runtime};
@@ -23,9 +26,14 @@ pub struct RuntimeService {
     images: Images,
     sandboxes_store: Store,
     sandboxes: RwLock<BTreeMap<String, Sandbox>>,
+    containers_store: Store,
+    containers: RwLock<BTreeMap<String, Container>>,
     /// Sandbox lifecycle changes one at a time, so a name is reserved once and a network
     /// attached and detached once.
     lifecycle: Mutex<()>,
+    /// Container creations, starts and removals one at a time (taken after `lifecycle`
+    /// when both are needed), so a name is reserved once.
+    containers_lock: Mutex<()>,
 }
 
 impl RuntimeService {
@@ -37,12 +45,21 @@ impl RuntimeService {
             .into_iter()
             .map(|s| (s.id.clone(), s))
             .collect();
+        let containers_store = Store::open(config.root.join("containers"))?;
+        let containers = containers_store
+            .load::<Container>()?
+            .into_iter()
+            .map(|c| (c.id.clone(), c))
+            .collect();
         Ok(Self {
             images: Images::new(config.image_socket()),
             config,
             sandboxes_store,
             sandboxes: RwLock::new(sandboxes),
+            containers_store,
+            containers: RwLock::new(containers),
             lifecycle: Mutex::default(),
+            containers_lock: Mutex::default(),
         })
     }
 
@@ -226,7 +243,7 @@ impl RuntimeService {
         let paths = parts.paths.clone();
         plumbing::blocking(move || sandbox::mount_rootfs(&paths, &mounts)).await?;
         let (infra, parts_copy, image) = (sandbox.clone(), parts.clone(), image.clone());
-        let cgroups_path = self.cgroups_path(&infra);
+        let cgroups_path = self.cgroups_path(&infra, &infra.id);
         sandbox.pid = plumbing::blocking(move || {
             let setup = Setup {
                 paths: &parts_copy.paths,
@@ -307,6 +324,9 @@ impl RuntimeService {
         let Some(mut sandbox) = self.find(id).await? else {
             return Ok(());
         };
+        for container in self.containers_of(&sandbox.id).await {
+            self.stop_container(&container.id, 0).await?;
+        }
         let parts = self.parts_of(&sandbox)?;
         self.stop(&mut sandbox, &parts).await?;
         self.save(sandbox).await
@@ -318,6 +338,12 @@ impl RuntimeService {
         let Some(mut sandbox) = self.find(id).await? else {
             return Ok(());
         };
+        {
+            let _containers = self.containers_lock.lock().await;
+            for container in self.containers_of(&sandbox.id).await {
+                self.remove_container_now(&container).await?;
+            }
+        }
         let parts = self.parts_of(&sandbox)?;
         self.stop(&mut sandbox, &parts).await?;
         let (removed, parts_copy) = (sandbox.clone(), parts.clone());
@@ -526,8 +552,9 @@ impl RuntimeService {
         Ok(Network::new(list, &self.config.cni.bin_dir))
     }
 
-    /// The infra process's cgroup: under the kubelet's cgroup parent, in the driver's form.
-    fn cgroups_path(&self, sandbox: &Sandbox) -> String {
+    /// The cgroup of process `id` of `sandbox` (its infra process or a container): under
+    /// the kubelet's cgroup parent, in the driver's form.
+    fn cgroups_path(&self, sandbox: &Sandbox, id: &str) -> String {
         let parent = sandbox
             .config
             .linux
@@ -535,12 +562,10 @@ impl RuntimeService {
             .map(|l| l.cgroup_parent.clone())
             .unwrap_or_default();
         match self.config.cgroup_driver {
-            CgroupDriver::Cgroupfs if parent.is_empty() => format!("/runtimed/{}", sandbox.id),
-            CgroupDriver::Cgroupfs => format!("{}/{}", parent.trim_end_matches('/'), sandbox.id),
-            CgroupDriver::Systemd if parent.is_empty() => {
-                format!("system.slice:runtimed:{}", sandbox.id)
-            }
-            CgroupDriver::Systemd => format!("{parent}:runtimed:{}", sandbox.id),
+            CgroupDriver::Cgroupfs if parent.is_empty() => format!("/runtimed/{id}"),
+            CgroupDriver::Cgroupfs => format!("{}/{id}", parent.trim_end_matches('/')),
+            CgroupDriver::Systemd if parent.is_empty() => format!("system.slice:runtimed:{id}"),
+            CgroupDriver::Systemd => format!("{parent}:runtimed:{id}"),
         }
     }
 }

@@ -1,0 +1,682 @@
+//! The OCI runtime spec of a container: the image config and the CRI ContainerConfig
+//! combined as containerd's CRI plugin combines them, on `oci-spec`'s defaults (runc's).
+
+use crate::error::Error;
+use oci_spec::runtime::{
+    Capability, LinuxCapabilities, LinuxCpuBuilder, LinuxMemoryBuilder, LinuxNamespace,
+    LinuxNamespaceBuilder, LinuxNamespaceType, LinuxResourcesBuilder, Mount, MountBuilder,
+    RootBuilder, Spec, UserBuilder,
+};
+use proto::cri;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::str::FromStr as _;
+
+/// Where a container is placed and what it shares with its sandbox.
+#[derive(Debug, Clone)]
+pub struct Placement {
+    /// The mounted rootfs (its /etc/passwd and /etc/group resolve users).
+    pub rootfs: PathBuf,
+    /// The sandbox's infra process, whose namespaces the container joins.
+    pub sandbox_pid: i64,
+    /// The sandbox's hostname, hosts and resolv.conf directory.
+    pub sandbox_files: PathBuf,
+    /// The sandbox's `/dev/shm` (the host's with host IPC).
+    pub shm: PathBuf,
+    /// The sandbox's hostname, for `HOSTNAME`.
+    pub hostname: String,
+    /// cgroups path in the driver's form.
+    pub cgroups_path: String,
+    /// Whether the sandbox is privileged (a privileged container needs it).
+    pub sandbox_privileged: bool,
+}
+
+/// containerd's default capabilities.
+const DEFAULT_CAPABILITIES: [&str; 14] = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FSETID",
+    "FOWNER",
+    "MKNOD",
+    "NET_RAW",
+    "SETGID",
+    "SETUID",
+    "SETFCAP",
+    "SETPCAP",
+    "NET_BIND_SERVICE",
+    "SYS_CHROOT",
+    "KILL",
+    "AUDIT_WRITE",
+];
+
+/// Every capability this kernel interface knows, for `ALL` and privileged containers.
+const ALL_CAPABILITIES: [&str; 41] = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "DAC_READ_SEARCH",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "SETGID",
+    "SETUID",
+    "SETPCAP",
+    "LINUX_IMMUTABLE",
+    "NET_BIND_SERVICE",
+    "NET_BROADCAST",
+    "NET_ADMIN",
+    "NET_RAW",
+    "IPC_LOCK",
+    "IPC_OWNER",
+    "SYS_MODULE",
+    "SYS_RAWIO",
+    "SYS_CHROOT",
+    "SYS_PTRACE",
+    "SYS_PACCT",
+    "SYS_ADMIN",
+    "SYS_BOOT",
+    "SYS_NICE",
+    "SYS_RESOURCE",
+    "SYS_TIME",
+    "SYS_TTY_CONFIG",
+    "MKNOD",
+    "LEASE",
+    "AUDIT_WRITE",
+    "AUDIT_CONTROL",
+    "SETFCAP",
+    "MAC_OVERRIDE",
+    "MAC_ADMIN",
+    "SYSLOG",
+    "WAKE_ALARM",
+    "BLOCK_SUSPEND",
+    "AUDIT_READ",
+    "PERFMON",
+    "BPF",
+    "CHECKPOINT_RESTORE",
+];
+
+const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The spec of `config`'s container from its image's `config` object.
+pub fn build(
+    config: &cri::ContainerConfig,
+    image: &serde_json::Value,
+    placement: &Placement,
+) -> Result<Spec, Error> {
+    let security = security(config);
+    if security.privileged && !placement.sandbox_privileged {
+        return Err(Error::InvalidArgument(
+            "no privileged container allowed in a sandbox that is not privileged".into(),
+        ));
+    }
+    let mut spec = Spec::default();
+    spec.set_hostname(None);
+    let root = RootBuilder::default()
+        .path(&placement.rootfs)
+        .readonly(security.readonly_rootfs)
+        .build()
+        .map_err(spec_error)?;
+    spec.set_root(Some(root));
+    let user = user(&security, image, &placement.rootfs)?;
+    let capabilities = capabilities(&security)?;
+    let mut process = spec.process().clone().unwrap_or_default();
+    process.set_args(Some(args(config, image)?));
+    process.set_env(Some(env(config, image, &placement.hostname)));
+    process.set_cwd(PathBuf::from(cwd(config, image)));
+    process.set_user(user);
+    process.set_capabilities(Some(capabilities));
+    process.set_no_new_privileges(Some(security.no_new_privs));
+    process.set_terminal(Some(config.tty));
+    let resources = config.linux.as_ref().and_then(|l| l.resources.clone());
+    if let Some(r) = resources.as_ref().filter(|r| r.oom_score_adj != 0) {
+        let score = crate::spec::clamp_oom_score_adj(r.oom_score_adj as i32);
+        process.set_oom_score_adj(Some(score));
+    }
+    spec.set_process(Some(process));
+    spec.set_mounts(Some(mounts(config, placement, security.privileged)?));
+    let mut linux = spec.linux().clone().unwrap_or_default();
+    linux.set_namespaces(Some(namespaces(&security, placement.sandbox_pid)?));
+    linux.set_cgroups_path(Some(PathBuf::from(&placement.cgroups_path)));
+    if security.privileged {
+        linux.set_masked_paths(Some(vec![]));
+        linux.set_readonly_paths(Some(vec![]));
+    } else {
+        linux.set_masked_paths(Some(security.masked_paths.clone()));
+        linux.set_readonly_paths(Some(security.readonly_paths.clone()));
+    }
+    if let Some(profile) = seccomp(&security, security.privileged)? {
+        linux.set_seccomp(Some(profile));
+    }
+    if let Some(r) = &resources {
+        linux.set_resources(Some(limits(r)?));
+    }
+    spec.set_linux(Some(linux));
+    Ok(spec)
+}
+
+fn spec_error(e: oci_spec::OciSpecError) -> Error {
+    Error::InvalidArgument(format!("runtime spec: {e}"))
+}
+
+fn security(config: &cri::ContainerConfig) -> cri::LinuxContainerSecurityContext {
+    config
+        .linux
+        .as_ref()
+        .and_then(|l| l.security_context.clone())
+        .unwrap_or_default()
+}
+
+fn strings(value: &serde_json::Value) -> Vec<String> {
+    let items = value.as_array().cloned().unwrap_or_default();
+    items
+        .iter()
+        .filter_map(|v| v.as_str().map(str::to_string))
+        .collect()
+}
+
+/// `command` + `args` when the CRI gives a command; else the image's Entrypoint (unless
+/// `[""]`) followed by `args`, or by the image's Cmd when there are none.
+pub fn args(
+    config: &cri::ContainerConfig,
+    image: &serde_json::Value,
+) -> Result<Vec<String>, Error> {
+    let args = if config.command.is_empty() {
+        let mut entrypoint = strings(&image["Entrypoint"]);
+        if entrypoint == [""] {
+            entrypoint.clear();
+        }
+        let rest = if config.args.is_empty() {
+            strings(&image["Cmd"])
+        } else {
+            config.args.clone()
+        };
+        entrypoint.extend(rest);
+        entrypoint
+    } else {
+        [config.command.clone(), config.args.clone()].concat()
+    };
+    if args.is_empty() {
+        return Err(Error::InvalidArgument(
+            "container has no command: neither the config nor the image names one".into(),
+        ));
+    }
+    Ok(args)
+}
+
+/// The default PATH, HOSTNAME, the image's Env, then the CRI's; later keys win.
+pub fn env(
+    config: &cri::ContainerConfig,
+    image: &serde_json::Value,
+    hostname: &str,
+) -> Vec<String> {
+    let mut env: Vec<String> = vec![DEFAULT_PATH.into(), format!("HOSTNAME={hostname}")];
+    let cri = config
+        .envs
+        .iter()
+        .map(|kv| format!("{}={}", kv.key, kv.value));
+    for entry in strings(&image["Env"]).into_iter().chain(cri) {
+        let key = entry.split('=').next().unwrap_or_default().to_string();
+        env.retain(|e| e.split('=').next() != Some(key.as_str()));
+        env.push(entry);
+    }
+    env
+}
+
+fn cwd(config: &cri::ContainerConfig, image: &serde_json::Value) -> String {
+    [
+        config.working_dir.as_str(),
+        image["WorkingDir"].as_str().unwrap_or_default(),
+    ]
+    .into_iter()
+    .find(|d| !d.is_empty())
+    .unwrap_or("/")
+    .to_string()
+}
+
+/// The process's user: the CRI's uid or name (with its group), else the image's `User`,
+/// resolved in the rootfs's /etc/passwd and /etc/group; supplemental groups are the
+/// primary one, the groups listing the user, and the CRI's.
+pub fn user(
+    security: &cri::LinuxContainerSecurityContext,
+    image: &serde_json::Value,
+    rootfs: &Path,
+) -> Result<oci_spec::runtime::User, Error> {
+    if security.run_as_group.is_some()
+        && security.run_as_user.is_none()
+        && security.run_as_username.is_empty()
+    {
+        return Err(Error::InvalidArgument(
+            "run_as_group is set without run_as_user or run_as_username".into(),
+        ));
+    }
+    let spec = if let Some(uid) = &security.run_as_user {
+        uid.value.to_string()
+    } else if !security.run_as_username.is_empty() {
+        security.run_as_username.clone()
+    } else {
+        image["User"].as_str().unwrap_or_default().to_string()
+    };
+    let (name, group) = match spec.split_once(':') {
+        Some((name, group)) => (name.to_string(), Some(group.to_string())),
+        None => (spec, None),
+    };
+    let passwd = std::fs::read_to_string(rootfs.join("etc/passwd")).unwrap_or_default();
+    let groups = std::fs::read_to_string(rootfs.join("etc/group")).unwrap_or_default();
+    let entry = find_user(&passwd, &name);
+    let (uid, mut gid, username) = match (&entry, name.parse::<u32>()) {
+        (Some((user, uid, gid)), _) => (*uid, *gid, user.clone()),
+        (None, Ok(uid)) => (uid, 0, String::new()),
+        (None, Err(_)) if name.is_empty() => (0, 0, String::new()),
+        (None, Err(_)) => {
+            return Err(Error::InvalidArgument(format!(
+                "user {name:?} is not in the image's /etc/passwd"
+            )));
+        }
+    };
+    if let Some(group) = group.or(security.run_as_group.as_ref().map(|g| g.value.to_string())) {
+        gid = resolve_group(&groups, &group)?;
+    }
+    let mut additional: Vec<u32> = vec![gid];
+    if !username.is_empty() {
+        additional.extend(member_groups(&groups, &username));
+    }
+    additional.extend(security.supplemental_groups.iter().map(|g| *g as u32));
+    additional.sort_unstable();
+    additional.dedup();
+    UserBuilder::default()
+        .uid(uid)
+        .gid(gid)
+        .additional_gids(additional)
+        .build()
+        .map_err(spec_error)
+}
+
+/// `(name, uid, gid)` of the passwd entry with this name or uid.
+fn find_user(passwd: &str, name: &str) -> Option<(String, u32, u32)> {
+    passwd.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(':').collect();
+        if fields.len() < 4 || (fields[0] != name && fields[2] != name) {
+            return None;
+        }
+        Some((
+            fields[0].to_string(),
+            fields[2].parse().ok()?,
+            fields[3].parse().ok()?,
+        ))
+    })
+}
+
+fn resolve_group(groups: &str, group: &str) -> Result<u32, Error> {
+    if let Ok(gid) = group.parse() {
+        return Ok(gid);
+    }
+    groups
+        .lines()
+        .find_map(|line| {
+            let fields: Vec<&str> = line.split(':').collect();
+            (fields.len() >= 3 && fields[0] == group).then(|| fields[2].parse().ok())?
+        })
+        .ok_or_else(|| {
+            Error::InvalidArgument(format!("group {group:?} is not in the image's /etc/group"))
+        })
+}
+
+fn member_groups(groups: &str, user: &str) -> Vec<u32> {
+    groups
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(':').collect();
+            let members = fields.get(3)?;
+            members
+                .split(',')
+                .any(|m| m == user)
+                .then(|| fields[2].parse().ok())?
+        })
+        .collect()
+}
+
+/// containerd's defaults; `ALL` in add gives all and in drop none, before single names.
+pub fn capabilities(
+    security: &cri::LinuxContainerSecurityContext,
+) -> Result<LinuxCapabilities, Error> {
+    let parse = |name: &str| -> Result<Capability, Error> {
+        let bare = name.trim_start_matches("CAP_").to_ascii_uppercase();
+        Capability::from_str(&bare)
+            .map_err(|_| Error::InvalidArgument(format!("unknown capability {name:?}")))
+    };
+    let all = || {
+        ALL_CAPABILITIES
+            .iter()
+            .filter_map(|n| Capability::from_str(n).ok())
+            .collect::<HashSet<_>>()
+    };
+    let mut set: HashSet<Capability> = if security.privileged {
+        all()
+    } else {
+        DEFAULT_CAPABILITIES
+            .iter()
+            .map(|n| parse(n))
+            .collect::<Result<_, _>>()?
+    };
+    if let Some(caps) = &security.capabilities {
+        let is_all = |list: &[String]| list.iter().any(|c| c.eq_ignore_ascii_case("ALL"));
+        if is_all(&caps.add_capabilities) {
+            set = all();
+        }
+        if is_all(&caps.drop_capabilities) {
+            set.clear();
+        }
+        for name in caps
+            .add_capabilities
+            .iter()
+            .filter(|c| !c.eq_ignore_ascii_case("ALL"))
+        {
+            set.insert(parse(name)?);
+        }
+        for name in caps
+            .drop_capabilities
+            .iter()
+            .filter(|c| !c.eq_ignore_ascii_case("ALL"))
+        {
+            set.remove(&parse(name)?);
+        }
+    }
+    let mut capabilities = LinuxCapabilities::default();
+    capabilities.set_bounding(Some(set.clone()));
+    capabilities.set_effective(Some(set.clone()));
+    capabilities.set_permitted(Some(set));
+    capabilities.set_inheritable(None);
+    capabilities.set_ambient(None);
+    Ok(capabilities)
+}
+
+/// The sandbox's namespaces joined through its infra process, a new mount namespace, and a
+/// PID namespace of its own only in CONTAINER mode.
+fn namespaces(
+    security: &cri::LinuxContainerSecurityContext,
+    pid: i64,
+) -> Result<Vec<LinuxNamespace>, Error> {
+    let join = |kind, name: &str| {
+        LinuxNamespaceBuilder::default()
+            .typ(kind)
+            .path(format!("/proc/{pid}/ns/{name}"))
+            .build()
+            .map_err(spec_error)
+    };
+    let mut namespaces = vec![
+        LinuxNamespaceBuilder::default()
+            .typ(LinuxNamespaceType::Mount)
+            .build()
+            .map_err(spec_error)?,
+        join(LinuxNamespaceType::Network, "net")?,
+        join(LinuxNamespaceType::Ipc, "ipc")?,
+        join(LinuxNamespaceType::Uts, "uts")?,
+    ];
+    let pid_mode = security
+        .namespace_options
+        .as_ref()
+        .map(|n| n.pid())
+        .unwrap_or(cri::NamespaceMode::Pod);
+    if pid_mode == cri::NamespaceMode::Container {
+        let own = LinuxNamespaceBuilder::default()
+            .typ(LinuxNamespaceType::Pid)
+            .build();
+        namespaces.push(own.map_err(spec_error)?);
+    } else {
+        namespaces.push(join(LinuxNamespaceType::Pid, "pid")?);
+    }
+    Ok(namespaces)
+}
+
+/// runc's default mounts (a read-write sysfs when privileged), the sandbox's shm,
+/// hostname, hosts and resolv.conf unless a CRI mount covers them, then the CRI mounts.
+fn mounts(
+    config: &cri::ContainerConfig,
+    placement: &Placement,
+    privileged: bool,
+) -> Result<Vec<Mount>, Error> {
+    let covered: HashSet<&str> = config
+        .mounts
+        .iter()
+        .map(|m| m.container_path.as_str())
+        .collect();
+    let mut mounts: Vec<Mount> = oci_spec::runtime::get_default_mounts()
+        .into_iter()
+        .filter(|m| !covered.contains(m.destination().to_string_lossy().as_ref()))
+        .filter(|m| m.destination() != Path::new("/dev/shm"))
+        .map(|mut m| {
+            if privileged && m.destination() == Path::new("/sys") {
+                m.set_options(Some(vec![
+                    "nosuid".into(),
+                    "noexec".into(),
+                    "nodev".into(),
+                    "rw".into(),
+                ]));
+            }
+            m
+        })
+        .collect();
+    let bind = |destination: &str, source: &Path, options: Vec<String>| {
+        MountBuilder::default()
+            .destination(destination)
+            .typ("bind")
+            .source(source)
+            .options(options)
+            .build()
+            .map_err(spec_error)
+    };
+    let rw = |extra: &[&str]| {
+        let mut options = vec![
+            "rbind".to_string(),
+            "rprivate".to_string(),
+            "rw".to_string(),
+        ];
+        options.extend(extra.iter().map(|s| s.to_string()));
+        options
+    };
+    if !covered.contains("/dev/shm") {
+        mounts.push(bind(
+            "/dev/shm",
+            &placement.shm,
+            rw(&["nosuid", "nodev", "noexec"]),
+        )?);
+    }
+    for file in ["hostname", "hosts", "resolv.conf"] {
+        let destination = format!("/etc/{file}");
+        if !covered.contains(destination.as_str()) {
+            mounts.push(bind(
+                &destination,
+                &placement.sandbox_files.join(file),
+                rw(&[]),
+            )?);
+        }
+    }
+    let mut cri_mounts = config.mounts.clone();
+    cri_mounts.sort_by_key(|m| Path::new(&m.container_path).components().count());
+    for mount in &cri_mounts {
+        mounts.push(cri_mount(mount)?);
+    }
+    Ok(mounts)
+}
+
+fn cri_mount(mount: &cri::Mount) -> Result<Mount, Error> {
+    if !mount.container_path.starts_with('/') {
+        return Err(Error::InvalidArgument(format!(
+            "mount container path {:?} is not absolute",
+            mount.container_path
+        )));
+    }
+    let source = std::fs::canonicalize(&mount.host_path).map_err(|e| {
+        Error::InvalidArgument(format!("mount host path {:?}: {e}", mount.host_path))
+    })?;
+    let propagation = match mount.propagation() {
+        cri::MountPropagation::PropagationPrivate => "rprivate",
+        cri::MountPropagation::PropagationHostToContainer => "rslave",
+        cri::MountPropagation::PropagationBidirectional => "rshared",
+    };
+    let mode = if mount.readonly { "ro" } else { "rw" };
+    MountBuilder::default()
+        .destination(&mount.container_path)
+        .typ("bind")
+        .source(source)
+        .options(vec![
+            "rbind".to_string(),
+            propagation.to_string(),
+            mode.to_string(),
+        ])
+        .build()
+        .map_err(spec_error)
+}
+
+/// Unconfined unless a profile is asked for; `localhost/<path>` loads that file.
+fn seccomp(
+    security: &cri::LinuxContainerSecurityContext,
+    privileged: bool,
+) -> Result<Option<oci_spec::runtime::LinuxSeccomp>, Error> {
+    let Some(profile) = security.seccomp.as_ref().filter(|_| !privileged) else {
+        return Ok(None);
+    };
+    match profile.profile_type() {
+        cri::security_profile::ProfileType::Unconfined => Ok(None),
+        cri::security_profile::ProfileType::Localhost => {
+            let path = Path::new(&profile.localhost_ref);
+            if !path.is_absolute() {
+                return Err(Error::InvalidArgument(format!(
+                    "seccomp profile {:?} is not an absolute path",
+                    profile.localhost_ref
+                )));
+            }
+            let text = std::fs::read(path).map_err(|e| {
+                Error::InvalidArgument(format!("seccomp profile {}: {e}", path.display()))
+            })?;
+            serde_json::from_slice(&text).map(Some).map_err(|e| {
+                Error::InvalidArgument(format!("seccomp profile {}: {e}", path.display()))
+            })
+        }
+        cri::security_profile::ProfileType::RuntimeDefault => Err(Error::FailedPrecondition(
+            "the RuntimeDefault seccomp profile is not available in runtimed yet".into(),
+        )),
+    }
+}
+
+fn limits(r: &cri::LinuxContainerResources) -> Result<oci_spec::runtime::LinuxResources, Error> {
+    let mut cpu = LinuxCpuBuilder::default();
+    if r.cpu_shares > 0 {
+        cpu = cpu.shares(r.cpu_shares as u64);
+    }
+    if r.cpu_quota > 0 {
+        cpu = cpu.quota(r.cpu_quota);
+    }
+    if r.cpu_period > 0 {
+        cpu = cpu.period(r.cpu_period as u64);
+    }
+    if !r.cpuset_cpus.is_empty() {
+        cpu = cpu.cpus(r.cpuset_cpus.clone());
+    }
+    if !r.cpuset_mems.is_empty() {
+        cpu = cpu.mems(r.cpuset_mems.clone());
+    }
+    let mut resources = LinuxResourcesBuilder::default().cpu(cpu.build().map_err(spec_error)?);
+    if r.memory_limit_in_bytes > 0 {
+        let memory = LinuxMemoryBuilder::default()
+            .limit(r.memory_limit_in_bytes)
+            .build()
+            .map_err(spec_error)?;
+        resources = resources.memory(memory);
+    }
+    resources.build().map_err(spec_error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(command: &[&str], args: &[&str]) -> cri::ContainerConfig {
+        cri::ContainerConfig {
+            command: command.iter().map(|s| s.to_string()).collect(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            envs: vec![cri::KeyValue {
+                key: "B".into(),
+                value: "cri".into(),
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn command_args_entrypoint_and_cmd_combine_as_in_containerd() {
+        let image = serde_json::json!({"Entrypoint": ["/entry"], "Cmd": ["cmd"]});
+        assert_eq!(args(&config(&[], &[]), &image).unwrap(), ["/entry", "cmd"]);
+        assert_eq!(args(&config(&[], &["a"]), &image).unwrap(), ["/entry", "a"]);
+        assert_eq!(args(&config(&["/c"], &["a"]), &image).unwrap(), ["/c", "a"]);
+        let blank = serde_json::json!({"Entrypoint": [""], "Cmd": ["cmd"]});
+        assert_eq!(args(&config(&[], &[]), &blank).unwrap(), ["cmd"]);
+        assert!(args(&config(&[], &[]), &serde_json::json!({})).is_err());
+    }
+
+    #[test]
+    fn later_environment_keys_win() {
+        let image = serde_json::json!({"Env": ["PATH=/image", "A=image", "B=image"]});
+        let env = env(&config(&[], &[]), &image, "pod");
+        assert_eq!(env, ["HOSTNAME=pod", "PATH=/image", "A=image", "B=cri"]);
+    }
+
+    #[test]
+    fn users_resolve_in_the_rootfs_and_groups_merge() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("etc")).unwrap();
+        std::fs::write(
+            root.path().join("etc/passwd"),
+            "root:x:0:0::/:/bin/sh\nweb:x:1000:1000::/:/bin/sh\n",
+        )
+        .unwrap();
+        std::fs::write(
+            root.path().join("etc/group"),
+            "web:x:1000:\nextra:x:50000:web\nusers:x:100:\n",
+        )
+        .unwrap();
+        let security = cri::LinuxContainerSecurityContext {
+            run_as_user: Some(cri::Int64Value { value: 1000 }),
+            supplemental_groups: vec![1234],
+            ..Default::default()
+        };
+        let user = user(&security, &serde_json::json!({}), root.path()).unwrap();
+        assert_eq!((user.uid(), user.gid()), (1000, 1000));
+        assert_eq!(user.additional_gids().clone().unwrap(), [1000, 1234, 50000]);
+        let by_name = cri::LinuxContainerSecurityContext {
+            run_as_username: "web".into(),
+            run_as_group: Some(cri::Int64Value { value: 100 }),
+            ..Default::default()
+        };
+        let user = super::user(&by_name, &serde_json::json!({}), root.path()).unwrap();
+        assert_eq!((user.uid(), user.gid()), (1000, 100));
+        let image_user = serde_json::json!({"User": "4242"});
+        let user = super::user(&Default::default(), &image_user, root.path()).unwrap();
+        assert_eq!((user.uid(), user.gid()), (4242, 0));
+        let nobody = serde_json::json!({"User": "ghost"});
+        assert!(super::user(&Default::default(), &nobody, root.path()).is_err());
+    }
+
+    #[test]
+    fn capabilities_start_from_containerds_and_all_comes_first() {
+        let caps = |add: &[&str], drop: &[&str]| {
+            let security = cri::LinuxContainerSecurityContext {
+                capabilities: Some(cri::Capability {
+                    add_capabilities: add.iter().map(|s| s.to_string()).collect(),
+                    drop_capabilities: drop.iter().map(|s| s.to_string()).collect(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            capabilities(&security).unwrap().bounding().clone().unwrap()
+        };
+        let default = caps(&[], &[]);
+        assert_eq!(default.len(), 14);
+        assert!(caps(&["NET_ADMIN"], &[]).contains(&Capability::NetAdmin));
+        assert!(!caps(&[], &["NET_RAW"]).contains(&Capability::NetRaw));
+        assert_eq!(caps(&["ALL"], &[]).len(), ALL_CAPABILITIES.len());
+        assert_eq!(
+            caps(&["CHOWN"], &["ALL"]),
+            HashSet::from([Capability::Chown])
+        );
+    }
+}

@@ -1,0 +1,302 @@
+//! Containers through crictl: busybox pulled through imaged, run with runc under conmon in
+//! a sandbox of its own, logs in the CRI format, exit codes and reasons, stop grace periods.
+
+use crate::harness::Node;
+
+fn pod(name: &str, logs: &std::path::Path) -> serde_json::Value {
+    serde_json::json!({
+        "metadata": {"name": name, "namespace": "ns", "uid": format!("uid-{name}"), "attempt": 1},
+        "log_directory": logs,
+        "linux": {},
+    })
+}
+
+fn container(
+    node: &Node,
+    name: &str,
+    command: &[&str],
+    extra: serde_json::Value,
+) -> serde_json::Value {
+    let mut config = serde_json::json!({
+        "metadata": {"name": name},
+        "image": {"image": node.busybox},
+        "command": command,
+        "log_path": format!("{name}.log"),
+        "linux": {},
+    });
+    if let (Some(config), Some(extra)) = (config.as_object_mut(), extra.as_object()) {
+        config.extend(extra.clone());
+    }
+    config
+}
+
+/// Runs `command` to its end in a new pod; the inspect of the exited container and the log.
+fn run_to_exit(
+    node: &Node,
+    name: &str,
+    command: &[&str],
+    extra: serde_json::Value,
+) -> (serde_json::Value, String) {
+    let logs = node.runtimed.dir.path().join(format!("logs-{name}"));
+    let pod_config = pod(name, &logs);
+    let sandbox = node.run_pod(&pod_config, "").unwrap();
+    let id = node
+        .create(
+            &sandbox,
+            &container(node, name, command, extra),
+            &pod_config,
+        )
+        .unwrap();
+    assert_eq!(
+        node.inspect_container(&id)["status"]["state"],
+        "CONTAINER_CREATED"
+    );
+    node.crictl(&["start", &id]);
+    let inspect = node.wait_state(&id, "CONTAINER_EXITED");
+    let log = std::fs::read_to_string(logs.join(format!("{name}.log"))).unwrap_or_default();
+    node.crictl(&["rmp", "-f", &sandbox]);
+    (inspect, log)
+}
+
+/// The stream, tag and text of each CRI log line (the timestamp is checked for shape).
+fn log_lines(log: &str) -> Vec<(String, String, String)> {
+    log.lines()
+        .map(|line| {
+            let mut parts = line.splitn(4, ' ');
+            let timestamp = parts.next().unwrap();
+            assert!(timestamp.contains('T') && timestamp.len() > 20, "{line}");
+            let stream = parts.next().unwrap().to_string();
+            let tag = parts.next().unwrap().to_string();
+            (stream, tag, parts.next().unwrap_or_default().to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn output_goes_to_the_cri_log_and_exit_codes_become_reasons() {
+    let node = Node::start("rtdctr1", "10.235.1.0/24");
+    node.pull_busybox();
+    let (inspect, log) = run_to_exit(
+        &node,
+        "echo",
+        &["sh", "-c", "echo hello; echo oops >&2; printf tail"],
+        serde_json::json!({}),
+    );
+    let status = &inspect["status"];
+    assert_eq!(
+        (status["exitCode"].as_i64(), status["reason"].as_str()),
+        (Some(0), Some("Completed")),
+        "{inspect}"
+    );
+    assert!(status["startedAt"].as_str().is_some() && status["finishedAt"].as_str().is_some());
+    assert_eq!(status["image"]["image"], node.busybox);
+    assert!(
+        status["imageRef"].as_str().unwrap().contains("@sha256:"),
+        "{inspect}"
+    );
+    let mut lines = log_lines(&log);
+    lines.sort();
+    assert_eq!(
+        lines,
+        [
+            ("stderr".into(), "F".into(), "oops".into()),
+            ("stdout".into(), "F".into(), "hello".into()),
+            ("stdout".into(), "P".into(), "tail".into()),
+        ],
+        "{log}"
+    );
+
+    let (inspect, _) = run_to_exit(
+        &node,
+        "three",
+        &["sh", "-c", "exit 3"],
+        serde_json::json!({}),
+    );
+    assert_eq!(
+        (
+            inspect["status"]["exitCode"].as_i64(),
+            inspect["status"]["reason"].as_str()
+        ),
+        (Some(3), Some("Error"))
+    );
+
+    let limit = serde_json::json!({"linux": {"resources": {"memory_limit_in_bytes": 16777216}}});
+    let (inspect, _) = run_to_exit(
+        &node,
+        "oom",
+        &[
+            "sh",
+            "-c",
+            "dd if=/dev/zero bs=128M count=1 | cat > /dev/null",
+        ],
+        limit,
+    );
+    assert_eq!(inspect["status"]["reason"], "OOMKilled", "{inspect}");
+}
+
+#[test]
+fn containers_of_a_pod_share_its_namespaces_and_stop_with_grace() {
+    let node = Node::start("rtdctr2", "10.235.2.0/24");
+    node.pull_busybox();
+    let logs = node.runtimed.dir.path().join("logs");
+    let pod_config = pod("pair", &logs);
+    let sandbox = node.run_pod(&pod_config, "").unwrap();
+    let infra = node.inspect(&sandbox)["info"]["pid"].as_i64().unwrap();
+    let polite = [
+        "sh",
+        "-c",
+        "trap 'exit 0' TERM; while :; do sleep 0.2; done",
+    ];
+    let stubborn = ["sh", "-c", "trap '' TERM; while :; do sleep 0.2; done"];
+    let a = node
+        .create(
+            &sandbox,
+            &container(&node, "a", &polite, serde_json::json!({})),
+            &pod_config,
+        )
+        .unwrap();
+    let b = node
+        .create(
+            &sandbox,
+            &container(&node, "b", &stubborn, serde_json::json!({})),
+            &pod_config,
+        )
+        .unwrap();
+    node.crictl(&["start", &a]);
+    node.crictl(&["start", &b]);
+    let pid = |id: &str| {
+        let inspect = node.wait_state(id, "CONTAINER_RUNNING");
+        inspect["info"]["pid"].as_i64().unwrap()
+    };
+    let (pa, pb) = (pid(&a), pid(&b));
+    for ns in ["net", "ipc", "uts", "pid"] {
+        let of = |p: i64| std::fs::read_link(format!("/proc/{p}/ns/{ns}")).unwrap();
+        assert_eq!(of(pa), of(infra), "{ns}");
+        assert_eq!(of(pb), of(infra), "{ns}");
+    }
+    let err = node
+        .create(
+            &sandbox,
+            &container(&node, "a", &polite, serde_json::json!({})),
+            &pod_config,
+        )
+        .unwrap_err();
+    assert!(err.contains("AlreadyExists"), "{err}");
+    assert_eq!(
+        node.crictl(&["ps", "-q", "--pod", &sandbox])
+            .lines()
+            .count(),
+        2
+    );
+
+    let started = std::time::Instant::now();
+    node.crictl(&["stop", "--timeout", "10", &a]);
+    assert!(started.elapsed() < std::time::Duration::from_secs(8));
+    assert_eq!(node.inspect_container(&a)["status"]["exitCode"], 0);
+    let started = std::time::Instant::now();
+    node.crictl(&["stop", "--timeout", "2", &b]);
+    assert!(started.elapsed() >= std::time::Duration::from_secs(2));
+    assert_eq!(node.inspect_container(&b)["status"]["exitCode"], 137);
+    node.crictl(&["stop", &b]);
+
+    node.crictl(&["rm", &a]);
+    assert_eq!(
+        node.crictl(&["ps", "-a", "-q", "--pod", &sandbox]).trim(),
+        b
+    );
+    node.crictl(&["stopp", &sandbox]);
+    let err = node
+        .create(
+            &sandbox,
+            &container(&node, "late", &polite, serde_json::json!({})),
+            &pod_config,
+        )
+        .unwrap_err();
+    assert!(
+        err.contains("FailedPrecondition") && err.contains("not ready"),
+        "{err}"
+    );
+    node.crictl(&["rmp", &sandbox]);
+    assert_eq!(node.crictl(&["ps", "-a", "-q"]).trim(), "");
+}
+
+#[test]
+fn bad_container_requests_are_refused_by_name() {
+    let node = Node::start("rtdctr3", "10.235.3.0/24");
+    let logs = node.runtimed.dir.path().join("logs");
+    let pod_config = pod("bad", &logs);
+    let sandbox = node.run_pod(&pod_config, "").unwrap();
+    let sleep = ["sleep", "100"];
+    let err = node
+        .create(
+            &sandbox,
+            &container(&node, "nopull", &sleep, serde_json::json!({})),
+            &pod_config,
+        )
+        .unwrap_err();
+    assert!(
+        err.contains("NotFound") && err.contains("fixtures/busybox"),
+        "{err}"
+    );
+    node.pull_busybox();
+    let missing = serde_json::json!({"mounts": [{"container_path": "/data", "host_path": "/nonexistent/volume"}]});
+    let err = node
+        .create(
+            &sandbox,
+            &container(&node, "mount", &sleep, missing),
+            &pod_config,
+        )
+        .unwrap_err();
+    assert!(
+        err.contains("InvalidArgument") && err.contains("/nonexistent/volume"),
+        "{err}"
+    );
+    let group = serde_json::json!({"linux": {"security_context": {"run_as_group": {"value": 5}}}});
+    let err = node
+        .create(
+            &sandbox,
+            &container(&node, "group", &sleep, group),
+            &pod_config,
+        )
+        .unwrap_err();
+    assert!(
+        err.contains("InvalidArgument") && err.contains("run_as_group"),
+        "{err}"
+    );
+    assert_eq!(node.crictl(&["ps", "-a", "-q"]).trim(), "");
+    let bundles = node.runtimed.dir.path().join("state/containers");
+    let left = std::fs::read_dir(&bundles).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(left, 0, "bundles left in {}", bundles.display());
+    let unknown = "f".repeat(64);
+    let output = node.crictl_output(&["inspect", &unknown]);
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("NotFound"),
+        "{output:?}"
+    );
+    node.crictl(&["rmp", "-f", &sandbox]);
+}
+
+#[test]
+fn exit_codes_survive_a_runtimed_restart() {
+    let mut node = Node::start("rtdctr4", "10.235.4.0/24");
+    node.pull_busybox();
+    let logs = node.runtimed.dir.path().join("logs");
+    let pod_config = pod("restart", &logs);
+    let sandbox = node.run_pod(&pod_config, "").unwrap();
+    let exits = ["sh", "-c", "sleep 1; exit 7"];
+    let id = node
+        .create(
+            &sandbox,
+            &container(&node, "later", &exits, serde_json::json!({})),
+            &pod_config,
+        )
+        .unwrap();
+    node.crictl(&["start", &id]);
+    node.wait_state(&id, "CONTAINER_RUNNING");
+    node.runtimed.crash_and_restart();
+    let inspect = node.wait_state(&id, "CONTAINER_EXITED");
+    assert_eq!(inspect["status"]["exitCode"], 7);
+    node.runtimed.crash_and_restart();
+    assert_eq!(node.inspect_container(&id)["status"]["exitCode"], 7);
+    node.crictl(&["rmp", "-f", &sandbox]);
+}
