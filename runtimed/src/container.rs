@@ -171,23 +171,20 @@ fn wait_exit(container: &Container, conmon: &Conmon, limit: std::time::Duration)
     container.exit(conmon).is_some()
 }
 
-/// Removes the runtime's state, the rootfs mount and the bundle; what is gone is fine.
+/// Removes the runtime's state, the rootfs mount and the bundle; what is gone is fine. The
+/// mount and the bundle go even when the runtime fails, and its error is returned after.
 pub fn remove_files(
     container: &Container,
     bundle: &Path,
     runtime: &Runtime,
     conmon: &Conmon,
 ) -> Result<(), Error> {
-    if runtime.state(&container.id)?.is_some() {
-        runtime.delete(&container.id)?;
-    }
+    let deleted = crate::sandbox::delete_state(runtime, &container.id);
     let rootfs = bundle.join("rootfs");
     if rootfs.exists() {
         let _ = plumbing::mount::unmount(&rootfs);
     }
     let _ = std::fs::remove_file(conmon.exits.join(&container.id));
-    match std::fs::remove_dir_all(bundle) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io("remove", bundle)(e)),
-        _ => Ok(()),
-    }
+    crate::sandbox::remove_dir(bundle)?;
+    deleted
 }

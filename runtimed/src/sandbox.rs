@@ -349,16 +349,15 @@ pub fn detach_network(
 }
 
 /// Removes the infra container's runtime state, the rootfs mount, `/dev/shm` and the
-/// sandbox's directories. Everything that is already gone is fine.
+/// sandbox's directories. Everything that is already gone is fine; the mounts and
+/// directories go even when the runtime fails, and its error is returned after.
 pub fn remove_files(
     sandbox: &Sandbox,
     paths: &Paths,
     runtime: &Runtime,
     conmon: &Conmon,
 ) -> Result<(), Error> {
-    if runtime.state(&sandbox.id)?.is_some() {
-        runtime.delete(&sandbox.id)?;
-    }
+    let deleted = delete_state(runtime, &sandbox.id);
     for mountpoint in [paths.rootfs(), paths.shm()] {
         if mountpoint.exists() {
             let _ = plumbing::mount::unmount(&mountpoint);
@@ -366,14 +365,25 @@ pub fn remove_files(
     }
     let _ = std::fs::remove_file(conmon.exits.join(&sandbox.id));
     for dir in [&paths.bundle, &paths.files] {
-        match std::fs::remove_dir_all(dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(Error::io("remove", dir)(e));
-            }
-            _ => {}
-        }
+        remove_dir(dir)?;
+    }
+    deleted
+}
+
+/// Deletes the runtime's state of `id` when it has one.
+pub fn delete_state(runtime: &Runtime, id: &str) -> Result<(), Error> {
+    if runtime.state(id)?.is_some() {
+        runtime.delete(id)?;
     }
     Ok(())
+}
+
+/// Removes `dir` and everything under it; one that is gone is fine.
+pub fn remove_dir(dir: &Path) -> Result<(), Error> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io("remove", dir)(e)),
+        _ => Ok(()),
+    }
 }
 
 /// Mounts the rootfs imaged prepared at the bundle's `rootfs`.

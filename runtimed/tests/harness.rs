@@ -249,7 +249,9 @@ impl Node {
 }
 
 impl Drop for Node {
+    /// Removes every pod first, so a failed test leaves no process, mount or address.
     fn drop(&mut self) {
+        let _ = self.crictl_output(&["rmp", "--all", "--force"]);
         let _ = self.imaged.kill();
         let _ = self.imaged.wait();
         let _ = Command::new("ip")
