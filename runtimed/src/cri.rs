@@ -222,6 +222,24 @@ impl runtime_service_server::RuntimeService for CriRuntimeService {
         Ok(Response::new(cri::ListContainersResponse { containers }))
     }
 
+    async fn exec_sync(
+        &self,
+        request: Request<cri::ExecSyncRequest>,
+    ) -> Result<Response<cri::ExecSyncResponse>, Status> {
+        let request = request.into_inner();
+        let id = container_id(request.container_id);
+        let output = self
+            .service
+            .exec_sync(&id, request.cmd, request.timeout)
+            .await
+            .map_err(|e| e.to_status())?;
+        Ok(Response::new(cri::ExecSyncResponse {
+            stdout: output.stdout,
+            stderr: output.stderr,
+            exit_code: output.exit_code,
+        }))
+    }
+
     async fn get_container_events(
         &self,
         _request: Request<cri::GetEventsRequest>,
@@ -241,13 +259,6 @@ impl runtime_service_server::RuntimeService for CriRuntimeService {
         _request: Request<cri::ReopenContainerLogRequest>,
     ) -> Result<Response<cri::ReopenContainerLogResponse>, Status> {
         Err(not_yet("ReopenContainerLog"))
-    }
-
-    async fn exec_sync(
-        &self,
-        _request: Request<cri::ExecSyncRequest>,
-    ) -> Result<Response<cri::ExecSyncResponse>, Status> {
-        Err(not_yet("ExecSync"))
     }
 
     async fn exec(

@@ -26,6 +26,9 @@ pub enum Error {
     /// The node is not in a state to do it (no network configured, no conmon...).
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A command ran past its timeout (ExecSync).
+    #[error("{0}")]
+    DeadlineExceeded(String),
     /// imaged answered with an error (its code is kept).
     #[error("image service: {}", .0.message())]
     Image(Status),
@@ -70,6 +73,7 @@ impl Error {
             Error::FailedPrecondition(_) | Error::Oci(OciError::Missing { .. }) => {
                 Code::FailedPrecondition
             }
+            Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Error::Image(status) => status.code(),
             Error::Oci(_) | Error::Cni(_) | Error::Io { .. } => Code::Internal,
         };
@@ -119,6 +123,7 @@ mod tests {
                 Code::FailedPrecondition,
             ),
             (Error::Image(Status::not_found("image x")), Code::NotFound),
+            (Error::DeadlineExceeded("x".into()), Code::DeadlineExceeded),
             (Error::Oci(missing), Code::FailedPrecondition),
             (Error::Oci(failed), Code::Internal),
             (Error::Cni(cni), Code::Internal),

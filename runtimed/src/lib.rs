@@ -6,12 +6,12 @@
 //! Served today: Version, Status, RuntimeConfig, UpdateRuntimeConfig, the pod sandbox
 //! lifecycle (RunPodSandbox, StopPodSandbox, RemovePodSandbox, PodSandboxStatus,
 //! ListPodSandbox) and the container lifecycle (CreateContainer, StartContainer,
-//! StopContainer, RemoveContainer, ContainerStatus, ListContainers); the other RPCs (exec,
-//! stats, resource updates, log reopening, streaming) answer Unimplemented naming the
+//! StopContainer, RemoveContainer, ContainerStatus, ListContainers, ExecSync); the other
+//! RPCs (stats, resource updates, log reopening, streaming) answer Unimplemented naming the
 //! method.
 //!
 //! [`config`] holds the configuration, [`container`] and [`container_spec`] a container's
-//! record, steps and OCI spec, [`cni`] the network configuration and plugin calls,
+//! record, steps and OCI spec, [`exec`] ExecSync, [`cni`] the network configuration and plugin calls,
 //! [`images`] the client of imaged, [`netns`] pinned network namespaces, [`spec`] OCI
 //! runtime specs, [`oci`] the OCI runtime and conmon, [`sandbox`] the steps of a sandbox's
 //! life, [`store`] records that survive a restart, [`service`] the RPCs' logic, [`cri`] the
@@ -25,6 +25,7 @@ pub mod container_spec;
 pub mod cri;
 pub mod daemon;
 pub mod error;
+pub mod exec;
 pub mod images;
 pub mod netns;
 pub mod oci;

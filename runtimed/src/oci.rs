@@ -67,7 +67,8 @@ pub struct State {
 }
 
 impl Runtime {
-    fn command(&self) -> Command {
+    /// The runtime's command line with its global options (`--root`, cgroup driver).
+    pub fn command(&self) -> Command {
         let mut command = Command::new(&self.path);
         command.arg("--root").arg(&self.root);
         if self.systemd_cgroup {

@@ -300,3 +300,64 @@ fn exit_codes_survive_a_runtimed_restart() {
     assert_eq!(node.inspect_container(&id)["status"]["exitCode"], 7);
     node.crictl(&["rmp", "-f", &sandbox]);
 }
+
+#[test]
+fn exec_sync_returns_output_and_exit_code_and_kills_at_its_timeout() {
+    let node = Node::start("rtdctr5", "10.235.5.0/24");
+    node.pull_busybox();
+    let logs = node.runtimed.dir.path().join("logs");
+    let pod_config = pod("exec", &logs);
+    let sandbox = node.run_pod(&pod_config, "").unwrap();
+    let sleeper = ["sleep", "1000"];
+    let user = serde_json::json!({"linux": {"security_context": {"run_as_user": {"value": 33}}}});
+    let id = node
+        .create(
+            &sandbox,
+            &container(&node, "exec", &sleeper, user),
+            &pod_config,
+        )
+        .unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let exec = |cmd: &[&str], timeout: i64| {
+        runtime.block_on(async {
+            let request = proto::cri::ExecSyncRequest {
+                container_id: id.clone(),
+                cmd: cmd.iter().map(|s| s.to_string()).collect(),
+                timeout,
+            };
+            let mut client = node.runtimed.client().await;
+            client.exec_sync(request).await.map(|r| r.into_inner())
+        })
+    };
+    let status = exec(&["true"], 0).unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("not running"), "{status:?}");
+    node.crictl(&["start", &id]);
+    node.wait_state(&id, "CONTAINER_RUNNING");
+    let hello = exec(&["echo", "-n", "hello"], 0).unwrap();
+    assert_eq!(
+        (
+            hello.stdout.as_slice(),
+            hello.stderr.as_slice(),
+            hello.exit_code
+        ),
+        (&b"hello"[..], &b""[..], 0)
+    );
+    assert_eq!(exec(&["id", "-u"], 0).unwrap().stdout, b"33\n");
+    let failed = exec(&["sh", "-c", "echo err >&2; exit 4"], 0).unwrap();
+    assert_eq!(
+        (failed.exit_code, failed.stderr.as_slice()),
+        (4, &b"err\n"[..])
+    );
+    let started = std::time::Instant::now();
+    let status = exec(&["sleep", "4321"], 1).unwrap_err();
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    let left = exec(
+        &["sh", "-c", "ps | grep 'sleep 4321' | grep -v grep || true"],
+        0,
+    )
+    .unwrap();
+    assert_eq!(left.stdout, b"", "the timed-out command still runs");
+    node.crictl(&["rmp", "-f", &sandbox]);
+}

@@ -77,11 +77,11 @@ async fn runtime_config_and_not_yet_implemented_methods() {
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert!(status.message().contains("metadata"), "{status:?}");
     let status = client
-        .exec_sync(cri::ExecSyncRequest::default())
+        .container_stats(cri::ContainerStatsRequest::default())
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unimplemented);
-    assert!(status.message().contains("ExecSync"), "{status:?}");
+    assert!(status.message().contains("ContainerStats"), "{status:?}");
 }
 
 #[test]

@@ -193,6 +193,32 @@ impl RuntimeService {
         self.save_container(container).await
     }
 
+    /// `ExecSync`: runs `cmd` in a running container, `timeout` seconds at most (none when
+    /// zero).
+    pub async fn exec_sync(
+        &self,
+        id: &str,
+        cmd: Vec<String>,
+        timeout: i64,
+    ) -> Result<crate::exec::Output, Error> {
+        let container = self.find_container(id).await?;
+        let state = container.state(&self.conmon_dirs());
+        if state != cri::ContainerState::ContainerRunning {
+            return Err(Error::FailedPrecondition(format!(
+                "container {} is {}, not running",
+                container.id,
+                state.as_str_name()
+            )));
+        }
+        let runtime = self.runtime(&container.runtime_handler)?;
+        let bundle = container::bundle(&self.config.state, &container.id);
+        let timeout = std::time::Duration::from_secs(timeout.max(0) as u64);
+        plumbing::blocking(move || {
+            crate::exec::exec_sync(&runtime, &container.id, &bundle, &cmd, timeout)
+        })
+        .await
+    }
+
     /// `StopContainer`: the stop signal, `timeout` seconds, then SIGKILL. Idempotent; an
     /// unknown id is fine.
     pub async fn stop_container(&self, id: &str, timeout: i64) -> Result<(), Error> {

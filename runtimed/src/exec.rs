@@ -1,0 +1,122 @@
+//! ExecSync: a command run in a running container with the container's own process
+//! settings (user, capabilities, environment, working directory), through `RUNTIME exec`,
+//! its output captured up to a cap and its run time bounded. A command that outlives its
+//! timeout is killed inside the container, as critest's execSync spec checks.
+
+use crate::error::Error;
+use crate::oci::Runtime;
+use std::io::Read;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+/// containerd caps each of stdout and stderr at 16 MiB.
+pub const OUTPUT_CAP: usize = 16 << 20;
+
+/// What a finished command left.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Output {
+    /// Its stdout, at most [`OUTPUT_CAP`] bytes.
+    pub stdout: Vec<u8>,
+    /// Its stderr, at most [`OUTPUT_CAP`] bytes.
+    pub stderr: Vec<u8>,
+    /// Its exit status (128 + signal when killed by one).
+    pub exit_code: i32,
+}
+
+/// Runs `cmd` in container `id`, whose bundle holds the container's `config.json`; gives up
+/// after `timeout` (none when zero), killing the command.
+pub fn exec_sync(
+    runtime: &Runtime,
+    id: &str,
+    bundle: &Path,
+    cmd: &[String],
+    timeout: Duration,
+) -> Result<Output, Error> {
+    if cmd.is_empty() {
+        return Err(Error::InvalidArgument("exec command is empty".into()));
+    }
+    let spec: serde_json::Value = std::fs::read(bundle.join("config.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .ok_or_else(|| Error::FailedPrecondition(format!("container {id} has no readable spec")))?;
+    let mut process = spec["process"].clone();
+    process["args"] = serde_json::json!(cmd);
+    process["terminal"] = false.into();
+    let scratch = tempfile::Builder::new()
+        .prefix("exec-")
+        .tempdir_in(bundle)
+        .map_err(Error::io("create exec directory in", bundle))?;
+    let process_file = scratch.path().join("process.json");
+    std::fs::write(&process_file, process.to_string())
+        .map_err(Error::io("write", &process_file))?;
+    let pid_file = scratch.path().join("pid");
+    let mut child = runtime
+        .command()
+        .arg("exec")
+        .arg("--process")
+        .arg(&process_file)
+        .arg("--pid-file")
+        .arg(&pid_file)
+        .arg(id)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| {
+            Error::Oci(crate::oci::OciError::Spawn {
+                id: id.into(),
+                program: runtime.name.clone(),
+                source,
+            })
+        })?;
+    let stdout = capture(child.stdout.take().expect("piped"));
+    let stderr = capture(child.stderr.take().expect("piped"));
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child
+            .try_wait()
+            .map_err(Error::io("wait for exec of", id))?
+        {
+            break status;
+        }
+        if !timeout.is_zero() && started.elapsed() >= timeout {
+            kill_exec(&pid_file);
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(Error::DeadlineExceeded(format!(
+                "container {id}: command {cmd:?} timed out after {timeout:?}"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    use std::os::unix::process::ExitStatusExt as _;
+    let exit_code = status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(-1);
+    Ok(Output {
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+        exit_code,
+    })
+}
+
+/// Reads `pipe` to its end on a thread, keeping the first [`OUTPUT_CAP`] bytes.
+fn capture(pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut kept = Vec::new();
+        let _ = pipe.take(OUTPUT_CAP as u64).read_to_end(&mut kept);
+        kept
+    })
+}
+
+/// SIGKILLs the exec'd process, whose host pid the runtime wrote to `pid_file`.
+fn kill_exec(pid_file: &Path) {
+    let pid = std::fs::read_to_string(pid_file)
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+        .and_then(rustix::process::Pid::from_raw);
+    if let Some(pid) = pid {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+    }
+}
