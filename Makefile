@@ -21,7 +21,7 @@ critest: deps build
 	./scripts/critest.sh
 
 demo: deps
-	$(CARGO) build --release -p imaged -p fixtures --bins
+	$(CARGO) build --release -p imaged -p runtimed -p fixtures --bins
 	$(CARGO) build --release -p imaged --example cri_latency
 	$(CARGO) build --release -p snapshotters --example apply_bench
 	./scripts/demo.sh

@@ -54,12 +54,20 @@ TOML
   return 1
 }
 
-# start_runtimed: starts runtimed next to imaged, with its own root and state under $work;
-# sets $runtime_socket.
+# start_runtimed: starts runtimed next to imaged, with its own root and state under $work,
+# CNI configurations read from $work/net.d and $PAUSE_IMAGE (default: the kubelet's) as
+# the pause image; sets $runtime_socket.
 start_runtimed() {
   mkdir -p "$work/net.d"
+  cat >"$work/runtimed.toml" <<TOML
+pause_image = "${PAUSE_IMAGE:-registry.k8s.io/pause:3.10}"
+
+[cni]
+conf_dir = "$work/net.d"
+TOML
   runtime_socket="$work/runtimed-state/runtimed.sock"
-  RUNTIMED_LOG=${RUNTIMED_LOG:-warn} "$bin_dir/runtimed" serve --root "$work/runtimed-root" \
+  RUNTIMED_LOG=${RUNTIMED_LOG:-warn} "$bin_dir/runtimed" serve --config "$work/runtimed.toml" \
+    --root "$work/runtimed-root" \
     --state "$work/runtimed-state" --image-service-endpoint "unix://$socket" \
     2>"$work/runtimed.log" &
   pids+=($!)
