@@ -188,3 +188,62 @@ pub fn remove_files(
     crate::sandbox::remove_dir(bundle)?;
     deleted
 }
+
+/// Asks conmon to reopen the log (`2 0 0` on the `ctl` fifo in the bundle) and waits, a
+/// few seconds at most, until the file exists again.
+pub fn reopen_log(bundle: &Path, log: &Path) -> Result<(), Error> {
+    use std::io::Write as _;
+    let ctl = bundle.join("ctl");
+    let mut fifo = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&ctl)
+        .map_err(Error::io("open", &ctl))?;
+    fifo.write_all(b"2 0 0\n")
+        .map_err(Error::io("write to", &ctl))?;
+    for _ in 0..250 {
+        if log.exists() {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Err(Error::FailedPrecondition(format!(
+        "conmon did not reopen {} within 5 s",
+        log.display()
+    )))
+}
+
+/// Applies `limits` to container `id` with `RUNTIME update --resources`, and records them
+/// in the bundle's spec so that a later read of it agrees.
+pub fn update(
+    runtime: &Runtime,
+    id: &str,
+    bundle: &Path,
+    limits: &oci_spec::runtime::LinuxResources,
+) -> Result<(), Error> {
+    let file = bundle.join("resources.json");
+    let json = serde_json::to_vec(limits).expect("resources serialise");
+    std::fs::write(&file, json).map_err(Error::io("write", &file))?;
+    let output = runtime
+        .command()
+        .arg("update")
+        .arg("--resources")
+        .arg(&file)
+        .arg(id)
+        .output()
+        .map_err(Error::io("run runtime update for", id))?;
+    if !output.status.success() {
+        return Err(Error::Oci(crate::oci::OciError::Failed {
+            id: id.into(),
+            program: runtime.name.clone(),
+            command: "update".into(),
+            message: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        }));
+    }
+    let config = bundle.join("config.json");
+    let mut spec: serde_json::Value = std::fs::read(&config)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    spec["linux"]["resources"] = serde_json::to_value(limits).expect("resources serialise");
+    std::fs::write(&config, spec.to_string()).map_err(Error::io("write", &config))
+}

@@ -558,7 +558,10 @@ fn seccomp(
     }
 }
 
-fn limits(r: &cri::LinuxContainerResources) -> Result<oci_spec::runtime::LinuxResources, Error> {
+/// The cgroup limits of CRI resources (0 is unset).
+pub fn limits(
+    r: &cri::LinuxContainerResources,
+) -> Result<oci_spec::runtime::LinuxResources, Error> {
     let mut cpu = LinuxCpuBuilder::default();
     if r.cpu_shares > 0 {
         cpu = cpu.shares(r.cpu_shares as u64);

@@ -240,25 +240,85 @@ impl runtime_service_server::RuntimeService for CriRuntimeService {
         }))
     }
 
+    async fn container_stats(
+        &self,
+        request: Request<cri::ContainerStatsRequest>,
+    ) -> Result<Response<cri::ContainerStatsResponse>, Status> {
+        let id = container_id(request.into_inner().container_id);
+        let stats = self
+            .service
+            .container_stats(&id)
+            .await
+            .map_err(|e| e.to_status())?;
+        Ok(Response::new(cri::ContainerStatsResponse {
+            stats: Some(stats),
+        }))
+    }
+
+    async fn list_container_stats(
+        &self,
+        request: Request<cri::ListContainerStatsRequest>,
+    ) -> Result<Response<cri::ListContainerStatsResponse>, Status> {
+        let filter = request.into_inner().filter;
+        let stats = self.service.list_container_stats(filter).await;
+        Ok(Response::new(cri::ListContainerStatsResponse { stats }))
+    }
+
+    async fn pod_sandbox_stats(
+        &self,
+        request: Request<cri::PodSandboxStatsRequest>,
+    ) -> Result<Response<cri::PodSandboxStatsResponse>, Status> {
+        let id = sandbox_id(request.into_inner().pod_sandbox_id);
+        let stats = self
+            .service
+            .pod_sandbox_stats(&id)
+            .await
+            .map_err(|e| e.to_status())?;
+        Ok(Response::new(cri::PodSandboxStatsResponse {
+            stats: Some(stats),
+        }))
+    }
+
+    async fn list_pod_sandbox_stats(
+        &self,
+        request: Request<cri::ListPodSandboxStatsRequest>,
+    ) -> Result<Response<cri::ListPodSandboxStatsResponse>, Status> {
+        let filter = request.into_inner().filter;
+        let stats = self.service.list_pod_sandbox_stats(filter).await;
+        Ok(Response::new(cri::ListPodSandboxStatsResponse { stats }))
+    }
+
+    async fn reopen_container_log(
+        &self,
+        request: Request<cri::ReopenContainerLogRequest>,
+    ) -> Result<Response<cri::ReopenContainerLogResponse>, Status> {
+        let id = container_id(request.into_inner().container_id);
+        self.service
+            .reopen_container_log(&id)
+            .await
+            .map_err(|e| e.to_status())?;
+        Ok(Response::new(cri::ReopenContainerLogResponse {}))
+    }
+
+    async fn update_container_resources(
+        &self,
+        request: Request<cri::UpdateContainerResourcesRequest>,
+    ) -> Result<Response<cri::UpdateContainerResourcesResponse>, Status> {
+        let request = request.into_inner();
+        let id = container_id(request.container_id);
+        let resources = request.linux.unwrap_or_default();
+        self.service
+            .update_container_resources(&id, resources)
+            .await
+            .map_err(|e| e.to_status())?;
+        Ok(Response::new(cri::UpdateContainerResourcesResponse {}))
+    }
+
     async fn get_container_events(
         &self,
         _request: Request<cri::GetEventsRequest>,
     ) -> Result<Response<Events>, Status> {
         Err(not_yet("GetContainerEvents"))
-    }
-
-    async fn update_container_resources(
-        &self,
-        _request: Request<cri::UpdateContainerResourcesRequest>,
-    ) -> Result<Response<cri::UpdateContainerResourcesResponse>, Status> {
-        Err(not_yet("UpdateContainerResources"))
-    }
-
-    async fn reopen_container_log(
-        &self,
-        _request: Request<cri::ReopenContainerLogRequest>,
-    ) -> Result<Response<cri::ReopenContainerLogResponse>, Status> {
-        Err(not_yet("ReopenContainerLog"))
     }
 
     async fn exec(
@@ -280,34 +340,6 @@ impl runtime_service_server::RuntimeService for CriRuntimeService {
         _request: Request<cri::PortForwardRequest>,
     ) -> Result<Response<cri::PortForwardResponse>, Status> {
         Err(not_yet("PortForward"))
-    }
-
-    async fn container_stats(
-        &self,
-        _request: Request<cri::ContainerStatsRequest>,
-    ) -> Result<Response<cri::ContainerStatsResponse>, Status> {
-        Err(not_yet("ContainerStats"))
-    }
-
-    async fn list_container_stats(
-        &self,
-        _request: Request<cri::ListContainerStatsRequest>,
-    ) -> Result<Response<cri::ListContainerStatsResponse>, Status> {
-        Err(not_yet("ListContainerStats"))
-    }
-
-    async fn pod_sandbox_stats(
-        &self,
-        _request: Request<cri::PodSandboxStatsRequest>,
-    ) -> Result<Response<cri::PodSandboxStatsResponse>, Status> {
-        Err(not_yet("PodSandboxStats"))
-    }
-
-    async fn list_pod_sandbox_stats(
-        &self,
-        _request: Request<cri::ListPodSandboxStatsRequest>,
-    ) -> Result<Response<cri::ListPodSandboxStatsResponse>, Status> {
-        Err(not_yet("ListPodSandboxStats"))
     }
 
     async fn checkpoint_container(

@@ -7,7 +7,7 @@ use proto::cri;
 use proto::cri::image_service_client::ImageServiceClient;
 use proto::imaged::images_client::ImagesClient;
 use proto::imaged::snapshots_client::SnapshotsClient;
-use proto::imaged::{ImageConfigRequest, PrepareRequest, RemoveSnapshotRequest};
+use proto::imaged::{ImageConfigRequest, PrepareRequest, RemoveSnapshotRequest, SnapshotKey};
 use std::path::PathBuf;
 use tokio::sync::Mutex;
 use tonic::transport::Channel;
@@ -105,6 +105,14 @@ impl Images {
         Ok(into_mounts(
             client.prepare(request).await?.into_inner().mounts,
         ))
+    }
+
+    /// What snapshot `key` holds on disk: bytes, inodes, and the directory it lives under.
+    pub async fn usage(&self, key: &str) -> Result<(u64, u64, String), tonic::Status> {
+        let request = SnapshotKey { key: key.into() };
+        let mut client = SnapshotsClient::new(self.channel().await?);
+        let usage = client.usage(request).await?.into_inner();
+        Ok((usage.bytes, usage.inodes, usage.mountpoint))
     }
 
     /// Removes snapshot `key`; absent keys are fine.

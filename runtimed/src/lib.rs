@@ -6,12 +6,13 @@
 //! Served today: Version, Status, RuntimeConfig, UpdateRuntimeConfig, the pod sandbox
 //! lifecycle (RunPodSandbox, StopPodSandbox, RemovePodSandbox, PodSandboxStatus,
 //! ListPodSandbox) and the container lifecycle (CreateContainer, StartContainer,
-//! StopContainer, RemoveContainer, ContainerStatus, ListContainers, ExecSync); the other
-//! RPCs (stats, resource updates, log reopening, streaming) answer Unimplemented naming the
-//! method.
+//! StopContainer, RemoveContainer, ContainerStatus, ListContainers, ExecSync,
+//! UpdateContainerResources, ReopenContainerLog) and the four stats RPCs; the streaming
+//! RPCs (Exec, Attach, PortForward) and the optional ones (events, metrics, checkpoints)
+//! answer Unimplemented naming the method.
 //!
 //! [`config`] holds the configuration, [`container`] and [`container_spec`] a container's
-//! record, steps and OCI spec, [`exec`] ExecSync, [`cni`] the network configuration and plugin calls,
+//! record, steps and OCI spec, [`exec`] ExecSync, [`stats`] cgroup and network counters, [`cni`] the network configuration and plugin calls,
 //! [`images`] the client of imaged, [`netns`] pinned network namespaces, [`spec`] OCI
 //! runtime specs, [`oci`] the OCI runtime and conmon, [`sandbox`] the steps of a sandbox's
 //! life, [`store`] records that survive a restart, [`service`] the RPCs' logic, [`cri`] the
@@ -32,4 +33,5 @@ pub mod oci;
 pub mod sandbox;
 pub mod service;
 pub mod spec;
+pub mod stats;
 pub mod store;

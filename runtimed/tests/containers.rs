@@ -361,3 +361,111 @@ fn exec_sync_returns_output_and_exit_code_and_kills_at_its_timeout() {
     assert_eq!(left.stdout, b"", "the timed-out command still runs");
     node.crictl(&["rmp", "-f", &sandbox]);
 }
+
+#[test]
+fn stats_logs_reopen_and_resource_updates_of_a_running_container() {
+    let node = Node::start("rtdctr6", "10.235.6.0/24");
+    node.pull_busybox();
+    let logs = node.runtimed.dir.path().join("logs");
+    let pod_config = pod("stats", &logs);
+    let sandbox = node.run_pod(&pod_config, "").unwrap();
+    let busy = [
+        "sh",
+        "-c",
+        "dd if=/dev/zero of=/tmp/blob bs=1M count=4 2>/dev/null; while :; do echo tick; sleep 0.2; done",
+    ];
+    let labels = serde_json::json!({"labels": {"role": "busy"}});
+    let id = node
+        .create(
+            &sandbox,
+            &container(&node, "busy", &busy, labels),
+            &pod_config,
+        )
+        .unwrap();
+    node.crictl(&["start", &id]);
+    node.wait_state(&id, "CONTAINER_RUNNING");
+    std::thread::sleep(std::time::Duration::from_millis(600));
+
+    let stats: serde_json::Value =
+        serde_json::from_str(&node.crictl(&["stats", "-o", "json", "--id", &id])).unwrap();
+    let entry = &stats["stats"][0];
+    assert_eq!(entry["attributes"]["id"], id.as_str(), "{stats}");
+    assert!(entry["cpu"]["timestamp"].as_str().unwrap() != "0");
+    assert!(
+        entry["memory"]["workingSetBytes"]["value"]
+            .as_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            > 0,
+        "{stats}"
+    );
+    let written: u64 = entry["writableLayer"]["usedBytes"]["value"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(written >= 4 << 20, "{stats}");
+    let by_label = node.crictl(&["stats", "-o", "json", "--label", "role=busy"]);
+    assert!(by_label.contains(&id));
+    let pod_stats: serde_json::Value =
+        serde_json::from_str(&node.crictl(&["statsp", "-o", "json", "--id", &sandbox])).unwrap();
+    let linux = &pod_stats["stats"][0]["linux"];
+    assert_eq!(
+        linux["containers"][0]["attributes"]["id"],
+        id.as_str(),
+        "{pod_stats}"
+    );
+    assert_eq!(
+        linux["network"]["defaultInterface"]["name"], "eth0",
+        "{pod_stats}"
+    );
+
+    let log = logs.join("busy.log");
+    let rotated = logs.join("busy.log.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let request = proto::cri::ReopenContainerLogRequest {
+            container_id: id.clone(),
+        };
+        node.runtimed
+            .client()
+            .await
+            .reopen_container_log(request)
+            .await
+            .unwrap();
+    });
+    assert!(
+        log.exists(),
+        "the log is there again when ReopenContainerLog returns"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    let frozen = std::fs::read_to_string(&rotated).unwrap();
+    let fresh = std::fs::read_to_string(&log).unwrap();
+    assert!(fresh.contains("stdout F tick"), "{fresh}");
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    assert_eq!(
+        std::fs::read_to_string(&rotated).unwrap(),
+        frozen,
+        "the rotated file still grows"
+    );
+
+    node.crictl(&["update", "--memory", "67108864", "--cpu-share", "512", &id]);
+    let pid = node.inspect_container(&id)["info"]["pid"].as_i64().unwrap();
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let memory = cgroup
+        .lines()
+        .find(|l| l.contains(":memory:"))
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
+    let limit = std::fs::read_to_string(format!(
+        "/sys/fs/cgroup/memory{memory}/memory.limit_in_bytes"
+    ))
+    .unwrap();
+    assert_eq!(limit.trim(), "67108864");
+    node.crictl(&["rmp", "-f", &sandbox]);
+}

@@ -76,12 +76,9 @@ async fn runtime_config_and_not_yet_implemented_methods() {
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert!(status.message().contains("metadata"), "{status:?}");
-    let status = client
-        .container_stats(cri::ContainerStatsRequest::default())
-        .await
-        .unwrap_err();
+    let status = client.exec(cri::ExecRequest::default()).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unimplemented);
-    assert!(status.message().contains("ContainerStats"), "{status:?}");
+    assert!(status.message().contains("Exec"), "{status:?}");
 }
 
 #[test]

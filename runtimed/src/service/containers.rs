@@ -219,6 +219,52 @@ impl RuntimeService {
         .await
     }
 
+    /// `ReopenContainerLog`: conmon reopens the log file (the kubelet renamed it away to
+    /// rotate it); returns once the new file exists.
+    pub async fn reopen_container_log(&self, id: &str) -> Result<(), Error> {
+        let container = self.find_container(id).await?;
+        let state = container.state(&self.conmon_dirs());
+        if state != cri::ContainerState::ContainerRunning {
+            return Err(Error::FailedPrecondition(format!(
+                "container {} is {}, not running",
+                container.id,
+                state.as_str_name()
+            )));
+        }
+        if container.log_path.is_empty() {
+            return Ok(());
+        }
+        let bundle = container::bundle(&self.config.state, &container.id);
+        let log = std::path::PathBuf::from(&container.log_path);
+        plumbing::blocking(move || container::reopen_log(&bundle, &log)).await
+    }
+
+    /// `UpdateContainerResources`: new CPU and memory limits for a running or created
+    /// container, through `RUNTIME update`; the recorded config follows on success.
+    pub async fn update_container_resources(
+        &self,
+        id: &str,
+        resources: cri::LinuxContainerResources,
+    ) -> Result<(), Error> {
+        let _containers = self.containers_lock.lock().await;
+        let mut container = self.find_container(id).await?;
+        let state = container.state(&self.conmon_dirs());
+        if state == cri::ContainerState::ContainerExited {
+            return Err(Error::FailedPrecondition(format!(
+                "container {} has exited",
+                container.id
+            )));
+        }
+        let limits = container_spec::limits(&resources)?;
+        let runtime = self.runtime(&container.runtime_handler)?;
+        let bundle = container::bundle(&self.config.state, &container.id);
+        let updated = container.id.clone();
+        plumbing::blocking(move || container::update(&runtime, &updated, &bundle, &limits)).await?;
+        let linux = container.config.linux.get_or_insert_with(Default::default);
+        linux.resources = Some(resources);
+        self.save_container(container).await
+    }
+
     /// `StopContainer`: the stop signal, `timeout` seconds, then SIGKILL. Idempotent; an
     /// unknown id is fine.
     pub async fn stop_container(&self, id: &str, timeout: i64) -> Result<(), Error> {
@@ -373,7 +419,7 @@ impl RuntimeService {
             .collect()
     }
 
-    async fn find_container(&self, id: &str) -> Result<Container, Error> {
+    pub(super) async fn find_container(&self, id: &str) -> Result<Container, Error> {
         self.find_container_opt(id)
             .await?
             .ok_or_else(|| Error::NotFound {

@@ -2,6 +2,7 @@
 //! concerns.
 
 mod containers;
+mod stats;
 
 use crate::cni::{self, Network};
 use crate::config::{CgroupDriver, Config};
@@ -34,6 +35,8 @@ pub struct RuntimeService {
     /// Container creations, starts and removals one at a time (taken after `lifecycle`
     /// when both are needed), so a name is reserved once.
     containers_lock: Mutex<()>,
+    /// The last CPU reading of each container (time, CPU nanoseconds), for the rate.
+    cpu_samples: Mutex<HashMap<String, (i64, u64)>>,
 }
 
 impl RuntimeService {
@@ -60,6 +63,7 @@ impl RuntimeService {
             containers: RwLock::new(containers),
             lifecycle: Mutex::default(),
             containers_lock: Mutex::default(),
+            cpu_samples: Mutex::default(),
         })
     }
 
