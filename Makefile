@@ -2,7 +2,7 @@
 CARGO ?= cargo
 export PATH := $(CURDIR)/target/tools:$(PATH)
 
-.PHONY: all build deps test critest demo bench fuzz clean fmt lint
+.PHONY: all build deps test critest critest-runtime demo bench fuzz clean fmt lint
 
 all: build
 
@@ -16,9 +16,14 @@ test: deps
 	$(CARGO) build --workspace --bins --tests
 	$(CARGO) nextest run --workspace --no-fail-fast
 	./scripts/critest.sh
+	./scripts/critest-runtime.sh
 
 critest: deps build
 	./scripts/critest.sh
+
+# critest's runtime specs against runtimed (also run by `make test`); prints a table.
+critest-runtime: deps build
+	./scripts/critest-runtime.sh
 
 demo: deps
 	$(CARGO) build --release -p imaged -p runtimed -p fixtures --bins

@@ -49,7 +49,7 @@ const DEFAULT_CAPABILITIES: [&str; 14] = [
     "AUDIT_WRITE",
 ];
 
-/// Every capability this kernel interface knows, for `ALL` and privileged containers.
+/// Every capability, in the kernel's bit order (CAP_CHOWN is bit 0).
 const ALL_CAPABILITIES: [&str; 41] = [
     "CHOWN",
     "DAC_OVERRIDE",
@@ -136,6 +136,9 @@ pub fn build(
     let mut linux = spec.linux().clone().unwrap_or_default();
     linux.set_namespaces(Some(namespaces(&security, placement.sandbox_pid)?));
     linux.set_cgroups_path(Some(PathBuf::from(&placement.cgroups_path)));
+    if let Some(propagation) = rootfs_propagation(&config.mounts) {
+        linux.set_rootfs_propagation(Some(propagation.into()));
+    }
     if security.privileged {
         linux.set_masked_paths(Some(vec![]));
         linux.set_readonly_paths(Some(vec![]));
@@ -343,12 +346,7 @@ pub fn capabilities(
         Capability::from_str(&bare)
             .map_err(|_| Error::InvalidArgument(format!("unknown capability {name:?}")))
     };
-    let all = || {
-        ALL_CAPABILITIES
-            .iter()
-            .filter_map(|n| Capability::from_str(n).ok())
-            .collect::<HashSet<_>>()
-    };
+    let all = bounding_set;
     let mut set: HashSet<Capability> = if security.privileged {
         all()
     } else {
@@ -387,6 +385,23 @@ pub fn capabilities(
     capabilities.set_inheritable(None);
     capabilities.set_ambient(None);
     Ok(capabilities)
+}
+
+/// `ALL`, as containerd means it: the capabilities in runtimed's own bounding set, since a
+/// runtime cannot grant a container more than it holds.
+fn bounding_set() -> HashSet<Capability> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let mask = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapBnd:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0);
+    ALL_CAPABILITIES
+        .iter()
+        .enumerate()
+        .filter(|(bit, _)| mask & (1 << bit) != 0)
+        .filter_map(|(_, name)| Capability::from_str(name).ok())
+        .collect()
 }
 
 /// The sandbox's namespaces joined through its infra process, a new mount namespace, and a
@@ -496,6 +511,20 @@ fn mounts(
         mounts.push(cri_mount(mount)?);
     }
     Ok(mounts)
+}
+
+/// The rootfs propagation the CRI mounts need, as containerd sets it: `rshared` for a
+/// bidirectional mount (so mounts made inside reach the host), else `rslave` for a
+/// host-to-container one.
+fn rootfs_propagation(mounts: &[cri::Mount]) -> Option<&'static str> {
+    let has = |p| mounts.iter().any(|m| m.propagation() == p);
+    if has(cri::MountPropagation::PropagationBidirectional) {
+        Some("rshared")
+    } else if has(cri::MountPropagation::PropagationHostToContainer) {
+        Some("rslave")
+    } else {
+        None
+    }
 }
 
 fn cri_mount(mount: &cri::Mount) -> Result<Mount, Error> {
@@ -676,7 +705,8 @@ mod tests {
         assert_eq!(default.len(), 14);
         assert!(caps(&["NET_ADMIN"], &[]).contains(&Capability::NetAdmin));
         assert!(!caps(&[], &["NET_RAW"]).contains(&Capability::NetRaw));
-        assert_eq!(caps(&["ALL"], &[]).len(), ALL_CAPABILITIES.len());
+        assert_eq!(caps(&["ALL"], &[]), bounding_set());
+        assert!(bounding_set().contains(&Capability::SysAdmin));
         assert_eq!(
             caps(&["CHOWN"], &["ALL"]),
             HashSet::from([Capability::Chown])

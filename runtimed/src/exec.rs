@@ -81,8 +81,16 @@ pub fn exec_sync(
         }
         if !timeout.is_zero() && started.elapsed() >= timeout {
             kill_exec(&pid_file);
-            let _ = child.kill();
-            let _ = child.wait();
+            // The runtime reaps what it exec'd; answer once it has, so the command is gone
+            // when the caller looks.
+            let reaped = (0..250).any(|_| {
+                std::thread::sleep(Duration::from_millis(20));
+                matches!(child.try_wait(), Ok(Some(_)))
+            });
+            if !reaped {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
             return Err(Error::DeadlineExceeded(format!(
                 "container {id}: command {cmd:?} timed out after {timeout:?}"
             )));
@@ -110,13 +118,50 @@ fn capture(pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>>
     })
 }
 
-/// SIGKILLs the exec'd process, whose host pid the runtime wrote to `pid_file`.
+/// SIGKILLs the exec'd process, whose host pid the runtime wrote to `pid_file`, and every
+/// process it started (a shell's children would otherwise outlive it).
 fn kill_exec(pid_file: &Path) {
-    let pid = std::fs::read_to_string(pid_file)
+    let Some(root) = std::fs::read_to_string(pid_file)
         .ok()
         .and_then(|s| s.trim().parse::<i32>().ok())
-        .and_then(rustix::process::Pid::from_raw);
-    if let Some(pid) = pid {
+    else {
+        return;
+    };
+    let mut doomed = vec![root];
+    let parents = parents();
+    let mut i = 0;
+    while i < doomed.len() {
+        let parent = doomed[i];
+        doomed.extend(
+            parents
+                .iter()
+                .filter(|(_, p)| *p == parent)
+                .map(|(c, _)| *c),
+        );
+        i += 1;
+    }
+    for pid in doomed
+        .into_iter()
+        .filter_map(rustix::process::Pid::from_raw)
+    {
         let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
     }
+}
+
+/// `(pid, parent pid)` of every process, from `/proc/<pid>/stat`.
+fn parents() -> Vec<(i32, i32)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // The name in parentheses may hold spaces; the fields after it do not.
+            let after = &stat[stat.rfind(')')? + 2..];
+            let ppid = after.split(' ').nth(1)?.parse().ok()?;
+            Some((pid, ppid))
+        })
+        .collect()
 }
