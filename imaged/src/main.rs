@@ -93,17 +93,7 @@ enum ConfigCommand {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    match runtime.block_on(run(args)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("imaged: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    plumbing::main("imaged", run(args))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {

@@ -14,6 +14,25 @@ pub mod mount;
 
 pub use duration::go_duration;
 
+/// A daemon binary's `main`: runs `run` on a multi-threaded tokio runtime and turns its
+/// error into `<name>: <error and causes>` on stderr and exit status 1.
+pub fn main<E: std::fmt::Display>(
+    name: &str,
+    run: impl Future<Output = Result<(), E>>,
+) -> std::process::ExitCode {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(run) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Runs blocking work (file system, child processes, mounts) on tokio's blocking pool, off
 /// the reactor, and returns what it returned. A panic in `work` is passed on.
 pub async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {

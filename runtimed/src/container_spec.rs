@@ -168,7 +168,8 @@ fn security(config: &cri::ContainerConfig) -> cri::LinuxContainerSecurityContext
         .unwrap_or_default()
 }
 
-fn strings(value: &serde_json::Value) -> Vec<String> {
+/// The strings of a JSON list (an image config's `Entrypoint`, `Cmd`, `Env`).
+pub fn strings(value: &serde_json::Value) -> Vec<String> {
     let items = value.as_array().cloned().unwrap_or_default();
     items
         .iter()

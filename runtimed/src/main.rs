@@ -56,17 +56,7 @@ enum ConfigCommand {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    match runtime.block_on(run(args)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("runtimed: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    plumbing::main("runtimed", run(args))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {

@@ -7,6 +7,7 @@
 //! start the infra process. A failure at any step undoes the steps before it.
 
 use crate::cni::{self, Attachment, CniResult, Network};
+use crate::container_spec;
 use crate::error::Error;
 use crate::images::Image;
 use crate::oci::{Conmon, Create, Runtime};
@@ -247,8 +248,8 @@ pub fn attach_network(
 pub fn start_infra(sandbox: &Sandbox, setup: &Setup<'_>) -> Result<i64, Error> {
     let options = namespace_options(&sandbox.config);
     let image = &setup.image.config;
-    let mut args: Vec<String> = strings(&image["Entrypoint"]);
-    args.extend(strings(&image["Cmd"]));
+    let mut args: Vec<String> = container_spec::strings(&image["Entrypoint"]);
+    args.extend(container_spec::strings(&image["Cmd"]));
     if args.is_empty() {
         return Err(Error::InvalidArgument(format!(
             "pause image {} has neither Entrypoint nor Cmd",
@@ -268,7 +269,7 @@ pub fn start_infra(sandbox: &Sandbox, setup: &Setup<'_>) -> Result<i64, Error> {
         host_ipc: options.ipc() == cri::NamespaceMode::Node,
         shm: setup.paths.shm(),
         args,
-        env: strings(&image["Env"]),
+        env: container_spec::strings(&image["Env"]),
         cgroups_path: setup.cgroups_path.clone(),
         sysctls,
         oom_score_adj: spec::clamp_oom_score_adj(-998),
@@ -289,14 +290,6 @@ pub fn start_infra(sandbox: &Sandbox, setup: &Setup<'_>) -> Result<i64, Error> {
     let pid = setup.conmon.create(setup.runtime, &create)?;
     setup.runtime.start(&sandbox.id)?;
     Ok(pid)
-}
-
-fn strings(value: &serde_json::Value) -> Vec<String> {
-    let items = value.as_array().cloned().unwrap_or_default();
-    items
-        .iter()
-        .filter_map(|v| v.as_str().map(str::to_string))
-        .collect()
 }
 
 /// Stops the infra process (SIGKILL: it holds nothing worth a grace period) and waits
