@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("reading config {path}: {source}")]
+    #[error("reading config {path}")]
     Read {
         /// File.
         path: PathBuf,
