@@ -59,6 +59,7 @@ impl Daemon {
             path: self.address.clone(),
             source,
         })?;
+        self.service.remove_unrecorded().await;
         tracing::info!(socket = %self.address.display(), "serving CRI runtime service");
         let result = tonic::transport::Server::builder()
             .layer(plumbing::grpc::RpcSpans::new(rpc_span))

@@ -242,3 +242,39 @@ fn sandboxes_outlive_a_runtimed_restart() {
     node.crictl(&["rmp", &id]);
     assert!(node.leased().is_empty());
 }
+
+#[test]
+fn what_an_interrupted_run_left_is_removed_at_start_up() {
+    let mut node = Node::start("rtdpod7", "10.234.7.0/24");
+    let id = node
+        .run_pod(&pod("cut", serde_json::json!({})), "")
+        .unwrap();
+    let pid = node.inspect(&id)["info"]["pid"].as_i64().unwrap();
+    assert_eq!(node.leased().len(), 1);
+    // A sandbox is recorded last: without its record it is what a crash in the middle of
+    // RunPodSandbox leaves.
+    let record = node
+        .runtimed
+        .dir
+        .path()
+        .join(format!("root/sandboxes/{id}.json"));
+    std::fs::remove_file(&record).unwrap();
+    node.runtimed.crash_and_restart();
+    assert_eq!(node.crictl(&["pods", "-q"]).trim(), "");
+    for _ in 0..100 {
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "the infra process is left"
+    );
+    assert!(node.leased().is_empty(), "{:?}", node.leased());
+    let state = node.runtimed.dir.path().join("state");
+    assert!(!state.join("netns").join(&id).exists());
+    assert!(!state.join("sandboxes").join(&id).exists());
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&id), "mounts of {id} are left");
+}

@@ -2,6 +2,7 @@
 //! concerns.
 
 mod containers;
+mod recover;
 mod stats;
 
 use crate::cni::{self, Network};
