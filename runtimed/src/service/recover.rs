@@ -59,10 +59,8 @@ impl RuntimeService {
                     ifname: "eth0".into(),
                     ..Attachment::default()
                 };
-                if let Some(network) = network {
-                    if let Err(e) = network.del(&pod, None) {
-                        tracing::warn!(error = %e, "CNI DEL of an unfinished pod sandbox");
-                    }
+                if let Some(Err(e)) = network.map(|n| n.del(&pod, None)) {
+                    tracing::warn!(error = %e, "CNI DEL of an unfinished pod sandbox");
                 }
                 let loopback = Network::new(crate::cni::invoke::loopback(), &bin_dir);
                 let _ = loopback.del(
