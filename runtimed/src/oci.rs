@@ -62,8 +62,6 @@ pub struct Runtime {
 pub struct State {
     /// `created`, `running`, `stopped`, `paused`.
     pub status: String,
-    /// The container's init process on the host.
-    pub pid: i64,
 }
 
 impl Runtime {

@@ -151,8 +151,6 @@ fn protocol(protocol: cri::Protocol) -> &'static str {
 pub struct Setup<'a> {
     /// Its directories.
     pub paths: &'a Paths,
-    /// The pod network, `None` for host network.
-    pub network: Option<&'a Network>,
     /// The runtime handler.
     pub runtime: &'a Runtime,
     /// conmon.

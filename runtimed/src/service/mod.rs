@@ -252,7 +252,6 @@ impl RuntimeService {
         sandbox.pid = plumbing::blocking(move || {
             let setup = Setup {
                 paths: &parts_copy.paths,
-                network: parts_copy.network.as_ref(),
                 runtime: &parts_copy.runtime,
                 conmon: &parts_copy.conmon,
                 image: &image,
