@@ -54,6 +54,21 @@ impl Container {
         format!("{}_{}_{}", m.name, sandbox_id, m.attempt)
     }
 
+    /// Whether a list filter selects it: id and sandbox id by prefix (empty matches all),
+    /// and every label of `labels`.
+    pub fn selected(
+        &self,
+        id: &str,
+        sandbox_id: &str,
+        labels: &std::collections::HashMap<String, String>,
+    ) -> bool {
+        self.id.starts_with(id)
+            && self.sandbox_id.starts_with(sandbox_id)
+            && labels
+                .iter()
+                .all(|(k, v)| self.config.labels.get(k) == Some(v))
+    }
+
     /// How it exited, once it did.
     pub fn exit(&self, conmon: &Conmon) -> Option<Exit> {
         let code = conmon.exit_status(&self.id)?;

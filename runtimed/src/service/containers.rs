@@ -385,16 +385,7 @@ impl RuntimeService {
         let containers = self.containers.read().await;
         containers
             .values()
-            .filter(|c| filter.id.is_empty() || c.id.starts_with(&filter.id))
-            .filter(|c| {
-                filter.pod_sandbox_id.is_empty() || c.sandbox_id.starts_with(&filter.pod_sandbox_id)
-            })
-            .filter(|c| {
-                filter
-                    .label_selector
-                    .iter()
-                    .all(|(k, v)| c.config.labels.get(k) == Some(v))
-            })
+            .filter(|c| c.selected(&filter.id, &filter.pod_sandbox_id, &filter.label_selector))
             .map(|c| cri::Container {
                 id: c.id.clone(),
                 pod_sandbox_id: c.sandbox_id.clone(),
@@ -430,21 +421,7 @@ impl RuntimeService {
 
     /// The container whose id is `id` or starts with it.
     async fn find_container_opt(&self, id: &str) -> Result<Option<Container>, Error> {
-        if id.is_empty() {
-            return Err(Error::InvalidArgument("container id is empty".into()));
-        }
-        let containers = self.containers.read().await;
-        if let Some(container) = containers.get(id) {
-            return Ok(Some(container.clone()));
-        }
-        let mut matches = containers.values().filter(|c| c.id.starts_with(id));
-        match (matches.next(), matches.next()) {
-            (Some(container), None) => Ok(Some(container.clone())),
-            (Some(_), Some(_)) => Err(Error::InvalidArgument(format!(
-                "container id prefix {id:?} is ambiguous"
-            ))),
-            (None, _) => Ok(None),
-        }
+        super::by_prefix(&*self.containers.read().await, id, "container")
     }
 
     async fn save_container(&self, container: Container) -> Result<(), Error> {

@@ -431,13 +431,8 @@ impl RuntimeService {
         let sandboxes = self.sandboxes.read().await;
         sandboxes
             .values()
-            .filter(|s| filter.id.is_empty() || s.id.starts_with(&filter.id))
-            .filter(|s| {
-                filter
-                    .label_selector
-                    .iter()
-                    .all(|(k, v)| s.config.labels.get(k) == Some(v))
-            })
+            .filter(|s| s.id.starts_with(&filter.id))
+            .filter(|s| labels_match(&filter.label_selector, &s.config.labels))
             .map(|s| cri::PodSandbox {
                 id: s.id.clone(),
                 metadata: s.config.metadata.clone(),
@@ -467,21 +462,7 @@ impl RuntimeService {
 
     /// The sandbox whose id is `id` or starts with it (unique prefixes, as crictl sends).
     async fn find(&self, id: &str) -> Result<Option<Sandbox>, Error> {
-        if id.is_empty() {
-            return Err(Error::InvalidArgument("pod sandbox id is empty".into()));
-        }
-        let sandboxes = self.sandboxes.read().await;
-        if let Some(sandbox) = sandboxes.get(id) {
-            return Ok(Some(sandbox.clone()));
-        }
-        let mut matches = sandboxes.values().filter(|s| s.id.starts_with(id));
-        match (matches.next(), matches.next()) {
-            (Some(sandbox), None) => Ok(Some(sandbox.clone())),
-            (Some(_), Some(_)) => Err(Error::InvalidArgument(format!(
-                "pod sandbox id prefix {id:?} is ambiguous"
-            ))),
-            (None, _) => Ok(None),
-        }
+        by_prefix(&*self.sandboxes.read().await, id, "pod sandbox")
     }
 
     async fn owner_of(&self, reserved: &str) -> Option<String> {
@@ -572,6 +553,39 @@ impl RuntimeService {
             CgroupDriver::Systemd => format!("{parent}:runtimed:{id}"),
         }
     }
+}
+
+/// The record whose id is `id` or, failing that, the only one whose id starts with it
+/// (crictl sends unique prefixes); `what` names the kind in errors.
+fn by_prefix<T: Clone>(
+    records: &BTreeMap<String, T>,
+    id: &str,
+    what: &str,
+) -> Result<Option<T>, Error> {
+    if id.is_empty() {
+        return Err(Error::InvalidArgument(format!("{what} id is empty")));
+    }
+    if let Some(record) = records.get(id) {
+        return Ok(Some(record.clone()));
+    }
+    let mut matches = records
+        .range(id.to_string()..)
+        .take_while(|(k, _)| k.starts_with(id));
+    match (matches.next(), matches.next()) {
+        (Some((_, record)), None) => Ok(Some(record.clone())),
+        (Some(_), Some(_)) => Err(Error::InvalidArgument(format!(
+            "{what} id prefix {id:?} is ambiguous"
+        ))),
+        (None, _) => Ok(None),
+    }
+}
+
+/// Whether every label of `selector` is in `labels` with the same value.
+pub(crate) fn labels_match(
+    selector: &HashMap<String, String>,
+    labels: &HashMap<String, String>,
+) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
 /// What the lifecycle steps of one sandbox work with.

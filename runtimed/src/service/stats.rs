@@ -30,17 +30,7 @@ impl RuntimeService {
             let containers = self.containers.read().await;
             containers
                 .values()
-                .filter(|c| filter.id.is_empty() || c.id.starts_with(&filter.id))
-                .filter(|c| {
-                    filter.pod_sandbox_id.is_empty()
-                        || c.sandbox_id.starts_with(&filter.pod_sandbox_id)
-                })
-                .filter(|c| {
-                    filter
-                        .label_selector
-                        .iter()
-                        .all(|(k, v)| c.config.labels.get(k) == Some(v))
-                })
+                .filter(|c| c.selected(&filter.id, &filter.pod_sandbox_id, &filter.label_selector))
                 .filter(|c| c.state(&conmon) == cri::ContainerState::ContainerRunning)
                 .cloned()
                 .collect()
@@ -118,13 +108,8 @@ impl RuntimeService {
             let sandboxes = self.sandboxes.read().await;
             sandboxes
                 .values()
-                .filter(|s| filter.id.is_empty() || s.id.starts_with(&filter.id))
-                .filter(|s| {
-                    filter
-                        .label_selector
-                        .iter()
-                        .all(|(k, v)| s.config.labels.get(k) == Some(v))
-                })
+                .filter(|s| s.id.starts_with(&filter.id))
+                .filter(|s| super::labels_match(&filter.label_selector, &s.config.labels))
                 .filter(|s| self.state_of(s) == cri::PodSandboxState::SandboxReady)
                 .cloned()
                 .collect()
