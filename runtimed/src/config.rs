@@ -253,6 +253,16 @@ impl Config {
         image_socket(&self.image_service_endpoint).expect("checked when loaded")
     }
 
+    /// Where conmon writes each container's exit status.
+    pub fn exit_dir(&self) -> PathBuf {
+        self.state.join("exits")
+    }
+
+    /// Where conmon puts the attach sockets.
+    pub fn attach_dir(&self) -> PathBuf {
+        self.state.join("attach")
+    }
+
     /// The state directory of runtime handler `name`.
     pub fn runtime_root(&self, name: &str, runtime: &Runtime) -> PathBuf {
         runtime

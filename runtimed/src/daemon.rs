@@ -36,9 +36,11 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Creates the root and state directories and loads the recorded sandboxes.
+    /// Creates the root and state directories (conmon's exit and socket directories
+    /// among them) and loads the recorded sandboxes and containers.
     pub fn open(config: Config) -> Result<Self, StartError> {
-        for dir in [&config.root, &config.state] {
+        let (exits, sockets) = (config.exit_dir(), config.attach_dir());
+        for dir in [&config.root, &config.state, &exits, &sockets] {
             create_dir(dir)?;
         }
         let address = config.address.clone();

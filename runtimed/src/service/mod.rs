@@ -516,8 +516,8 @@ impl RuntimeService {
     fn conmon_dirs(&self) -> Conmon {
         Conmon {
             path: self.config.conmon_path.clone(),
-            exits: self.config.state.join("exits"),
-            sockets: self.config.state.join("attach"),
+            exits: self.config.exit_dir(),
+            sockets: self.config.attach_dir(),
             log_size_max: self.config.log_size_max,
         }
     }
@@ -525,9 +525,6 @@ impl RuntimeService {
     fn conmon(&self) -> Result<Conmon, Error> {
         let mut conmon = self.conmon_dirs();
         conmon.path = oci::find_binary("conmon", &self.config.conmon_path)?;
-        for dir in [&conmon.exits, &conmon.sockets] {
-            std::fs::create_dir_all(dir).map_err(Error::io("create directory", dir))?;
-        }
         Ok(conmon)
     }
 
