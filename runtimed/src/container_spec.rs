@@ -2,6 +2,7 @@
 //! combined as containerd's CRI plugin combines them, on `oci-spec`'s defaults (runc's).
 
 use crate::error::Error;
+use crate::seccomp;
 use oci_spec::runtime::{
     Capability, LinuxCapabilities, LinuxCpuBuilder, LinuxMemoryBuilder, LinuxNamespace,
     LinuxNamespaceBuilder, LinuxNamespaceType, LinuxResourcesBuilder, Mount, MountBuilder,
@@ -123,7 +124,7 @@ pub fn build(
     process.set_env(Some(env(config, image, &placement.hostname)));
     process.set_cwd(PathBuf::from(cwd(config, image)));
     process.set_user(user);
-    process.set_capabilities(Some(capabilities));
+    process.set_capabilities(Some(capabilities.clone()));
     process.set_no_new_privileges(Some(security.no_new_privs));
     process.set_terminal(Some(config.tty));
     let resources = config.linux.as_ref().and_then(|l| l.resources.clone());
@@ -146,8 +147,12 @@ pub fn build(
         linux.set_masked_paths(Some(security.masked_paths.clone()));
         linux.set_readonly_paths(Some(security.readonly_paths.clone()));
     }
-    if let Some(profile) = seccomp(&security, security.privileged)? {
-        linux.set_seccomp(Some(profile));
+    if !security.privileged {
+        #[allow(deprecated, reason = "critest 1.26 sends only the deprecated string")]
+        let path = &security.seccomp_profile_path;
+        let requested = seccomp::requested(security.seccomp.as_ref(), path)?;
+        let bounding = capabilities.bounding().clone().unwrap_or_default();
+        linux.set_seccomp(seccomp::profile(&requested, &bounding)?);
     }
     if let Some(r) = &resources {
         linux.set_resources(Some(limits(r)?));
@@ -555,37 +560,6 @@ fn cri_mount(mount: &cri::Mount) -> Result<Mount, Error> {
         ])
         .build()
         .map_err(spec_error)
-}
-
-/// Unconfined unless a profile is asked for; `localhost/<path>` loads that file.
-fn seccomp(
-    security: &cri::LinuxContainerSecurityContext,
-    privileged: bool,
-) -> Result<Option<oci_spec::runtime::LinuxSeccomp>, Error> {
-    let Some(profile) = security.seccomp.as_ref().filter(|_| !privileged) else {
-        return Ok(None);
-    };
-    match profile.profile_type() {
-        cri::security_profile::ProfileType::Unconfined => Ok(None),
-        cri::security_profile::ProfileType::Localhost => {
-            let path = Path::new(&profile.localhost_ref);
-            if !path.is_absolute() {
-                return Err(Error::InvalidArgument(format!(
-                    "seccomp profile {:?} is not an absolute path",
-                    profile.localhost_ref
-                )));
-            }
-            let text = std::fs::read(path).map_err(|e| {
-                Error::InvalidArgument(format!("seccomp profile {}: {e}", path.display()))
-            })?;
-            serde_json::from_slice(&text).map(Some).map_err(|e| {
-                Error::InvalidArgument(format!("seccomp profile {}: {e}", path.display()))
-            })
-        }
-        cri::security_profile::ProfileType::RuntimeDefault => Err(Error::FailedPrecondition(
-            "the RuntimeDefault seccomp profile is not available in runtimed yet".into(),
-        )),
-    }
 }
 
 /// The cgroup limits of CRI resources (0 is unset).

@@ -14,7 +14,7 @@
 //! [`config`] holds the configuration, [`container`] and [`container_spec`] a container's
 //! record, steps and OCI spec, [`exec`] ExecSync, [`stats`] cgroup and network counters, [`cni`] the network configuration and plugin calls,
 //! [`images`] the client of imaged, [`netns`] pinned network namespaces, [`spec`] OCI
-//! runtime specs, [`oci`] the OCI runtime and conmon, [`sandbox`] the steps of a sandbox's
+//! runtime specs, [`oci`] the OCI runtime and conmon, [`seccomp`] seccomp profiles, [`sandbox`] the steps of a sandbox's
 //! life, [`store`] records that survive a restart, [`service`] the RPCs' logic, [`cri`] the
 //! gRPC edge, [`error`] the one error type and its status codes, and [`daemon`] start-up
 //! and serving.
@@ -31,6 +31,7 @@ pub mod images;
 pub mod netns;
 pub mod oci;
 pub mod sandbox;
+pub mod seccomp;
 pub mod service;
 pub mod spec;
 pub mod stats;

@@ -11,7 +11,9 @@ use crate::container_spec;
 use crate::error::Error;
 use crate::images::Image;
 use crate::oci::{Conmon, Create, Runtime};
+use crate::seccomp;
 use crate::spec::{self, SandboxProcess};
+use oci_spec::runtime::Spec;
 use proto::cri;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -272,9 +274,10 @@ pub fn start_infra(sandbox: &Sandbox, setup: &Setup<'_>) -> Result<i64, Error> {
         sysctls,
         oom_score_adj: spec::clamp_oom_score_adj(-998),
     };
-    let spec = spec::sandbox(&process, &setup.paths.rootfs()).map_err(|e| {
+    let mut spec = spec::sandbox(&process, &setup.paths.rootfs()).map_err(|e| {
         Error::InvalidArgument(format!("pod sandbox {}: runtime spec: {e}", sandbox.id))
     })?;
+    infra_seccomp(&mut spec, &sandbox.config)?;
     let config = setup.paths.bundle.join("config.json");
     let json = serde_json::to_vec_pretty(&spec).expect("spec serialises");
     write(&config, &json)?;
@@ -288,6 +291,32 @@ pub fn start_infra(sandbox: &Sandbox, setup: &Setup<'_>) -> Result<i64, Error> {
     let pid = setup.conmon.create(setup.runtime, &create)?;
     setup.runtime.start(&sandbox.id)?;
     Ok(pid)
+}
+
+/// The pod's seccomp profile on the infra process, as containerd applies it; none in a
+/// privileged pod.
+fn infra_seccomp(spec: &mut Spec, config: &cri::PodSandboxConfig) -> Result<(), Error> {
+    let security = config
+        .linux
+        .as_ref()
+        .and_then(|l| l.security_context.clone())
+        .unwrap_or_default();
+    if security.privileged {
+        return Ok(());
+    }
+    #[allow(deprecated, reason = "critest 1.26 sends only the deprecated string")]
+    let path = &security.seccomp_profile_path;
+    let requested = seccomp::requested(security.seccomp.as_ref(), path)?;
+    let capabilities = spec
+        .process()
+        .as_ref()
+        .and_then(|p| p.capabilities().clone());
+    let bounding = capabilities.and_then(|c| c.bounding().clone());
+    let profile = seccomp::profile(&requested, &bounding.unwrap_or_default())?;
+    if let Some(linux) = spec.linux_mut() {
+        linux.set_seccomp(profile);
+    }
+    Ok(())
 }
 
 /// Stops the infra process (SIGKILL: it holds nothing worth a grace period) and waits

@@ -37,9 +37,20 @@ fn run_to_exit(
     command: &[&str],
     extra: serde_json::Value,
 ) -> (serde_json::Value, String) {
+    run_to_exit_on(node, "", name, command, extra)
+}
+
+/// [`run_to_exit`] in a pod of the runtime `handler`.
+fn run_to_exit_on(
+    node: &Node,
+    handler: &str,
+    name: &str,
+    command: &[&str],
+    extra: serde_json::Value,
+) -> (serde_json::Value, String) {
     let logs = node.runtimed.dir.path().join(format!("logs-{name}"));
     let pod_config = pod(name, &logs);
-    let sandbox = node.run_pod(&pod_config, "").unwrap();
+    let sandbox = node.run_pod(&pod_config, handler).unwrap();
     let id = node
         .create(
             &sandbox,
@@ -468,4 +479,52 @@ fn stats_logs_reopen_and_resource_updates_of_a_running_container() {
     .unwrap();
     assert_eq!(limit.trim(), "67108864");
     node.crictl(&["rmp", "-f", &sandbox]);
+}
+
+#[test]
+fn seccomp_profiles_are_enforced_by_runc_and_crun() {
+    let node = Node::start("rtdctr7", "10.235.7.0/24");
+    node.pull_busybox();
+    let blocks_hostname = node.runtimed.dir.path().join("block-hostname.json");
+    let profile = serde_json::json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "syscalls": [{"names": ["sethostname"], "action": "SCMP_ACT_ERRNO"}],
+    });
+    std::fs::write(&blocks_hostname, profile.to_string()).unwrap();
+    let script = "grep ^Seccomp: /proc/self/status; \
+        unshare -U true && echo unshared; hostname x && echo renamed; true";
+    let default = serde_json::json!({"profile_type": 0});
+    let sys_admin = serde_json::json!({"add_capabilities": ["SYS_ADMIN"]});
+    let cases = [
+        ("unconfined", serde_json::json!({}), "0 unshared"),
+        ("default", serde_json::json!({"seccomp": default}), "2"),
+        (
+            "default-admin",
+            serde_json::json!({"seccomp": default, "capabilities": sys_admin}),
+            "2 unshared renamed",
+        ),
+        (
+            "deprecated-path",
+            serde_json::json!({
+                "seccomp_profile_path": format!("localhost/{}", blocks_hostname.display()),
+                "capabilities": sys_admin,
+            }),
+            "2 unshared",
+        ),
+    ];
+    for handler in ["runc", "crun"] {
+        for (name, security, expected) in &cases {
+            let extra = serde_json::json!({"linux": {"security_context": security}});
+            let name = format!("{name}-{handler}");
+            let (inspect, log) =
+                run_to_exit_on(&node, handler, &name, &["sh", "-c", script], extra);
+            assert_eq!(inspect["status"]["exitCode"], 0, "{name}: {inspect}");
+            let words: Vec<String> = log_lines(&log)
+                .into_iter()
+                .filter(|(stream, _, _)| stream == "stdout")
+                .map(|(_, _, text)| text.replace("Seccomp:", "").trim().to_string())
+                .collect();
+            assert_eq!(words.join(" "), *expected, "{name}: {log}");
+        }
+    }
 }
