@@ -36,6 +36,9 @@ pub struct Container {
     pub started_at: i64,
     /// The container's init process on the host.
     pub pid: i64,
+    /// The uid, gid and groups its first process starts with (ContainerStatus.user).
+    #[serde(default)]
+    pub user: Option<cri::ContainerUser>,
 }
 
 /// The state as the CRI sees it, from the record and conmon's exit file.

@@ -30,6 +30,9 @@ pub struct Placement {
     pub cgroups_path: String,
     /// Whether the sandbox is privileged (a privileged container needs it).
     pub sandbox_privileged: bool,
+    /// The sandbox's runtime handler, and whether it makes mounts read-only recursively.
+    pub handler: String,
+    pub recursive_read_only: bool,
 }
 
 /// containerd's default capabilities.
@@ -243,7 +246,7 @@ fn cwd(config: &cri::ContainerConfig, image: &serde_json::Value) -> String {
 
 /// The process's user: the CRI's uid or name (with its group), else the image's `User`,
 /// resolved in the rootfs's /etc/passwd and /etc/group; supplemental groups are the
-/// primary one, the groups listing the user, and the CRI's.
+/// primary one, the groups listing the user (unless the policy is Strict), and the CRI's.
 pub fn user(
     security: &cri::LinuxContainerSecurityContext,
     image: &serde_json::Value,
@@ -285,7 +288,8 @@ pub fn user(
         gid = resolve_group(&groups, &group)?;
     }
     let mut additional: Vec<u32> = vec![gid];
-    if !username.is_empty() {
+    let strict = security.supplemental_groups_policy() == cri::SupplementalGroupsPolicy::Strict;
+    if !username.is_empty() && !strict {
         additional.extend(member_groups(&groups, &username));
     }
     additional.extend(security.supplemental_groups.iter().map(|g| *g as u32));
@@ -514,9 +518,33 @@ fn mounts(
     let mut cri_mounts = config.mounts.clone();
     cri_mounts.sort_by_key(|m| Path::new(&m.container_path).components().count());
     for mount in &cri_mounts {
-        mounts.push(cri_mount(mount)?);
+        mounts.push(cri_mount(mount, placement)?);
     }
     Ok(mounts)
+}
+
+/// `rro` (every mount below read-only too), for a read-only, private mount on a handler
+/// that can do it; refused otherwise rather than made read-only at its top only.
+fn recursive_read_only(mount: &cri::Mount, placement: &Placement) -> Result<&'static str, Error> {
+    let refuse = |why: &str| {
+        Err(Error::InvalidArgument(format!(
+            "mount {}: recursive read-only {why}",
+            mount.container_path
+        )))
+    };
+    if !mount.readonly {
+        return refuse("needs readonly set too");
+    }
+    if mount.propagation() != cri::MountPropagation::PropagationPrivate {
+        return refuse("needs private propagation");
+    }
+    if !placement.recursive_read_only {
+        return refuse(&format!(
+            "is not supported by runtime handler {:?}",
+            placement.handler
+        ));
+    }
+    Ok("rro")
 }
 
 /// The rootfs propagation the CRI mounts need, as containerd sets it: `rshared` for a
@@ -533,10 +561,16 @@ fn rootfs_propagation(mounts: &[cri::Mount]) -> Option<&'static str> {
     }
 }
 
-fn cri_mount(mount: &cri::Mount) -> Result<Mount, Error> {
+fn cri_mount(mount: &cri::Mount, placement: &Placement) -> Result<Mount, Error> {
     if !mount.container_path.starts_with('/') {
         return Err(Error::InvalidArgument(format!(
             "mount container path {:?} is not absolute",
+            mount.container_path
+        )));
+    }
+    if mount.image.is_some() {
+        return Err(Error::InvalidArgument(format!(
+            "mount {}: image volumes are not supported",
             mount.container_path
         )));
     }
@@ -548,7 +582,11 @@ fn cri_mount(mount: &cri::Mount) -> Result<Mount, Error> {
         cri::MountPropagation::PropagationHostToContainer => "rslave",
         cri::MountPropagation::PropagationBidirectional => "rshared",
     };
-    let mode = if mount.readonly { "ro" } else { "rw" };
+    let mode = match (mount.readonly, mount.recursive_read_only) {
+        (_, true) => recursive_read_only(mount, placement)?,
+        (true, false) => "ro",
+        (false, false) => "rw",
+    };
     MountBuilder::default()
         .destination(&mount.container_path)
         .typ("bind")
@@ -649,6 +687,12 @@ mod tests {
         let user = user(&security, &serde_json::json!({}), root.path()).unwrap();
         assert_eq!((user.uid(), user.gid()), (1000, 1000));
         assert_eq!(user.additional_gids().clone().unwrap(), [1000, 1234, 50000]);
+        let strict = cri::LinuxContainerSecurityContext {
+            supplemental_groups_policy: cri::SupplementalGroupsPolicy::Strict as i32,
+            ..security.clone()
+        };
+        let user = super::user(&strict, &serde_json::json!({}), root.path()).unwrap();
+        assert_eq!(user.additional_gids().clone().unwrap(), [1000, 1234]);
         let by_name = cri::LinuxContainerSecurityContext {
             run_as_username: "web".into(),
             run_as_group: Some(cri::Int64Value { value: 100 }),
@@ -686,5 +730,50 @@ mod tests {
             caps(&["CHOWN"], &["ALL"]),
             HashSet::from([Capability::Chown])
         );
+    }
+
+    fn placement(recursive_read_only: bool) -> Placement {
+        Placement {
+            rootfs: "/b/rootfs".into(),
+            sandbox_pid: 1,
+            sandbox_files: "/s/files".into(),
+            shm: "/s/shm".into(),
+            hostname: "pod".into(),
+            cgroups_path: "/runtimed/c".into(),
+            sandbox_privileged: false,
+            handler: "crun".into(),
+            recursive_read_only,
+        }
+    }
+
+    #[test]
+    fn recursive_read_only_mounts_are_rro_or_refused_by_name() {
+        let host = tempfile::tempdir().unwrap();
+        let mount = |readonly, propagation: cri::MountPropagation| cri::Mount {
+            container_path: "/data".into(),
+            host_path: host.path().display().to_string(),
+            readonly,
+            recursive_read_only: true,
+            propagation: propagation as i32,
+            ..Default::default()
+        };
+        let private = cri::MountPropagation::PropagationPrivate;
+        let made = cri_mount(&mount(true, private), &placement(true)).unwrap();
+        let options = made.options().clone().unwrap();
+        assert!(options.contains(&"rro".to_string()), "{options:?}");
+        assert!(!options.contains(&"ro".to_string()), "{options:?}");
+        let refusals = [
+            (mount(false, private), placement(true), "needs readonly"),
+            (
+                mount(true, cri::MountPropagation::PropagationHostToContainer),
+                placement(true),
+                "private propagation",
+            ),
+            (mount(true, private), placement(false), "handler \"crun\""),
+        ];
+        for (mount, placement, why) in refusals {
+            let err = cri_mount(&mount, &placement).unwrap_err().to_string();
+            assert!(err.contains("/data") && err.contains(why), "{err}");
+        }
     }
 }

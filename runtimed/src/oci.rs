@@ -273,6 +273,43 @@ fn read_report(reader: OwnedFd) -> Option<Report> {
     Some(Report { pid, message })
 }
 
+/// What a runtime handler can do beyond the OCI spec's basics, as `RUNTIME features` (OCI
+/// runtime features, runc 1.1 and later) reports it; a runtime without that command is
+/// taken to have none of them, as containerd takes it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Features {
+    /// `rro` mounts (read-only with every mount below); also needs Linux 5.12's
+    /// mount_setattr(2).
+    pub recursive_read_only: bool,
+}
+
+impl Runtime {
+    /// The handler's features; none when it cannot say.
+    pub fn features(&self) -> Features {
+        let output = Command::new(&self.path)
+            .arg("features")
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output();
+        match output {
+            Ok(out) if out.status.success() => parse_features(&out.stdout),
+            _ => Features::default(),
+        }
+    }
+}
+
+fn parse_features(json: &[u8]) -> Features {
+    let report: serde_json::Value = serde_json::from_slice(json).unwrap_or_default();
+    let options = report["mountOptions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    Features {
+        recursive_read_only: options.iter().any(|o| o == "rro")
+            && crate::spec::kernel_at_least(5, 12),
+    }
+}
+
 /// `name` as an absolute path: itself when it has a `/`, else found on `PATH`.
 pub fn find_binary(what: &str, name: &Path) -> Result<PathBuf, OciError> {
     let missing = || OciError::Missing {

@@ -567,7 +567,7 @@ const CLONE_FLAGS_ARG: usize = if cfg!(target_arch = "s390x") { 1 } else { 0 };
 /// containerd's default profile for a process with `bounding` capabilities.
 pub fn runtime_default(bounding: &HashSet<Capability>) -> LinuxSeccomp {
     let mut names: Vec<&str> = ALLOWED.iter().chain(ALLOWED_ON_ARCH).copied().collect();
-    if kernel_at_least(4, 8) {
+    if crate::spec::kernel_at_least(4, 8) {
         names.extend(ALLOWED_SINCE_4_8);
     }
     for (cap, calls) in ALLOWED_WITH {
@@ -640,16 +640,6 @@ fn arg(index: usize, value: u64, op: Op) -> LinuxSeccompArg {
         .op(op)
         .build()
         .expect("every field is set")
-}
-
-fn kernel_at_least(major: u32, minor: u32) -> bool {
-    let uname = rustix::system::uname();
-    let release = uname.release().to_string_lossy();
-    let mut parts = release
-        .split(|c: char| !c.is_ascii_digit())
-        .map(|p| p.parse::<u32>().unwrap_or(0));
-    let found = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    found >= (major, minor)
 }
 
 #[cfg(test)]

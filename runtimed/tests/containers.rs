@@ -528,3 +528,129 @@ fn seccomp_profiles_are_enforced_by_runc_and_crun() {
         }
     }
 }
+
+#[test]
+fn recursive_read_only_mounts_and_the_user_a_container_starts_as() {
+    use proto::cri;
+    let node = Node::start("rtdctr8", "10.235.8.0/24");
+    node.pull_busybox();
+    let volume = node.runtimed.dir.path().join("volume");
+    let below = volume.join("below");
+    std::fs::create_dir_all(&below).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "tmpfs"])
+        .arg(&below)
+        .status()
+        .unwrap();
+    assert!(mounted.success());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let status = runtime.block_on(async {
+        let mut client = node.runtimed.client().await;
+        let request = cri::StatusRequest { verbose: false };
+        client.status(request).await.unwrap().into_inner()
+    });
+    let rro: Vec<(String, bool)> = status
+        .runtime_handlers
+        .iter()
+        .map(|h| {
+            (
+                h.name.clone(),
+                h.features.unwrap().recursive_read_only_mounts,
+            )
+        })
+        .collect();
+    assert_eq!(
+        rro,
+        [
+            ("".into(), true),
+            ("crun".into(), false),
+            ("runc".into(), true)
+        ],
+        "runc 1.1 reports rro in `runc features`; crun 1.8 has no features command"
+    );
+    assert!(status.features.unwrap().supplemental_groups_policy);
+
+    let create = |sandbox: &str, name: &str, recursive: bool| {
+        let config = cri::ContainerConfig {
+            metadata: Some(cri::ContainerMetadata {
+                name: name.into(),
+                attempt: 0,
+            }),
+            image: Some(cri::ImageSpec {
+                image: node.busybox.clone(),
+                ..Default::default()
+            }),
+            command: ["sh", "-c", "id -G; touch /data/below/x && echo wrote; true"]
+                .map(String::from)
+                .to_vec(),
+            log_path: format!("{name}.log"),
+            mounts: vec![cri::Mount {
+                container_path: "/data".into(),
+                host_path: volume.display().to_string(),
+                readonly: true,
+                recursive_read_only: recursive,
+                ..Default::default()
+            }],
+            linux: Some(cri::LinuxContainerConfig {
+                security_context: Some(cri::LinuxContainerSecurityContext {
+                    run_as_user: Some(cri::Int64Value { value: 1000 }),
+                    supplemental_groups: vec![1234],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let request = cri::CreateContainerRequest {
+            pod_sandbox_id: sandbox.into(),
+            config: Some(config),
+            sandbox_config: Some(cri::PodSandboxConfig::default()),
+        };
+        runtime.block_on(async {
+            let mut client = node.runtimed.client().await;
+            let created = client.create_container(request).await;
+            created.map(|r| r.into_inner().container_id)
+        })
+    };
+    for (name, recursive, expected) in [("plain", false, "0 1234\nwrote"), ("rro", true, "0 1234")]
+    {
+        let logs = node.runtimed.dir.path().join(format!("logs-{name}"));
+        let sandbox = node.run_pod(&pod(name, &logs), "").unwrap();
+        let id = create(&sandbox, name, recursive).unwrap();
+        node.crictl(&["start", &id]);
+        node.wait_state(&id, "CONTAINER_EXITED");
+        let log = std::fs::read_to_string(logs.join(format!("{name}.log"))).unwrap();
+        let stdout: Vec<String> = log_lines(&log)
+            .into_iter()
+            .filter(|(stream, _, _)| stream == "stdout")
+            .map(|(_, _, text)| text)
+            .collect();
+        assert_eq!(stdout.join("\n"), expected, "{name}: {log}");
+        let user = runtime.block_on(async {
+            let mut client = node.runtimed.client().await;
+            let request = cri::ContainerStatusRequest {
+                container_id: id.clone(),
+                verbose: false,
+            };
+            let status = client.container_status(request).await.unwrap().into_inner();
+            status.status.unwrap().user.unwrap().linux.unwrap()
+        });
+        assert_eq!(
+            (user.uid, user.gid, user.supplemental_groups),
+            (1000, 0, vec![0, 1234])
+        );
+        node.crictl(&["rmp", "-f", &sandbox]);
+    }
+
+    let logs = node.runtimed.dir.path().join("logs-crun");
+    let sandbox = node.run_pod(&pod("crun", &logs), "crun").unwrap();
+    let refused = create(&sandbox, "crun", true).unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused.message().contains("/data") && refused.message().contains("\"crun\""),
+        "{refused:?}"
+    );
+    node.crictl(&["rmp", "-f", &sandbox]);
+    let unmounted = std::process::Command::new("umount").arg(&below).status();
+    assert!(unmounted.unwrap().success());
+}

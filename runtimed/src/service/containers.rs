@@ -65,7 +65,7 @@ impl RuntimeService {
             ));
         }
         let image = self.images.get(&image_name).await?;
-        let container = Container {
+        let mut container = Container {
             id: super::new_id()?,
             sandbox_id: sandbox.id.clone(),
             image_name,
@@ -77,9 +77,9 @@ impl RuntimeService {
             created_at: now(),
             started_at: 0,
             pid: 0,
+            user: None,
             config,
         };
-        let mut container = container;
         match self
             .build_container(&mut container, &sandbox, &image.config)
             .await
@@ -137,8 +137,13 @@ impl RuntimeService {
                 .as_ref()
                 .and_then(|l| l.security_context.as_ref())
                 .is_some_and(|s| s.privileged),
+            handler: container.runtime_handler.clone(),
+            recursive_read_only: self
+                .features_of(&container.runtime_handler)
+                .recursive_read_only,
         };
         let spec = container_spec::build(&container.config, image, &placement)?;
+        container.user = spec.process().as_ref().map(|p| container_user(p.user()));
         let config_path = bundle.join("config.json");
         let json = serde_json::to_vec_pretty(&spec).expect("spec serialises");
         std::fs::write(&config_path, json).map_err(Error::io("write", &config_path))?;
@@ -367,6 +372,7 @@ impl RuntimeService {
             annotations: container.config.annotations.clone(),
             mounts: container.config.mounts.clone(),
             log_path: container.log_path.clone(),
+            user: container.user.clone(),
             ..Default::default()
         };
         Ok(cri::ContainerStatusResponse {
@@ -446,4 +452,15 @@ fn log_path(sandbox: &Sandbox, config: &cri::ContainerConfig) -> String {
         .join(&config.log_path)
         .display()
         .to_string()
+}
+
+fn container_user(user: &oci_spec::runtime::User) -> cri::ContainerUser {
+    let groups = user.additional_gids().clone().unwrap_or_default();
+    cri::ContainerUser {
+        linux: Some(cri::LinuxContainerUser {
+            uid: user.uid().into(),
+            gid: user.gid().into(),
+            supplemental_groups: groups.into_iter().map(i64::from).collect(),
+        }),
+    }
 }

@@ -38,6 +38,8 @@ pub struct RuntimeService {
     containers_lock: Mutex<()>,
     /// The last CPU reading of each container (time, CPU nanoseconds), for the rate.
     cpu_samples: Mutex<HashMap<String, (i64, u64)>>,
+    /// What each configured handler can do, asked once at start-up.
+    features: BTreeMap<String, oci::Features>,
 }
 
 impl RuntimeService {
@@ -55,7 +57,16 @@ impl RuntimeService {
             .into_iter()
             .map(|c| (c.id.clone(), c))
             .collect();
+        let features = config
+            .runtimes
+            .keys()
+            .map(|name| {
+                let features = runtime(&config, name).map(|r| r.features());
+                (name.clone(), features.unwrap_or_default())
+            })
+            .collect();
         Ok(Self {
+            features,
             images: Images::new(config.image_socket()),
             config,
             sandboxes_store,
@@ -100,9 +111,8 @@ impl RuntimeService {
             }),
             info,
             runtime_handlers: self.handlers(),
-            // Nothing is claimed that the runtime does not do yet.
             features: Some(cri::RuntimeFeatures {
-                supplemental_groups_policy: false,
+                supplemental_groups_policy: true,
             }),
         }
     }
@@ -111,14 +121,27 @@ impl RuntimeService {
     fn handlers(&self) -> Vec<cri::RuntimeHandler> {
         let names = std::iter::once("").chain(self.config.runtimes.keys().map(String::as_str));
         names
-            .map(|name| cri::RuntimeHandler {
-                name: name.into(),
-                features: Some(cri::RuntimeHandlerFeatures {
-                    recursive_read_only_mounts: false,
-                    user_namespaces: false,
-                }),
+            .map(|name| {
+                let features = self.features_of(name);
+                cri::RuntimeHandler {
+                    name: name.into(),
+                    features: Some(cri::RuntimeHandlerFeatures {
+                        recursive_read_only_mounts: features.recursive_read_only,
+                        user_namespaces: false,
+                    }),
+                }
             })
             .collect()
+    }
+
+    /// The features of `handler` (`""` is the default one).
+    fn features_of(&self, handler: &str) -> oci::Features {
+        let name = if handler.is_empty() {
+            &self.config.default_runtime
+        } else {
+            handler
+        };
+        self.features.get(name).copied().unwrap_or_default()
     }
 
     /// Verbose status, as containerd's keys: the configuration and the CNI load result.
@@ -502,15 +525,7 @@ impl RuntimeService {
     }
 
     fn runtime(&self, handler: &str) -> Result<Runtime, Error> {
-        let runtime = self.config.runtimes.get(handler).ok_or_else(|| {
-            Error::InvalidArgument(format!("no runtime handler {handler:?} is configured"))
-        })?;
-        Ok(Runtime {
-            name: handler.to_string(),
-            path: oci::find_binary(&format!("runtime {handler}"), &runtime.runtime_path)?,
-            root: self.config.runtime_root(handler, runtime),
-            systemd_cgroup: self.config.cgroup_driver == CgroupDriver::Systemd,
-        })
+        runtime(&self.config, handler)
     }
 
     fn conmon_dirs(&self) -> Conmon {
@@ -600,6 +615,18 @@ fn new_id() -> Result<String, Error> {
     rustix::rand::getrandom(&mut bytes, rustix::rand::GetRandomFlags::empty())
         .map_err(|e| Error::io("read random bytes from", "getrandom")(e.into()))?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn runtime(config: &Config, handler: &str) -> Result<Runtime, Error> {
+    let runtime = config.runtimes.get(handler).ok_or_else(|| {
+        Error::InvalidArgument(format!("no runtime handler {handler:?} is configured"))
+    })?;
+    Ok(Runtime {
+        name: handler.to_string(),
+        path: oci::find_binary(&format!("runtime {handler}"), &runtime.runtime_path)?,
+        root: config.runtime_root(handler, runtime),
+        systemd_cgroup: config.cgroup_driver == CgroupDriver::Systemd,
+    })
 }
 
 fn now() -> i64 {
