@@ -4,9 +4,10 @@
 use crate::error::Error;
 use crate::seccomp;
 use oci_spec::runtime::{
-    Capability, LinuxCapabilities, LinuxCpuBuilder, LinuxMemoryBuilder, LinuxNamespace,
-    LinuxNamespaceBuilder, LinuxNamespaceType, LinuxResourcesBuilder, Mount, MountBuilder,
-    RootBuilder, Spec, UserBuilder,
+    Capability, LinuxCapabilities, LinuxCpuBuilder, LinuxDevice, LinuxDeviceBuilder,
+    LinuxDeviceCgroup, LinuxDeviceCgroupBuilder, LinuxDeviceType, LinuxHugepageLimitBuilder,
+    LinuxMemoryBuilder, LinuxNamespace, LinuxNamespaceBuilder, LinuxNamespaceType,
+    LinuxResourcesBuilder, Mount, MountBuilder, RootBuilder, Spec, UserBuilder,
 };
 use proto::cri;
 use std::collections::HashSet;
@@ -157,9 +158,14 @@ pub fn build(
         let bounding = capabilities.bounding().clone().unwrap_or_default();
         linux.set_seccomp(seccomp::profile(&requested, &bounding)?);
     }
-    if let Some(r) = &resources {
-        linux.set_resources(Some(limits(r)?));
-    }
+    let mut cgroup = match &resources {
+        Some(r) => limits(r)?,
+        None => Default::default(),
+    };
+    let (nodes, rules) = devices(config, security.privileged)?;
+    linux.set_devices((!nodes.is_empty()).then_some(nodes));
+    cgroup.set_devices((!rules.is_empty()).then_some(rules));
+    linux.set_resources(Some(cgroup));
     spec.set_linux(Some(linux));
     Ok(spec)
 }
@@ -621,14 +627,125 @@ pub fn limits(
         cpu = cpu.mems(r.cpuset_mems.clone());
     }
     let mut resources = LinuxResourcesBuilder::default().cpu(cpu.build().map_err(spec_error)?);
-    if r.memory_limit_in_bytes > 0 {
-        let memory = LinuxMemoryBuilder::default()
-            .limit(r.memory_limit_in_bytes)
-            .build()
-            .map_err(spec_error)?;
-        resources = resources.memory(memory);
+    if r.memory_limit_in_bytes > 0 || r.memory_swap_limit_in_bytes > 0 {
+        let mut memory = LinuxMemoryBuilder::default();
+        if r.memory_limit_in_bytes > 0 {
+            memory = memory.limit(r.memory_limit_in_bytes);
+        }
+        if r.memory_swap_limit_in_bytes > 0 {
+            memory = memory.swap(r.memory_swap_limit_in_bytes);
+        }
+        resources = resources.memory(memory.build().map_err(spec_error)?);
+    }
+    if !r.hugepage_limits.is_empty() {
+        let hugepages = r.hugepage_limits.iter().map(|h| {
+            LinuxHugepageLimitBuilder::default()
+                .page_size(&h.page_size)
+                .limit(h.limit as i64)
+                .build()
+                .map_err(spec_error)
+        });
+        resources = resources.hugepage_limits(hugepages.collect::<Result<Vec<_>, _>>()?);
+    }
+    if !r.unified.is_empty() {
+        resources = resources.unified(r.unified.clone());
     }
     resources.build().map_err(spec_error)
+}
+
+/// The CRI's devices (a directory stands for every device below it), or every host
+/// device for a privileged container; with the device cgroup rules that let them be used.
+fn devices(
+    config: &cri::ContainerConfig,
+    privileged: bool,
+) -> Result<(Vec<LinuxDevice>, Vec<LinuxDeviceCgroup>), Error> {
+    if privileged {
+        let all = LinuxDeviceCgroupBuilder::default()
+            .allow(true)
+            .access("rwm")
+            .build()
+            .map_err(spec_error)?;
+        return Ok((
+            host_devices(Path::new("/dev"), Path::new("/dev"))?,
+            vec![all],
+        ));
+    }
+    let mut devices = Vec::new();
+    let mut rules = Vec::new();
+    for device in &config.devices {
+        let host = Path::new(&device.host_path);
+        let found = host_devices(host, Path::new(&device.container_path))?;
+        if found.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "device {}: not a device node or a directory of them",
+                device.host_path
+            )));
+        }
+        let access = if device.permissions.is_empty() {
+            "rwm"
+        } else {
+            device.permissions.as_str()
+        };
+        for node in &found {
+            let rule = LinuxDeviceCgroupBuilder::default()
+                .allow(true)
+                .typ(node.typ())
+                .major(node.major())
+                .minor(node.minor())
+                .access(access)
+                .build()
+                .map_err(spec_error)?;
+            rules.push(rule);
+        }
+        devices.extend(found);
+    }
+    Ok((devices, rules))
+}
+
+/// The device nodes at `host` (itself, or below it when a directory), placed under
+/// `target`, with the host node's mode and owner. Like containerd, skips the
+/// directories that hold no devices of the host's own (`pts`, `shm`, `mqueue`, `fd`).
+fn host_devices(host: &Path, target: &Path) -> Result<Vec<LinuxDevice>, Error> {
+    use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
+    let meta = std::fs::metadata(host)
+        .map_err(|e| Error::InvalidArgument(format!("device {}: {e}", host.display())))?;
+    let kind = meta.file_type();
+    if kind.is_dir() {
+        let entries = std::fs::read_dir(host)
+            .map_err(|e| Error::InvalidArgument(format!("device {}: {e}", host.display())))?;
+        let mut found = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let skipped = ["pts", "shm", "mqueue", "fd"].map(std::ffi::OsStr::new);
+            if host == Path::new("/dev") && skipped.contains(&name.as_os_str()) {
+                continue;
+            }
+            let is_link = entry.file_type().is_ok_and(|t| t.is_symlink());
+            if !is_link {
+                found.extend(host_devices(&entry.path(), &target.join(&name))?);
+            }
+        }
+        return Ok(found);
+    }
+    let typ = if kind.is_char_device() {
+        LinuxDeviceType::C
+    } else if kind.is_block_device() {
+        LinuxDeviceType::B
+    } else {
+        return Ok(Vec::new());
+    };
+    let rdev = meta.rdev();
+    LinuxDeviceBuilder::default()
+        .path(target)
+        .typ(typ)
+        .major(libc::major(rdev) as i64)
+        .minor(libc::minor(rdev) as i64)
+        .file_mode(meta.mode() & 0o777)
+        .uid(meta.uid())
+        .gid(meta.gid())
+        .build()
+        .map(|d| vec![d])
+        .map_err(spec_error)
 }
 
 #[cfg(test)]
@@ -775,5 +892,24 @@ mod tests {
             let err = cri_mount(&mount, &placement).unwrap_err().to_string();
             assert!(err.contains("/data") && err.contains(why), "{err}");
         }
+    }
+
+    #[test]
+    fn hugepages_swap_and_unified_reach_the_cgroup() {
+        let resources = cri::LinuxContainerResources {
+            memory_limit_in_bytes: 1 << 24,
+            memory_swap_limit_in_bytes: 1 << 25,
+            hugepage_limits: vec![cri::HugepageLimit {
+                page_size: "2MB".into(),
+                limit: 1 << 22,
+            }],
+            unified: [("memory.high".to_string(), "max".to_string())].into(),
+            ..Default::default()
+        };
+        let json = serde_json::to_value(limits(&resources).unwrap()).unwrap();
+        assert_eq!(json["memory"]["swap"], 1 << 25);
+        assert_eq!(json["hugepageLimits"][0]["pageSize"], "2MB");
+        assert_eq!(json["hugepageLimits"][0]["limit"], 1 << 22);
+        assert_eq!(json["unified"]["memory.high"], "max");
     }
 }

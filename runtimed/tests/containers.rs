@@ -654,3 +654,58 @@ fn recursive_read_only_mounts_and_the_user_a_container_starts_as() {
     let unmounted = std::process::Command::new("umount").arg(&below).status();
     assert!(unmounted.unwrap().success());
 }
+
+#[test]
+fn devices_are_placed_with_their_cgroup_permissions_and_privileged_sees_the_hosts() {
+    let node = Node::start("rtdctr9", "10.235.9.0/24");
+    node.pull_busybox();
+    // Not a device runc allows by default, so only the rule from `permissions` lets it open.
+    let open = "ls -l /dev/loopctl; (: < /dev/loopctl) && echo opened; true";
+    for (name, permissions, expected) in [("r", "r", "opened"), ("w", "w", "")] {
+        let device = serde_json::json!({"devices": [{
+            "container_path": "/dev/loopctl", "host_path": "/dev/loop-control",
+            "permissions": permissions,
+        }]});
+        let (inspect, log) = run_to_exit(&node, name, &["sh", "-c", open], device);
+        assert_eq!(inspect["status"]["exitCode"], 0, "{inspect}");
+        let stdout: Vec<String> = log_lines(&log)
+            .into_iter()
+            .filter(|(stream, _, _)| stream == "stdout")
+            .map(|(_, _, text)| text)
+            .collect();
+        assert!(stdout[0].starts_with("crw"), "{name}: {log}");
+        assert_eq!(stdout[1..].join(" "), expected, "{name}: {log}");
+    }
+    let missing = serde_json::json!({"devices": [
+        {"container_path": "/dev/x", "host_path": "/dev/no-such-device", "permissions": "rwm"}
+    ]});
+    let logs = node.runtimed.dir.path().join("logs-missing");
+    let pod_config = pod("missing", &logs);
+    let sandbox = node.run_pod(&pod_config, "").unwrap();
+    let refused = node
+        .create(
+            &sandbox,
+            &container(&node, "missing", &["true"], missing),
+            &pod_config,
+        )
+        .unwrap_err();
+    assert!(refused.contains("/dev/no-such-device"), "{refused}");
+    node.crictl(&["rmp", "-f", &sandbox]);
+
+    let logs = node.runtimed.dir.path().join("logs-privileged");
+    let mut pod_config = pod("privileged", &logs);
+    pod_config["linux"] = serde_json::json!({"security_context": {"privileged": true}});
+    let sandbox = node.run_pod(&pod_config, "").unwrap();
+    let privileged = serde_json::json!({"linux": {"security_context": {"privileged": true}}});
+    let config = container(
+        &node,
+        "privileged",
+        &["ls", "/dev/loop-control"],
+        privileged,
+    );
+    let id = node.create(&sandbox, &config, &pod_config).unwrap();
+    node.crictl(&["start", &id]);
+    let inspect = node.wait_state(&id, "CONTAINER_EXITED");
+    assert_eq!(inspect["status"]["exitCode"], 0, "{inspect}");
+    node.crictl(&["rmp", "-f", &sandbox]);
+}
