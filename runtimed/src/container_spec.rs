@@ -130,6 +130,7 @@ pub fn build(
     process.set_user(user);
     process.set_capabilities(Some(capabilities.clone()));
     process.set_no_new_privileges(Some(security.no_new_privs));
+    process.set_apparmor_profile(apparmor(&security, apparmor_enabled())?);
     process.set_terminal(Some(config.tty));
     let resources = config.linux.as_ref().and_then(|l| l.resources.clone());
     if let Some(r) = resources.as_ref().filter(|r| r.oom_score_adj != 0) {
@@ -606,6 +607,62 @@ fn cri_mount(mount: &cri::Mount, placement: &Placement) -> Result<Mount, Error> 
         .map_err(spec_error)
 }
 
+/// The AppArmor profile to run under, as containerd picks it: on a host without AppArmor
+/// any profile but Unconfined is refused rather than silently not applied; on a host with
+/// it a `localhost/` profile must be loaded already. The RuntimeDefault profile, which
+/// would have to be loaded with apparmor_parser first, is not provided: asking for it on
+/// an AppArmor host is refused by name, and no profile means none.
+fn apparmor(
+    security: &cri::LinuxContainerSecurityContext,
+    enabled: bool,
+) -> Result<Option<String>, Error> {
+    use cri::security_profile::ProfileType;
+    #[allow(
+        deprecated,
+        reason = "kubelets before 1.30 send only the deprecated string"
+    )]
+    let deprecated = security.apparmor_profile.as_str();
+    let requested = match (&security.apparmor, deprecated) {
+        (Some(p), _) => Some((p.profile_type(), p.localhost_ref.clone())),
+        (None, "") => None,
+        (None, "unconfined") => Some((ProfileType::Unconfined, String::new())),
+        (None, "runtime/default") => Some((ProfileType::RuntimeDefault, String::new())),
+        (None, other) => match other.strip_prefix("localhost/") {
+            Some(name) => Some((ProfileType::Localhost, name.to_string())),
+            None => {
+                return Err(Error::InvalidArgument(format!(
+                    "apparmor profile {other:?}: expected runtime/default, unconfined or \
+                     localhost/<name>"
+                )));
+            }
+        },
+    };
+    let refuse = |why: String| Err(Error::InvalidArgument(format!("apparmor: {why}")));
+    match requested {
+        None | Some((ProfileType::Unconfined, _)) => Ok(None),
+        Some(_) if !enabled => refuse("this host does not have AppArmor enabled".into()),
+        Some(_) if security.privileged => Ok(None),
+        Some((ProfileType::RuntimeDefault, _)) => {
+            refuse("the RuntimeDefault profile is not provided by runtimed".into())
+        }
+        Some((ProfileType::Localhost, name)) => {
+            let name = name.trim_start_matches("localhost/").to_string();
+            let loaded = std::fs::read_to_string("/sys/kernel/security/apparmor/profiles")
+                .unwrap_or_default();
+            if loaded.lines().any(|l| l.starts_with(&format!("{name} ("))) {
+                Ok(Some(name))
+            } else {
+                refuse(format!("profile {name:?} is not loaded"))
+            }
+        }
+    }
+}
+
+fn apparmor_enabled() -> bool {
+    std::fs::read_to_string("/sys/module/apparmor/parameters/enabled")
+        .is_ok_and(|s| s.trim() == "Y")
+}
+
 /// The cgroup limits of CRI resources (0 is unset).
 pub fn limits(
     r: &cri::LinuxContainerResources,
@@ -911,5 +968,41 @@ mod tests {
         assert_eq!(json["hugepageLimits"][0]["pageSize"], "2MB");
         assert_eq!(json["hugepageLimits"][0]["limit"], 1 << 22);
         assert_eq!(json["unified"]["memory.high"], "max");
+    }
+
+    #[test]
+    fn apparmor_profiles_are_refused_where_they_cannot_be_applied() {
+        use cri::security_profile::ProfileType;
+        let with = |kind: ProfileType, name: &str| cri::LinuxContainerSecurityContext {
+            apparmor: Some(cri::SecurityProfile {
+                profile_type: kind as i32,
+                localhost_ref: name.into(),
+            }),
+            ..Default::default()
+        };
+        assert_eq!(apparmor(&Default::default(), false).unwrap(), None);
+        assert_eq!(
+            apparmor(&with(ProfileType::Unconfined, ""), false).unwrap(),
+            None
+        );
+        let err = apparmor(&with(ProfileType::RuntimeDefault, ""), false).unwrap_err();
+        assert!(err.to_string().contains("does not have AppArmor"), "{err}");
+        let err = apparmor(&with(ProfileType::Localhost, "no-such-profile"), true).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("\"no-such-profile\" is not loaded"),
+            "{err}"
+        );
+        #[allow(deprecated)]
+        let bad = cri::LinuxContainerSecurityContext {
+            apparmor_profile: "bogus".into(),
+            ..Default::default()
+        };
+        assert!(
+            apparmor(&bad, true)
+                .unwrap_err()
+                .to_string()
+                .contains("\"bogus\"")
+        );
     }
 }
