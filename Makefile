@@ -2,7 +2,7 @@
 CARGO ?= cargo
 export PATH := $(CURDIR)/target/tools:$(PATH)
 
-.PHONY: all build deps test critest critest-runtime demo bench fuzz clean fmt lint
+.PHONY: all build deps test critest critest-runtime demo bench bench-pods fuzz clean fmt lint
 
 all: build
 
@@ -32,11 +32,20 @@ demo: deps
 	./scripts/demo.sh
 
 # Cold-pull benchmark against containerd and the raw limit (needs root); see scripts/bench.sh.
+# Then the pod start benchmark against containerd; see scripts/bench-pods.sh.
 bench: deps
-	$(CARGO) build --release -p imaged -p fixtures --bins
+	$(CARGO) build --release -p imaged -p runtimed -p fixtures --bins
 	$(CARGO) build --release -p imaged --example cri_latency
 	$(CARGO) build --release -p snapshotters --example apply_bench
+	$(CARGO) build --release -p runtimed --example pod_latency
 	./scripts/bench.sh
+	./scripts/bench-pods.sh
+
+# Only the pod start benchmark (warm and cold pod starts, memory per pod) against containerd.
+bench-pods: deps
+	$(CARGO) build --release -p imaged -p runtimed -p fixtures --bins
+	$(CARGO) build --release -p runtimed --example pod_latency
+	./scripts/bench-pods.sh
 
 fmt:
 	$(CARGO) fmt --all
