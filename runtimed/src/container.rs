@@ -198,12 +198,8 @@ pub fn remove_files(
     conmon: &Conmon,
 ) -> Result<(), Error> {
     let deleted = crate::sandbox::delete_state(runtime, &container.id);
-    let rootfs = bundle.join("rootfs");
-    if rootfs.exists() {
-        let _ = plumbing::mount::unmount(&rootfs);
-    }
     let _ = std::fs::remove_file(conmon.exits.join(&container.id));
-    crate::sandbox::remove_dir(bundle)?;
+    crate::sandbox::remove_bundle(bundle)?;
     deleted
 }
 

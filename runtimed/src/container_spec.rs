@@ -34,6 +34,11 @@ pub struct Placement {
     /// The sandbox's runtime handler, and whether it makes mounts read-only recursively.
     pub handler: String,
     pub recursive_read_only: bool,
+    /// The pod's pinned user namespace and its mappings; `None` in the node's.
+    pub userns: Option<(PathBuf, crate::userns::Mappings)>,
+    /// Idmapped clones to bind instead of the host paths of CRI mounts with id mappings,
+    /// by container path.
+    pub idmapped: std::collections::HashMap<String, PathBuf>,
 }
 
 /// containerd's default capabilities.
@@ -140,7 +145,19 @@ pub fn build(
     spec.set_process(Some(process));
     spec.set_mounts(Some(mounts(config, placement, security.privileged)?));
     let mut linux = spec.linux().clone().unwrap_or_default();
-    linux.set_namespaces(Some(namespaces(&security, placement.sandbox_pid)?));
+    let mut joined = namespaces(&security, placement.sandbox_pid)?;
+    if let Some((path, mappings)) = &placement.userns {
+        let user = LinuxNamespaceBuilder::default()
+            .typ(LinuxNamespaceType::User)
+            .path(path)
+            .build()
+            .map_err(spec_error)?;
+        joined.insert(0, user);
+        let (uids, gids) = mappings.oci();
+        linux.set_uid_mappings(Some(uids));
+        linux.set_gid_mappings(Some(gids));
+    }
+    linux.set_namespaces(Some(joined));
     linux.set_cgroups_path(Some(PathBuf::from(&placement.cgroups_path)));
     if let Some(propagation) = rootfs_propagation(&config.mounts) {
         linux.set_rootfs_propagation(Some(propagation.into()));
@@ -581,9 +598,18 @@ fn cri_mount(mount: &cri::Mount, placement: &Placement) -> Result<Mount, Error> 
             mount.container_path
         )));
     }
-    let source = std::fs::canonicalize(&mount.host_path).map_err(|e| {
-        Error::InvalidArgument(format!("mount host path {:?}: {e}", mount.host_path))
-    })?;
+    let source = match placement.idmapped.get(&mount.container_path) {
+        Some(clone) => clone.clone(),
+        None if !mount.uid_mappings.is_empty() || !mount.gid_mappings.is_empty() => {
+            return Err(Error::InvalidArgument(format!(
+                "mount {}: id mappings need a pod with a user namespace",
+                mount.container_path
+            )));
+        }
+        None => std::fs::canonicalize(&mount.host_path).map_err(|e| {
+            Error::InvalidArgument(format!("mount host path {:?}: {e}", mount.host_path))
+        })?,
+    };
     let propagation = match mount.propagation() {
         cri::MountPropagation::PropagationPrivate => "rprivate",
         cri::MountPropagation::PropagationHostToContainer => "rslave",
@@ -917,6 +943,8 @@ mod tests {
             sandbox_privileged: false,
             handler: "crun".into(),
             recursive_read_only,
+            userns: None,
+            idmapped: Default::default(),
         }
     }
 

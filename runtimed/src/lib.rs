@@ -15,7 +15,7 @@
 //! record, steps and OCI spec, [`exec`] ExecSync, [`stats`] cgroup and network counters, [`cni`] the network configuration and plugin calls,
 //! [`images`] the client of imaged, [`netns`] pinned network namespaces, [`spec`] OCI
 //! runtime specs, [`oci`] the OCI runtime and conmon, [`seccomp`] seccomp profiles, [`sandbox`] the steps of a sandbox's
-//! life, [`store`] records that survive a restart, [`service`] the RPCs' logic, [`cri`] the
+//! life, [`store`] records that survive a restart, [`userns`] pods' user namespaces and idmapped mounts, [`service`] the RPCs' logic, [`cri`] the
 //! gRPC edge, [`error`] the one error type and its status codes, and [`daemon`] start-up
 //! and serving.
 
@@ -36,3 +36,4 @@ pub mod service;
 pub mod spec;
 pub mod stats;
 pub mod store;
+pub mod userns;

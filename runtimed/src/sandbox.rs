@@ -13,6 +13,7 @@ use crate::images::Image;
 use crate::oci::{Conmon, Create, Runtime};
 use crate::seccomp;
 use crate::spec::{self, SandboxProcess};
+use crate::userns::Mappings;
 use oci_spec::runtime::Spec;
 use proto::cri;
 use serde::{Deserialize, Serialize};
@@ -32,6 +33,9 @@ pub struct Sandbox {
     pub created_at: i64,
     /// The pinned network namespace; `None` for host network.
     pub netns: Option<PathBuf>,
+    /// The pinned user namespace; `None` in the node's.
+    #[serde(default)]
+    pub userns: Option<PathBuf>,
     /// The pod network's ADD result, kept for DEL.
     pub cni_result: Option<serde_json::Value>,
     /// Set once the pod's network was detached, so it happens once.
@@ -82,6 +86,11 @@ pub fn namespace_options(config: &cri::PodSandboxConfig) -> cri::NamespaceOption
 }
 
 impl Sandbox {
+    /// The pod's user namespace mappings; `None` in the node's user namespace.
+    pub fn mappings(&self) -> Result<Option<Mappings>, Error> {
+        Mappings::of(&namespace_options(&self.config))
+    }
+
     /// Whether the pod uses the host's network.
     pub fn host_network(&self) -> bool {
         namespace_options(&self.config).network() == cri::NamespaceMode::Node
@@ -181,6 +190,11 @@ pub fn prepare_files(sandbox: &Sandbox, paths: &Paths) -> Result<(), Error> {
         .ipc
         .eq(&(cri::NamespaceMode::Node as i32))
     {
+        let mut data = "mode=1777,size=67108864".to_string();
+        if let Some((uid, gid)) = sandbox.mappings()?.and_then(|m| m.host_root()) {
+            data.push_str(&format!(",uid={uid},gid={gid}"));
+        }
+        let data = std::ffi::CString::new(data).expect("no NUL in tmpfs options");
         rustix::mount::mount(
             "shm",
             &shm,
@@ -188,7 +202,7 @@ pub fn prepare_files(sandbox: &Sandbox, paths: &Paths) -> Result<(), Error> {
             rustix::mount::MountFlags::NOSUID
                 | rustix::mount::MountFlags::NODEV
                 | rustix::mount::MountFlags::NOEXEC,
-            Some(c"mode=1777,size=67108864"),
+            Some(data.as_c_str()),
         )
         .map_err(|e| Error::io("mount tmpfs on", &shm)(e.into()))?;
     }
@@ -239,7 +253,11 @@ pub fn attach_network(
         .netns
         .as_ref()
         .expect("pod network sandboxes have a netns");
-    crate::netns::create(netns).map_err(Error::io("create network namespace", netns))?;
+    match (&sandbox.userns, sandbox.mappings()?) {
+        (Some(userns), Some(mappings)) => crate::userns::create(&mappings, userns, netns)
+            .map_err(Error::io("create user and network namespaces", userns))?,
+        _ => crate::netns::create(netns).map_err(Error::io("create network namespace", netns))?,
+    }
     Network::new(cni::invoke::loopback(), bin_dir).add(&sandbox.attachment("lo"))?;
     Ok(network.add(&sandbox.attachment("eth0"))?)
 }
@@ -265,6 +283,10 @@ pub fn start_infra(sandbox: &Sandbox, setup: &Setup<'_>) -> Result<i64, Error> {
     let process = SandboxProcess {
         hostname: hostname(&sandbox.config),
         netns: sandbox.netns.clone(),
+        userns: match (&sandbox.userns, sandbox.mappings()?) {
+            (Some(path), Some(mappings)) => Some((path.clone(), mappings)),
+            _ => None,
+        },
         host_pid: options.pid() == cri::NamespaceMode::Node,
         host_ipc: options.ipc() == cri::NamespaceMode::Node,
         shm: setup.paths.shm(),
@@ -365,6 +387,9 @@ pub fn detach_network(
         }
     }
     sandbox.network_detached = true;
+    if let Some(userns) = &sandbox.userns {
+        crate::netns::remove(userns).map_err(Error::io("remove user namespace", userns))?;
+    }
     crate::netns::remove(&netns).map_err(Error::io("remove network namespace", &netns))
 }
 
@@ -378,15 +403,9 @@ pub fn remove_files(
     conmon: &Conmon,
 ) -> Result<(), Error> {
     let deleted = delete_state(runtime, &sandbox.id);
-    for mountpoint in [paths.rootfs(), paths.shm()] {
-        if mountpoint.exists() {
-            let _ = plumbing::mount::unmount(&mountpoint);
-        }
-    }
     let _ = std::fs::remove_file(conmon.exits.join(&sandbox.id));
-    for dir in [&paths.bundle, &paths.files] {
-        remove_dir(dir)?;
-    }
+    remove_bundle(&paths.bundle)?;
+    remove_dir(&paths.files)?;
     deleted
 }
 
@@ -398,6 +417,54 @@ pub fn delete_state(runtime: &Runtime, id: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// Unmounts everything mounted at or below `dir` (deepest first), then removes it. A
+/// mount that stays is an error and the directory is left, since removing it would reach
+/// through the mount into what it shows (image layers, volumes).
+pub fn remove_bundle(dir: &Path) -> Result<(), Error> {
+    let mut mounted = mounts_under(dir);
+    mounted.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+    for mountpoint in &mounted {
+        let _ = plumbing::mount::unmount(mountpoint);
+    }
+    if let Some(left) = mounts_under(dir).first() {
+        return Err(Error::io("unmount", left)(std::io::Error::other(
+            "still mounted; not removing the directory",
+        )));
+    }
+    remove_dir(dir)
+}
+
+/// The mount points at or below `dir`, from /proc/self/mountinfo.
+fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|field| PathBuf::from(unescape_mountinfo(field)))
+        .filter(|point| point.starts_with(dir))
+        .collect()
+}
+
+/// Mountinfo writes space, tab, newline and backslash as three octal digits.
+fn unescape_mountinfo(field: &str) -> String {
+    let mut out = String::with_capacity(field.len());
+    let mut chars = field.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        let digits: String = chars.by_ref().take(3).collect();
+        match u8::from_str_radix(&digits, 8) {
+            Ok(byte) => out.push(byte as char),
+            Err(_) => {
+                out.push('\\');
+                out.push_str(&digits);
+            }
+        }
+    }
+    out
+}
+
 /// Removes `dir` and everything under it; one that is gone is fine.
 pub fn remove_dir(dir: &Path) -> Result<(), Error> {
     match std::fs::remove_dir_all(dir) {
@@ -406,14 +473,27 @@ pub fn remove_dir(dir: &Path) -> Result<(), Error> {
     }
 }
 
-/// Mounts the rootfs imaged prepared at the bundle's `rootfs`.
-pub fn mount_rootfs(paths: &Paths, mounts: &[plumbing::mount::Mount]) -> Result<(), Error> {
-    let rootfs = paths.rootfs();
+/// Mounts the rootfs imaged prepared at `<bundle>/rootfs` (a sandbox's or a container's),
+/// idmapped for the pod's user namespace when it has one (its layers cloned under
+/// `<bundle>/idmap`).
+pub fn mount_rootfs(
+    bundle: &Path,
+    mounts: &[plumbing::mount::Mount],
+    userns: Option<(&Path, &Mappings)>,
+) -> Result<(), Error> {
+    let rootfs = bundle.join("rootfs");
     std::fs::create_dir_all(&rootfs).map_err(Error::io("create directory", &rootfs))?;
-    plumbing::mount::Mount::mount_all(mounts, &rootfs).map_err(|e| Error::Io {
+    let mounted = match userns {
+        Some(userns) => {
+            let layers = bundle.join("idmap");
+            crate::userns::mount_rootfs(mounts, &rootfs, &layers, userns).map_err(|e| e.to_string())
+        }
+        None => plumbing::mount::Mount::mount_all(mounts, &rootfs).map_err(|e| e.to_string()),
+    };
+    mounted.map_err(|message| Error::Io {
         what: "mount rootfs",
         path: rootfs.clone(),
-        message: e.to_string(),
+        message,
     })
 }
 
@@ -462,6 +542,7 @@ mod tests {
             runtime_handler: String::new(),
             created_at: 1,
             netns: Some("/n".into()),
+            userns: None,
             cni_result: None,
             network_detached: false,
             pid: 0,
@@ -479,5 +560,11 @@ mod tests {
                 .args
                 .contains(&("K8S_POD_NAME".into(), "p".into()))
         );
+    }
+
+    #[test]
+    fn mountinfo_escapes_are_undone() {
+        assert_eq!(unescape_mountinfo(r"/a\040b/c\134d"), "/a b/c\\d");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
     }
 }

@@ -18,6 +18,8 @@ pub struct SandboxProcess {
     /// The pinned network namespace to join; `None` for host network (which also means the
     /// host's UTS namespace, as containerd and the kubelet expect).
     pub netns: Option<PathBuf>,
+    /// The pod's pinned user namespace and its mappings; `None` in the node's.
+    pub userns: Option<(PathBuf, crate::userns::Mappings)>,
     /// Stay in the host's PID namespace.
     pub host_pid: bool,
     /// Stay in the host's IPC namespace (and use the host's `/dev/shm`).
@@ -46,6 +48,9 @@ pub fn sandbox(process: &SandboxProcess, rootfs: &Path) -> Result<Spec, OciSpecE
         RootBuilder::default().path(rootfs).readonly(true).build()?,
     ));
     let mut namespaces = vec![namespace(LinuxNamespaceType::Mount, None)?];
+    if let Some((path, _)) = &process.userns {
+        namespaces.push(namespace(LinuxNamespaceType::User, Some(path))?);
+    }
     if let Some(netns) = &process.netns {
         namespaces.push(namespace(LinuxNamespaceType::Network, Some(netns))?);
         namespaces.push(namespace(LinuxNamespaceType::Uts, None)?);
@@ -74,6 +79,11 @@ pub fn sandbox(process: &SandboxProcess, rootfs: &Path) -> Result<Spec, OciSpecE
     }
     if let Some(linux) = spec.linux_mut().as_mut() {
         linux.set_namespaces(Some(namespaces));
+        if let Some((_, mappings)) = &process.userns {
+            let (uids, gids) = mappings.oci();
+            linux.set_uid_mappings(Some(uids));
+            linux.set_gid_mappings(Some(gids));
+        }
         linux.set_cgroups_path(Some(PathBuf::from(&process.cgroups_path)));
         linux.set_sysctl(Some(process.sysctls.clone()));
         let cpu = LinuxCpuBuilder::default()
@@ -148,6 +158,7 @@ mod tests {
         SandboxProcess {
             hostname: "pod-a".into(),
             netns: netns.map(PathBuf::from),
+            userns: None,
             host_pid: false,
             host_ipc: false,
             shm: PathBuf::from("/run/rtd/s1/shm"),

@@ -709,3 +709,157 @@ fn devices_are_placed_with_their_cgroup_permissions_and_privileged_sees_the_host
     assert_eq!(inspect["status"]["exitCode"], 0, "{inspect}");
     node.crictl(&["rmp", "-f", &sandbox]);
 }
+
+#[test]
+fn pods_with_a_user_namespace_see_their_layers_and_volumes_as_their_own() {
+    use proto::cri;
+    let node = Node::start("rtdctr10", "10.235.10.0/24");
+    node.pull_busybox();
+    let volume = node.runtimed.dir.path().join("userns-volume");
+    std::fs::create_dir_all(&volume).unwrap();
+    std::fs::write(volume.join("f"), "host file\n").unwrap();
+    let range = |host_id| cri::IdMapping {
+        host_id,
+        container_id: 0,
+        length: 65536,
+    };
+    let userns = |host_id| cri::NamespaceOption {
+        userns_options: Some(cri::UserNamespace {
+            mode: cri::NamespaceMode::Pod as i32,
+            uids: vec![range(host_id)],
+            gids: vec![range(host_id)],
+        }),
+        ..Default::default()
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let script = "head -1 /proc/self/uid_map | tr -s ' '; id -u; touch /etc/mine && echo wrote; \
+        stat -c '%u %g' /data/f; echo mine > /data/g && echo shared";
+    for (handler, host_id) in [("runc", 200_000), ("crun", 300_000)] {
+        let logs = node
+            .runtimed
+            .dir
+            .path()
+            .join(format!("logs-userns-{handler}"));
+        let pod = cri::PodSandboxConfig {
+            metadata: Some(cri::PodSandboxMetadata {
+                name: format!("userns-{handler}"),
+                namespace: "ns".into(),
+                uid: format!("uid-userns-{handler}"),
+                attempt: 0,
+            }),
+            log_directory: logs.display().to_string(),
+            linux: Some(cri::LinuxPodSandboxConfig {
+                security_context: Some(cri::LinuxSandboxSecurityContext {
+                    namespace_options: Some(userns(host_id)),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let container = cri::ContainerConfig {
+            metadata: Some(cri::ContainerMetadata {
+                name: "c".into(),
+                attempt: 0,
+            }),
+            image: Some(cri::ImageSpec {
+                image: node.busybox.clone(),
+                ..Default::default()
+            }),
+            command: ["sh", "-c", script].map(String::from).to_vec(),
+            log_path: "c.log".into(),
+            mounts: vec![cri::Mount {
+                container_path: "/data".into(),
+                host_path: volume.display().to_string(),
+                uid_mappings: vec![range(host_id)],
+                gid_mappings: vec![range(host_id)],
+                ..Default::default()
+            }],
+            linux: Some(cri::LinuxContainerConfig {
+                security_context: Some(cri::LinuxContainerSecurityContext {
+                    namespace_options: Some(userns(host_id)),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let (sandbox, id) = runtime.block_on(async {
+            let mut client = node.runtimed.client().await;
+            let run = cri::RunPodSandboxRequest {
+                config: Some(pod.clone()),
+                runtime_handler: handler.into(),
+            };
+            let sandbox = client.run_pod_sandbox(run).await.unwrap().into_inner();
+            let create = cri::CreateContainerRequest {
+                pod_sandbox_id: sandbox.pod_sandbox_id.clone(),
+                config: Some(container),
+                sandbox_config: Some(pod),
+            };
+            let created = client.create_container(create).await.unwrap().into_inner();
+            (sandbox.pod_sandbox_id, created.container_id)
+        });
+        let ip = node.inspect(&sandbox)["status"]["network"]["ip"].clone();
+        assert!(
+            ip.as_str().unwrap().starts_with("10.235.10."),
+            "{handler}: {ip}"
+        );
+        node.crictl(&["start", &id]);
+        let inspect = node.wait_state(&id, "CONTAINER_EXITED");
+        let log = std::fs::read_to_string(logs.join("c.log")).unwrap();
+        assert_eq!(inspect["status"]["exitCode"], 0, "{handler}: {log}");
+        let stdout: Vec<String> = log_lines(&log)
+            .into_iter()
+            .filter(|(stream, _, _)| stream == "stdout")
+            .map(|(_, _, text)| text.trim().to_string())
+            .collect();
+        assert_eq!(
+            stdout,
+            [
+                format!("0 {host_id} 65536"),
+                "0".into(),
+                "wrote".into(),
+                "0 0".into(),
+                "shared".into()
+            ],
+            "{handler}: {log}"
+        );
+        let written = std::fs::metadata(volume.join("g")).unwrap();
+        use std::os::unix::fs::MetadataExt as _;
+        assert_eq!(written.uid(), 0, "the pod's root writes as root on disk");
+        std::fs::remove_file(volume.join("g")).unwrap();
+        node.crictl(&["rmp", "-f", &sandbox]);
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let state = node.runtimed.dir.path().display().to_string();
+        let left: Vec<&str> = mounts.lines().filter(|l| l.contains(&state)).collect();
+        assert!(left.is_empty(), "{handler}: left mounted: {left:?}");
+    }
+
+    let mut host_network = userns(200_000);
+    host_network.network = cri::NamespaceMode::Node as i32;
+    let refused = runtime.block_on(async {
+        let mut client = node.runtimed.client().await;
+        let run = cri::RunPodSandboxRequest {
+            config: Some(cri::PodSandboxConfig {
+                metadata: Some(cri::PodSandboxMetadata {
+                    name: "userns-host".into(),
+                    namespace: "ns".into(),
+                    uid: "uid-userns-host".into(),
+                    attempt: 0,
+                }),
+                linux: Some(cri::LinuxPodSandboxConfig {
+                    security_context: Some(cri::LinuxSandboxSecurityContext {
+                        namespace_options: Some(host_network),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            runtime_handler: String::new(),
+        };
+        client.run_pod_sandbox(run).await.unwrap_err()
+    });
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("user namespace"), "{refused:?}");
+}

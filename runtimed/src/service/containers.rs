@@ -106,15 +106,14 @@ impl RuntimeService {
             .images
             .prepare(&container.id, &container.image_id, false)
             .await?;
+        let userns = pod_userns(sandbox, &container.config)?;
         let rootfs = bundle.join("rootfs");
-        let (target, mounts_copy) = (rootfs.clone(), mounts.clone());
-        plumbing::blocking(move || {
-            std::fs::create_dir_all(&target).map_err(Error::io("create directory", &target))?;
-            plumbing::mount::Mount::mount_all(&mounts_copy, &target).map_err(|e| Error::Io {
-                what: "mount rootfs",
-                path: target.clone(),
-                message: e.to_string(),
-            })
+        let (mounts_copy, staging) = (mounts.clone(), bundle.clone());
+        let (pinned, volumes) = (userns.clone(), container.config.mounts.clone());
+        let idmapped = plumbing::blocking(move || {
+            let userns = pinned.as_ref().map(|(path, m)| (path.as_path(), m));
+            crate::sandbox::mount_rootfs(&staging, &mounts_copy, userns)?;
+            crate::userns::idmap_volumes(&volumes, &staging.join("volumes"), pinned.as_ref())
         })
         .await?;
         let paths = self.paths(&sandbox.id);
@@ -141,6 +140,8 @@ impl RuntimeService {
             recursive_read_only: self
                 .features_of(&container.runtime_handler)
                 .recursive_read_only,
+            userns,
+            idmapped,
         };
         let spec = container_spec::build(&container.config, image, &placement)?;
         container.user = spec.process().as_ref().map(|p| container_user(p.user()));
@@ -463,4 +464,26 @@ fn container_user(user: &oci_spec::runtime::User) -> cri::ContainerUser {
             supplemental_groups: groups.into_iter().map(i64::from).collect(),
         }),
     }
+}
+
+/// The pod's user namespace for a container of it; the container may only ask for the
+/// pod's own, as containerd requires.
+fn pod_userns(
+    sandbox: &Sandbox,
+    config: &cri::ContainerConfig,
+) -> Result<Option<(std::path::PathBuf, crate::userns::Mappings)>, Error> {
+    let pod = sandbox.mappings()?;
+    let asked = config
+        .linux
+        .as_ref()
+        .and_then(|l| l.security_context.as_ref())
+        .and_then(|s| s.namespace_options.clone())
+        .unwrap_or_default();
+    if crate::userns::Mappings::of(&asked)? != pod {
+        return Err(Error::InvalidArgument(format!(
+            "container's user namespace differs from that of pod sandbox {}",
+            sandbox.id
+        )));
+    }
+    Ok(sandbox.userns.clone().zip(pod))
 }

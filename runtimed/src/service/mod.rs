@@ -127,7 +127,7 @@ impl RuntimeService {
                     name: name.into(),
                     features: Some(cri::RuntimeHandlerFeatures {
                         recursive_read_only_mounts: features.recursive_read_only,
-                        user_namespaces: false,
+                        user_namespaces: crate::userns::supported(),
                     }),
                 }
             })
@@ -220,6 +220,7 @@ impl RuntimeService {
             runtime_handler: handler,
             created_at: now(),
             netns: None,
+            userns: None,
             cni_result: None,
             network_detached: false,
             pid: 0,
@@ -227,6 +228,14 @@ impl RuntimeService {
             stopped: false,
             config,
         };
+        if sandbox.mappings()?.is_some() {
+            if sandbox.host_network() {
+                return Err(Error::InvalidArgument(
+                    "a pod with a user namespace needs a network namespace of its own".into(),
+                ));
+            }
+            sandbox.userns = Some(self.config.state.join("userns").join(&sandbox.id));
+        }
         let network = if sandbox.host_network() {
             None
         } else {
@@ -269,7 +278,12 @@ impl RuntimeService {
         }
         let mounts = self.images.prepare(&sandbox.id, &image.id, false).await?;
         let paths = parts.paths.clone();
-        plumbing::blocking(move || sandbox::mount_rootfs(&paths, &mounts)).await?;
+        let userns = sandbox.userns.clone().zip(sandbox.mappings()?);
+        plumbing::blocking(move || {
+            let userns = userns.as_ref().map(|(path, m)| (path.as_path(), m));
+            sandbox::mount_rootfs(&paths.bundle, &mounts, userns)
+        })
+        .await?;
         let (infra, parts_copy, image) = (sandbox.clone(), parts.clone(), image.clone());
         let cgroups_path = self.cgroups_path(&infra, &infra.id);
         sandbox.pid = plumbing::blocking(move || {

@@ -26,6 +26,7 @@ impl RuntimeService {
         let mut stale_sandboxes: BTreeSet<String> =
             orphans("sandboxes", &sandboxes).into_iter().collect();
         stale_sandboxes.extend(orphans("netns", &sandboxes));
+        stale_sandboxes.extend(orphans("userns", &sandboxes));
         for id in stale_sandboxes {
             tracing::info!(sandbox = %id, "removing an unfinished pod sandbox");
             self.remove_unrecorded_sandbox(&id).await;
@@ -34,10 +35,9 @@ impl RuntimeService {
             tracing::info!(container = %id, "removing an unfinished container");
             let bundle = crate::container::bundle(&self.config.state, &id);
             let runtimes = self.runtimes();
-            let removed = plumbing::blocking(move || {
-                remove_everywhere(&runtimes, &id, &bundle, &[]).map(|()| id)
-            })
-            .await;
+            let removed =
+                plumbing::blocking(move || remove_everywhere(&runtimes, &id, &bundle).map(|()| id))
+                    .await;
             if let Ok(id) = removed {
                 self.drop_snapshot(&id).await;
             }
@@ -47,6 +47,7 @@ impl RuntimeService {
     async fn remove_unrecorded_sandbox(&self, id: &str) {
         let paths = self.paths(id);
         let netns = self.config.state.join("netns").join(id);
+        let userns = self.config.state.join("userns").join(id);
         let network = self.network().ok();
         let bin_dir = self.config.cni.bin_dir.clone();
         let runtimes = self.runtimes();
@@ -72,8 +73,8 @@ impl RuntimeService {
                 );
                 crate::netns::remove(&netns).map_err(crate::error::Error::io("remove", &netns))?;
             }
-            let shm = [paths.bundle.join("shm")];
-            remove_everywhere(&runtimes, &id_owned, &paths.bundle, &shm)?;
+            crate::netns::remove(&userns).map_err(crate::error::Error::io("remove", &userns))?;
+            remove_everywhere(&runtimes, &id_owned, &paths.bundle)?;
             crate::sandbox::remove_dir(&paths.files)
         })
         .await;
@@ -98,24 +99,16 @@ impl RuntimeService {
     }
 }
 
-/// Deletes `id` from every runtime that knows it, unmounts `mountpoints` and `bundle/rootfs`
-/// and removes the bundle.
+/// Deletes `id` from every runtime that knows it, and its bundle with what is mounted in it.
 fn remove_everywhere(
     runtimes: &[Runtime],
     id: &str,
     bundle: &Path,
-    mountpoints: &[std::path::PathBuf],
 ) -> Result<(), crate::error::Error> {
     for runtime in runtimes {
         if let Err(e) = crate::sandbox::delete_state(runtime, id) {
             tracing::debug!(runtime = %runtime.name, error = %e, "deleting runtime state");
         }
     }
-    let rootfs = bundle.join("rootfs");
-    for mountpoint in mountpoints.iter().chain(std::iter::once(&rootfs)) {
-        if mountpoint.exists() {
-            let _ = plumbing::mount::unmount(mountpoint);
-        }
-    }
-    crate::sandbox::remove_dir(bundle)
+    crate::sandbox::remove_bundle(bundle)
 }
