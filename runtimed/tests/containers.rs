@@ -478,6 +478,19 @@ fn stats_logs_reopen_and_resource_updates_of_a_running_container() {
     ))
     .unwrap();
     assert_eq!(limit.trim(), "67108864");
+    let reported = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let request = proto::cri::ContainerStatusRequest {
+            container_id: id.clone(),
+            verbose: false,
+        };
+        let mut client = node.runtimed.client().await;
+        let status = client.container_status(request).await.unwrap().into_inner();
+        status.status.unwrap().resources.unwrap().linux.unwrap()
+    });
+    assert_eq!(
+        (reported.memory_limit_in_bytes, reported.cpu_shares),
+        (67108864, 512)
+    );
     node.crictl(&["rmp", "-f", &sandbox]);
 }
 

@@ -374,6 +374,15 @@ impl RuntimeService {
             mounts: container.config.mounts.clone(),
             log_path: container.log_path.clone(),
             user: container.user.clone(),
+            resources: container
+                .config
+                .linux
+                .as_ref()
+                .and_then(|l| l.resources.clone())
+                .map(|linux| cri::ContainerResources {
+                    linux: Some(linux),
+                    windows: None,
+                }),
             ..Default::default()
         };
         Ok(cri::ContainerStatusResponse {
