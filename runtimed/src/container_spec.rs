@@ -172,12 +172,15 @@ pub fn build(
     if !security.privileged {
         #[allow(deprecated, reason = "critest 1.26 sends only the deprecated string")]
         let path = &security.seccomp_profile_path;
-        let requested = seccomp::requested(security.seccomp.as_ref(), path)?;
         let bounding = capabilities.bounding().clone().unwrap_or_default();
-        linux.set_seccomp(seccomp::profile(&requested, &bounding)?);
+        linux.set_seccomp(seccomp::for_request(
+            security.seccomp.as_ref(),
+            path,
+            &bounding,
+        )?);
     }
     let mut cgroup = match &resources {
-        Some(r) => limits(r)?,
+        Some(r) => limits(r, Controllers::of_host())?,
         None => Default::default(),
     };
     let (nodes, rules) = devices(config, security.privileged)?;
@@ -635,9 +638,10 @@ fn cri_mount(mount: &cri::Mount, placement: &Placement) -> Result<Mount, Error> 
 
 /// The AppArmor profile to run under, as containerd picks it: on a host without AppArmor
 /// any profile but Unconfined is refused rather than silently not applied; on a host with
-/// it a `localhost/` profile must be loaded already. The RuntimeDefault profile, which
-/// would have to be loaded with apparmor_parser first, is not provided: asking for it on
-/// an AppArmor host is refused by name, and no profile means none.
+/// it a `localhost/` profile (privileged containers included) must be loaded already. The
+/// RuntimeDefault profile, which would have to be loaded with apparmor_parser first, is
+/// not provided: asking for it on an AppArmor host is a failed precondition (ignored for
+/// privileged containers, as containerd ignores it), and no profile means none.
 fn apparmor(
     security: &cri::LinuxContainerSecurityContext,
     enabled: bool,
@@ -667,14 +671,14 @@ fn apparmor(
     match requested {
         None | Some((ProfileType::Unconfined, _)) => Ok(None),
         Some(_) if !enabled => refuse("this host does not have AppArmor enabled".into()),
-        Some(_) if security.privileged => Ok(None),
-        Some((ProfileType::RuntimeDefault, _)) => {
-            refuse("the RuntimeDefault profile is not provided by runtimed".into())
-        }
+        Some((ProfileType::RuntimeDefault, _)) if security.privileged => Ok(None),
+        Some((ProfileType::RuntimeDefault, _)) => Err(Error::FailedPrecondition(
+            "apparmor: the RuntimeDefault profile is not provided by runtimed".into(),
+        )),
         Some((ProfileType::Localhost, name)) => {
             let name = name.trim_start_matches("localhost/").to_string();
-            let loaded = std::fs::read_to_string("/sys/kernel/security/apparmor/profiles")
-                .unwrap_or_default();
+            let table = Path::new("/sys/kernel/security/apparmor/profiles");
+            let loaded = std::fs::read_to_string(table).map_err(Error::io("read", table))?;
             if loaded.lines().any(|l| l.starts_with(&format!("{name} ("))) {
                 Ok(Some(name))
             } else {
@@ -689,9 +693,49 @@ fn apparmor_enabled() -> bool {
         .is_ok_and(|s| s.trim() == "Y")
 }
 
+/// Which cgroup controllers the host has, where limits depend on them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Controllers {
+    /// Swap accounting (`memory.memsw.*` on v1, `memory.swap.max` on v2).
+    pub swap: bool,
+    /// hugetlb.
+    pub hugetlb: bool,
+}
+
+impl Controllers {
+    /// This host's, from /sys/fs/cgroup.
+    pub fn of_host() -> Self {
+        let root = Path::new("/sys/fs/cgroup");
+        let v2 = root.join("cgroup.controllers");
+        match std::fs::read_to_string(&v2) {
+            Ok(controllers) => Self {
+                swap: own_cgroup_v2()
+                    .is_some_and(|c| root.join(c).join("memory.swap.max").exists()),
+                hugetlb: controllers.split_whitespace().any(|c| c == "hugetlb"),
+            },
+            Err(_) => Self {
+                swap: root.join("memory/memory.memsw.limit_in_bytes").exists(),
+                hugetlb: root.join("hugetlb").exists(),
+            },
+        }
+    }
+}
+
+/// This process's cgroup v2 path, relative to the hierarchy's root.
+fn own_cgroup_v2() -> Option<String> {
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let line = cgroup.lines().find(|l| l.starts_with("0::"))?;
+    Some(
+        line.trim_start_matches("0::")
+            .trim_start_matches('/')
+            .to_string(),
+    )
+}
+
 /// The cgroup limits of CRI resources (0 is unset).
 pub fn limits(
     r: &cri::LinuxContainerResources,
+    host: Controllers,
 ) -> Result<oci_spec::runtime::LinuxResources, Error> {
     let mut cpu = LinuxCpuBuilder::default();
     if r.cpu_shares > 0 {
@@ -710,17 +754,22 @@ pub fn limits(
         cpu = cpu.mems(r.cpuset_mems.clone());
     }
     let mut resources = LinuxResourcesBuilder::default().cpu(cpu.build().map_err(spec_error)?);
-    if r.memory_limit_in_bytes > 0 || r.memory_swap_limit_in_bytes > 0 {
-        let mut memory = LinuxMemoryBuilder::default();
-        if r.memory_limit_in_bytes > 0 {
-            memory = memory.limit(r.memory_limit_in_bytes);
-        }
-        if r.memory_swap_limit_in_bytes > 0 {
-            memory = memory.swap(r.memory_swap_limit_in_bytes);
+    if r.memory_limit_in_bytes > 0 {
+        let mut memory = LinuxMemoryBuilder::default().limit(r.memory_limit_in_bytes);
+        // containerd's rule: no swap beyond the limit unless one is given, where the
+        // kernel accounts swap at all.
+        if host.swap {
+            let swap = match r.memory_swap_limit_in_bytes {
+                0 => r.memory_limit_in_bytes,
+                given => given,
+            };
+            memory = memory.swap(swap);
         }
         resources = resources.memory(memory.build().map_err(spec_error)?);
     }
-    if !r.hugepage_limits.is_empty() {
+    // Without the hugetlb controller the limits are dropped, as containerd's default
+    // `tolerate_missing_hugetlb_controller` drops them, rather than failing every pod.
+    if !r.hugepage_limits.is_empty() && host.hugetlb {
         let hugepages = r.hugepage_limits.iter().map(|h| {
             LinuxHugepageLimitBuilder::default()
                 .page_size(&h.page_size)
@@ -736,25 +785,23 @@ pub fn limits(
     resources.build().map_err(spec_error)
 }
 
-/// The CRI's devices (a directory stands for every device below it), or every host
+/// The CRI's devices (a directory stands for every device below it), after every host
 /// device for a privileged container; with the device cgroup rules that let them be used.
 fn devices(
     config: &cri::ContainerConfig,
     privileged: bool,
 ) -> Result<(Vec<LinuxDevice>, Vec<LinuxDeviceCgroup>), Error> {
+    let mut devices = Vec::new();
+    let mut rules = Vec::new();
     if privileged {
         let all = LinuxDeviceCgroupBuilder::default()
             .allow(true)
             .access("rwm")
             .build()
             .map_err(spec_error)?;
-        return Ok((
-            host_devices(Path::new("/dev"), Path::new("/dev"))?,
-            vec![all],
-        ));
+        rules.push(all);
+        devices = host_devices(Path::new("/dev"), Path::new("/dev"))?;
     }
-    let mut devices = Vec::new();
-    let mut rules = Vec::new();
     for device in &config.devices {
         let host = Path::new(&device.host_path);
         let found = host_devices(host, Path::new(&device.container_path))?;
@@ -780,14 +827,28 @@ fn devices(
                 .map_err(spec_error)?;
             rules.push(rule);
         }
+        devices.retain(|d| found.iter().all(|f| f.path() != d.path()));
         devices.extend(found);
     }
     Ok((devices, rules))
 }
 
-/// The device nodes at `host` (itself, or below it when a directory), placed under
-/// `target`, with the host node's mode and owner. Like containerd, skips the
-/// directories that hold no devices of the host's own (`pts`, `shm`, `mqueue`, `fd`).
+/// What a walk of the host's `/dev` leaves out, as containerd does: directories of
+/// devices that are not the host's own, and the console.
+const NOT_HOST_DEVICES: [&str; 8] = [
+    "pts",
+    "shm",
+    "fd",
+    "mqueue",
+    ".lxc",
+    ".lxd-mounts",
+    ".udev",
+    "console",
+];
+
+/// The device nodes at `host` (itself, or below it when a directory, leaving out
+/// [`NOT_HOST_DEVICES`] and nodes that vanish while walking), placed under `target`, with
+/// the host node's mode and owner.
 fn host_devices(host: &Path, target: &Path) -> Result<Vec<LinuxDevice>, Error> {
     use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
     let meta = std::fs::metadata(host)
@@ -799,13 +860,15 @@ fn host_devices(host: &Path, target: &Path) -> Result<Vec<LinuxDevice>, Error> {
         let mut found = Vec::new();
         for entry in entries.flatten() {
             let name = entry.file_name();
-            let skipped = ["pts", "shm", "mqueue", "fd"].map(std::ffi::OsStr::new);
-            if host == Path::new("/dev") && skipped.contains(&name.as_os_str()) {
+            let skipped = NOT_HOST_DEVICES.map(std::ffi::OsStr::new);
+            let is_link = entry.file_type().is_ok_and(|t| t.is_symlink());
+            if skipped.contains(&name.as_os_str()) || is_link {
                 continue;
             }
-            let is_link = entry.file_type().is_ok_and(|t| t.is_symlink());
-            if !is_link {
-                found.extend(host_devices(&entry.path(), &target.join(&name))?);
+            match host_devices(&entry.path(), &target.join(&name)) {
+                Ok(nodes) => found.extend(nodes),
+                Err(_) if !entry.path().exists() => {}
+                Err(e) => return Err(e),
             }
         }
         return Ok(found);
@@ -980,7 +1043,7 @@ mod tests {
     }
 
     #[test]
-    fn hugepages_swap_and_unified_reach_the_cgroup() {
+    fn hugepages_swap_and_unified_reach_the_cgroup_the_host_has() {
         let resources = cri::LinuxContainerResources {
             memory_limit_in_bytes: 1 << 24,
             memory_swap_limit_in_bytes: 1 << 25,
@@ -991,11 +1054,28 @@ mod tests {
             unified: [("memory.high".to_string(), "max".to_string())].into(),
             ..Default::default()
         };
-        let json = serde_json::to_value(limits(&resources).unwrap()).unwrap();
+        let all = Controllers {
+            swap: true,
+            hugetlb: true,
+        };
+        let json = serde_json::to_value(limits(&resources, all).unwrap()).unwrap();
         assert_eq!(json["memory"]["swap"], 1 << 25);
         assert_eq!(json["hugepageLimits"][0]["pageSize"], "2MB");
         assert_eq!(json["hugepageLimits"][0]["limit"], 1 << 22);
         assert_eq!(json["unified"]["memory.high"], "max");
+        let no_swap_given = cri::LinuxContainerResources {
+            memory_swap_limit_in_bytes: 0,
+            ..resources.clone()
+        };
+        let json = serde_json::to_value(limits(&no_swap_given, all).unwrap()).unwrap();
+        assert_eq!(json["memory"]["swap"], 1 << 24, "no swap beyond the limit");
+        let none = Controllers {
+            swap: false,
+            hugetlb: false,
+        };
+        let json = serde_json::to_value(limits(&resources, none).unwrap()).unwrap();
+        assert_eq!(json["memory"].get("swap"), None);
+        assert_eq!(json.get("hugepageLimits"), None);
     }
 
     #[test]
@@ -1017,10 +1097,11 @@ mod tests {
         assert!(err.to_string().contains("does not have AppArmor"), "{err}");
         let err = apparmor(&with(ProfileType::Localhost, "no-such-profile"), true).unwrap_err();
         assert!(
-            err.to_string()
-                .contains("\"no-such-profile\" is not loaded"),
-            "{err}"
+            err.to_string().contains("apparmor/profiles"),
+            "a profiles table that cannot be read is named: {err}"
         );
+        let err = apparmor(&with(ProfileType::RuntimeDefault, ""), true).unwrap_err();
+        assert!(matches!(err, Error::FailedPrecondition(_)), "{err}");
         #[allow(deprecated)]
         let bad = cri::LinuxContainerSecurityContext {
             apparmor_profile: "bogus".into(),

@@ -184,6 +184,13 @@ pub fn prepare_files(sandbox: &Sandbox, paths: &Paths) -> Result<(), Error> {
         &files.join("resolv.conf"),
         &resolv_conf(sandbox.config.dns_config.as_ref()),
     )?;
+    if let Some((uid, gid)) = sandbox.mappings()?.and_then(|m| m.host_root()) {
+        for file in ["hostname", "hosts", "resolv.conf"] {
+            let path = files.join(file);
+            std::os::unix::fs::chown(&path, Some(uid), Some(gid))
+                .map_err(Error::io("hand to the pod's root", &path))?;
+        }
+    }
     let shm = paths.shm();
     std::fs::create_dir_all(&shm).map_err(Error::io("create directory", &shm))?;
     if !namespace_options(&sandbox.config)
@@ -328,13 +335,13 @@ fn infra_seccomp(spec: &mut Spec, config: &cri::PodSandboxConfig) -> Result<(), 
     }
     #[allow(deprecated, reason = "critest 1.26 sends only the deprecated string")]
     let path = &security.seccomp_profile_path;
-    let requested = seccomp::requested(security.seccomp.as_ref(), path)?;
     let capabilities = spec
         .process()
         .as_ref()
         .and_then(|p| p.capabilities().clone());
     let bounding = capabilities.and_then(|c| c.bounding().clone());
-    let profile = seccomp::profile(&requested, &bounding.unwrap_or_default())?;
+    let bounding = bounding.unwrap_or_default();
+    let profile = seccomp::for_request(security.seccomp.as_ref(), path, &bounding)?;
     if let Some(linux) = spec.linux_mut() {
         linux.set_seccomp(profile);
     }
@@ -418,30 +425,38 @@ pub fn delete_state(runtime: &Runtime, id: &str) -> Result<(), Error> {
 }
 
 /// Unmounts everything mounted at or below `dir` (deepest first), then removes it. A
-/// mount that stays is an error and the directory is left, since removing it would reach
-/// through the mount into what it shows (image layers, volumes).
+/// mount that stays, or a mount table that cannot be read, is an error and the directory
+/// is left, since removing it would reach through a mount into what it shows (image
+/// layers, volumes).
 pub fn remove_bundle(dir: &Path) -> Result<(), Error> {
-    let mut mounted = mounts_under(dir);
+    let dir = match std::fs::canonicalize(dir) {
+        Ok(dir) => dir,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io("resolve", dir)(e)),
+    };
+    let mut mounted = mounts_under(&dir)?;
     mounted.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
     for mountpoint in &mounted {
         let _ = plumbing::mount::unmount(mountpoint);
     }
-    if let Some(left) = mounts_under(dir).first() {
+    if let Some(left) = mounts_under(&dir)?.first() {
         return Err(Error::io("unmount", left)(std::io::Error::other(
             "still mounted; not removing the directory",
         )));
     }
-    remove_dir(dir)
+    remove_dir(&dir)
 }
 
-/// The mount points at or below `dir`, from /proc/self/mountinfo.
-fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    info.lines()
+/// The mount points at or below `dir` (a resolved path), from /proc/self/mountinfo.
+fn mounts_under(dir: &Path) -> Result<Vec<PathBuf>, Error> {
+    let table = Path::new("/proc/self/mountinfo");
+    let info = std::fs::read_to_string(table).map_err(Error::io("read", table))?;
+    Ok(info
+        .lines()
         .filter_map(|line| line.split(' ').nth(4))
         .map(|field| PathBuf::from(unescape_mountinfo(field)))
         .filter(|point| point.starts_with(dir))
-        .collect()
+        .collect())
 }
 
 /// Mountinfo writes space, tab, newline and backslash as three octal digits.

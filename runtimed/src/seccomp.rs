@@ -23,10 +23,20 @@ pub enum Requested {
     Localhost(PathBuf),
 }
 
+/// The spec's seccomp section for a request's `seccomp` (or deprecated string) and the
+/// process's bounding set; `None` is unconfined.
+pub fn for_request(
+    profile: Option<&cri::SecurityProfile>,
+    deprecated_path: &str,
+    bounding: &HashSet<Capability>,
+) -> Result<Option<LinuxSeccomp>, Error> {
+    self::profile(&requested(profile, deprecated_path)?, bounding)
+}
+
 /// What `seccomp` asks for, else what the deprecated `seccomp_profile_path` string asks
 /// for (critest 1.26 and kubelets before 1.19 send only the string); neither is
 /// Unconfined, as in containerd.
-pub fn requested(
+fn requested(
     profile: Option<&cri::SecurityProfile>,
     deprecated_path: &str,
 ) -> Result<Requested, Error> {
@@ -67,7 +77,7 @@ fn localhost(path: &str) -> Result<Requested, Error> {
 
 /// The spec's seccomp section for `requested` and the process's bounding set; `None` is
 /// unconfined.
-pub fn profile(
+fn profile(
     requested: &Requested,
     bounding: &HashSet<Capability>,
 ) -> Result<Option<LinuxSeccomp>, Error> {

@@ -3,9 +3,10 @@
 //! its network namespace, which is created inside it so that the pod's root holds its
 //! capabilities over the pod network too. Image layers and volumes are shown to the pod
 //! through idmapped mounts (a clone of the directory, mapped with the pod's namespace), so
-//! files owned by root on disk belong to the pod's root and nothing is chowned. Doing the
-//! idmapping here rather than through the OCI runtime's mount options makes it work with
-//! runc 1.1 and crun alike.
+//! files owned by root on disk belong to the pod's root; only what is the pod's alone (the
+//! new, empty upper layer, its hostname, hosts and resolv.conf) is handed to the pod's root
+//! by chown. Doing the idmapping here rather than through the OCI runtime's mount options
+//! makes it work with runc 1.1 and crun alike.
 
 use crate::error::Error;
 use oci_spec::runtime::{LinuxIdMapping, LinuxIdMappingBuilder};
@@ -18,11 +19,12 @@ use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-/// Whether pods can have user namespaces here: the idmapped overlay layers the rootfs is
-/// made of need Linux 5.19. Either runtime creates the namespaces; the idmapping is done
-/// here, so no handler needs idmap support of its own.
+/// Whether pods can have user namespaces here: idmapped overlay layers need Linux 5.19 and
+/// idmapped tmpfs, which the kubelet's secret, configMap and token volumes are, 6.3.
+/// Either runtime creates the namespaces; the idmapping is done here, so no handler needs
+/// idmap support of its own.
 pub fn supported() -> bool {
-    crate::spec::kernel_at_least(5, 19)
+    crate::spec::kernel_at_least(6, 3)
 }
 
 /// One pod's mappings: container ids to host ids.
@@ -100,9 +102,11 @@ impl Mappings {
 pub fn create(mappings: &Mappings, user: &Path, net: &Path) -> io::Result<()> {
     let mut command = Command::new("sleep");
     command.arg("infinity").stdin(Stdio::null());
-    // SAFETY: the closure runs in the forked child before exec and only makes a syscall.
+    // SAFETY: the closure runs in the forked child before exec and only makes syscalls.
     unsafe {
         command.pre_exec(|| {
+            // Killed with runtimed should it die before killing the child itself.
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
             rustix::thread::unshare_unsafe(
                 rustix::thread::UnshareFlags::NEWUSER | rustix::thread::UnshareFlags::NEWNET,
             )
@@ -122,8 +126,14 @@ pub fn create(mappings: &Mappings, user: &Path, net: &Path) -> io::Result<()> {
 
 fn pin(pid: u32, mappings: &Mappings, user: &Path, net: &Path) -> io::Result<()> {
     let proc = PathBuf::from(format!("/proc/{pid}"));
-    std::fs::write(proc.join("uid_map"), Mappings::map_line(&mappings.uid))?;
-    std::fs::write(proc.join("gid_map"), Mappings::map_line(&mappings.gid))?;
+    let named = |what: &str| {
+        let what = what.to_string();
+        move |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"))
+    };
+    std::fs::write(proc.join("uid_map"), Mappings::map_line(&mappings.uid))
+        .map_err(named("write uid_map"))?;
+    std::fs::write(proc.join("gid_map"), Mappings::map_line(&mappings.gid))
+        .map_err(named("write gid_map"))?;
     for (kind, target) in [("user", user), ("net", net)] {
         if let Some(parent) = target.parent() {
             std::fs::create_dir_all(parent)?;
@@ -132,21 +142,42 @@ fn pin(pid: u32, mappings: &Mappings, user: &Path, net: &Path) -> io::Result<()>
             .write(true)
             .create_new(true)
             .open(target)?;
-        rustix::mount::mount_bind(proc.join("ns").join(kind), target)?;
+        rustix::mount::mount_bind(proc.join("ns").join(kind), target)
+            .map_err(|e| named(&format!("pin the {kind} namespace"))(e.into()))?;
     }
     Ok(())
 }
 
+/// What an idmapped clone shows, and how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Share {
+    /// The directory alone, read-only, nosuid, nodev: image layers, which overlayfs only
+    /// reads.
+    Layers,
+    /// The directory and every mount below it, as `rbind` takes them: volumes.
+    Volume,
+}
+
 /// Mounts a clone of `source` on `target`, with its ids mapped through the user namespace
 /// pinned at `userns`: a file owned by host uid 0 shows as the namespace's root's host uid.
-pub fn idmapped_bind(source: &Path, target: &Path, userns: &Path) -> io::Result<()> {
-    let tree = rustix::mount::open_tree(
-        rustix::fs::CWD,
-        source,
-        OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
-    )?;
+pub fn idmapped_bind(source: &Path, target: &Path, userns: &Path, kind: Share) -> io::Result<()> {
+    let mut flags = OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC;
+    let mut attrs = MOUNT_ATTR_IDMAP;
+    match kind {
+        Share::Layers => attrs |= MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+        Share::Volume => flags |= OpenTreeFlags::AT_RECURSIVE,
+    }
+    let tree = rustix::mount::open_tree(rustix::fs::CWD, source, flags)?;
     let ns = std::fs::File::open(userns)?;
-    set_idmap(&tree, &ns)?;
+    set_attrs(&tree, &ns, attrs, kind == Share::Volume).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "idmapping {} (its filesystem may not support idmapped mounts): {e}",
+                source.display()
+            ),
+        )
+    })?;
     rustix::mount::move_mount(
         &tree,
         "",
@@ -167,11 +198,24 @@ struct MountAttr {
     userns_fd: u64,
 }
 
+const MOUNT_ATTR_RDONLY: u64 = 0x0000_0001;
+const MOUNT_ATTR_NOSUID: u64 = 0x0000_0002;
+const MOUNT_ATTR_NODEV: u64 = 0x0000_0004;
 const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
 
-fn set_idmap(tree: &impl std::os::fd::AsFd, ns: &std::fs::File) -> io::Result<()> {
+fn set_attrs(
+    tree: &impl std::os::fd::AsFd,
+    ns: &std::fs::File,
+    attrs: u64,
+    recursive: bool,
+) -> io::Result<()> {
+    let flags = if recursive {
+        libc::AT_EMPTY_PATH | libc::AT_RECURSIVE
+    } else {
+        libc::AT_EMPTY_PATH
+    };
     let attr = MountAttr {
-        attr_set: MOUNT_ATTR_IDMAP,
+        attr_set: attrs,
         attr_clr: 0,
         propagation: 0,
         userns_fd: ns.as_raw_fd() as u64,
@@ -183,7 +227,7 @@ fn set_idmap(tree: &impl std::os::fd::AsFd, ns: &std::fs::File) -> io::Result<()
             libc::SYS_mount_setattr,
             tree.as_fd().as_raw_fd(),
             c"".as_ptr(),
-            libc::AT_EMPTY_PATH,
+            flags,
             &attr as *const MountAttr,
             std::mem::size_of::<MountAttr>(),
         )
@@ -229,7 +273,8 @@ pub fn idmap_volumes(
         } else {
             std::fs::write(&target, b"").map_err(Error::io("create", &target))?;
         }
-        idmapped_bind(&source, &target, path).map_err(Error::io("idmap", &source))?;
+        idmapped_bind(&source, &target, path, Share::Volume)
+            .map_err(Error::io("idmap", &source))?;
         sources.insert(mount.container_path.clone(), target);
     }
     Ok(sources)
@@ -253,7 +298,7 @@ pub fn mount_rootfs(
         )));
     };
     if mount.kind == "bind" {
-        return idmapped_bind(Path::new(&mount.source), target, userns);
+        return idmapped_bind(Path::new(&mount.source), target, userns, Share::Volume);
     }
     let (uid, gid) = mappings
         .host_root()
@@ -265,7 +310,7 @@ pub fn mount_rootfs(
     let root =
         common_root(&lower).ok_or_else(|| io::Error::other("the rootfs has no lower layers"))?;
     std::fs::create_dir_all(staging)?;
-    idmapped_bind(&root, staging, userns)?;
+    idmapped_bind(&root, staging, userns, Share::Layers)?;
     let rebased = plumbing::mount::Mount {
         kind: mount.kind.clone(),
         source: mount.source.clone(),

@@ -101,12 +101,12 @@ impl RuntimeService {
         sandbox: &Sandbox,
         image: &serde_json::Value,
     ) -> Result<(), Error> {
+        let userns = pod_userns(sandbox, &container.config)?;
         let bundle = container::bundle(&self.config.state, &container.id);
         let mounts = self
             .images
             .prepare(&container.id, &container.image_id, false)
             .await?;
-        let userns = pod_userns(sandbox, &container.config)?;
         let rootfs = bundle.join("rootfs");
         let (mounts_copy, staging) = (mounts.clone(), bundle.clone());
         let (pinned, volumes) = (userns.clone(), container.config.mounts.clone());
@@ -261,7 +261,7 @@ impl RuntimeService {
                 container.id
             )));
         }
-        let limits = container_spec::limits(&resources)?;
+        let limits = container_spec::limits(&resources, container_spec::Controllers::of_host())?;
         let runtime = self.runtime(&container.runtime_handler)?;
         let bundle = container::bundle(&self.config.state, &container.id);
         let updated = container.id.clone();
