@@ -1,14 +1,22 @@
 //! Named network namespaces: a pod's namespace is pinned by bind-mounting it on a file, so
 //! it outlives every process in it and CNI plugins and the OCI runtime can join it by path,
-//! as containerd does under `/var/run/netns`.
+//! as containerd does under `/var/run/netns`. [`pin`] pins any namespace so (a pod's user
+//! namespace too).
 
 use rustix::mount::{UnmountFlags, mount_bind, unmount};
 use rustix::thread::UnshareFlags;
 use std::io;
 use std::path::Path;
 
-/// Creates a new network namespace pinned at `path` (a file that must not exist yet).
-pub fn create(path: &Path) -> io::Result<()> {
+/// Pins the namespace `source` (a `/proc/<pid>/ns/*` file) at `target`, a file that must
+/// not exist yet.
+pub fn pin(source: &Path, target: &Path) -> io::Result<()> {
+    create_pin_file(target)?;
+    mount_bind(source, target)?;
+    Ok(())
+}
+
+fn create_pin_file(path: &Path) -> io::Result<()> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
     }
@@ -16,6 +24,12 @@ pub fn create(path: &Path) -> io::Result<()> {
         .write(true)
         .create_new(true)
         .open(path)?;
+    Ok(())
+}
+
+/// Creates a new network namespace pinned at `path` (a file that must not exist yet).
+pub fn create(path: &Path) -> io::Result<()> {
+    create_pin_file(path)?;
     let target = path.to_path_buf();
     // A thread of its own, since unshare moves the calling thread into the new namespace
     // and this one ends right after pinning it.

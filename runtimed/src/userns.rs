@@ -135,15 +135,8 @@ fn pin(pid: u32, mappings: &Mappings, user: &Path, net: &Path) -> io::Result<()>
     std::fs::write(proc.join("gid_map"), Mappings::map_line(&mappings.gid))
         .map_err(named("write gid_map"))?;
     for (kind, target) in [("user", user), ("net", net)] {
-        if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(target)?;
-        rustix::mount::mount_bind(proc.join("ns").join(kind), target)
-            .map_err(|e| named(&format!("pin the {kind} namespace"))(e.into()))?;
+        crate::netns::pin(&proc.join("ns").join(kind), target)
+            .map_err(named(&format!("pin the {kind} namespace")))?;
     }
     Ok(())
 }
