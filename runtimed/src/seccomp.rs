@@ -44,10 +44,24 @@ fn requested(
     let Some(profile) = profile else {
         return from_path(deprecated_path);
     };
-    match profile.profile_type() {
+    let kind = profile.profile_type();
+    if kind != ProfileType::Localhost && !profile.localhost_ref.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "seccomp profile {:?} given for type {}; only Localhost takes one",
+            profile.localhost_ref,
+            kind.as_str_name()
+        )));
+    }
+    match kind {
         ProfileType::Unconfined => Ok(Requested::Unconfined),
         ProfileType::RuntimeDefault => Ok(Requested::RuntimeDefault),
-        ProfileType::Localhost => localhost(&profile.localhost_ref),
+        // containerd takes the reference with or without the string form's prefix.
+        ProfileType::Localhost => localhost(
+            profile
+                .localhost_ref
+                .strip_prefix("localhost/")
+                .unwrap_or(&profile.localhost_ref),
+        ),
     }
 }
 
@@ -700,6 +714,13 @@ mod tests {
         );
         let relative = security_profile(ProfileType::Localhost, "p.json");
         assert!(requested(Some(&relative), "").is_err());
+        let prefixed = security_profile(ProfileType::Localhost, "localhost//etc/p.json");
+        assert_eq!(
+            requested(Some(&prefixed), "").unwrap(),
+            Requested::Localhost("/etc/p.json".into())
+        );
+        let stray = security_profile(ProfileType::RuntimeDefault, "/etc/p.json");
+        assert!(requested(Some(&stray), "").is_err());
     }
 
     fn allowed(profile: &LinuxSeccomp, name: &str) -> Vec<LinuxSyscall> {

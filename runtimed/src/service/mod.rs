@@ -365,6 +365,9 @@ impl RuntimeService {
         let Some(mut sandbox) = self.find(id).await? else {
             return Ok(());
         };
+        // Held until the sandbox is stopped, so a CreateContainer under way finishes first
+        // and a later one finds the sandbox not ready.
+        let _containers = self.containers_lock.lock().await;
         for container in self.containers_of(&sandbox.id).await {
             self.stop_container(&container.id, 0).await?;
         }
@@ -379,14 +382,13 @@ impl RuntimeService {
         let Some(mut sandbox) = self.find(id).await? else {
             return Ok(());
         };
-        {
-            let _containers = self.containers_lock.lock().await;
-            for container in self.containers_of(&sandbox.id).await {
-                self.remove_container_now(&container).await?;
-            }
+        let containers = self.containers_lock.lock().await;
+        for container in self.containers_of(&sandbox.id).await {
+            self.remove_container_now(&container).await?;
         }
         let parts = self.parts_of(&sandbox)?;
         self.stop(&mut sandbox, &parts).await?;
+        drop(containers);
         let (removed, parts_copy) = (sandbox.clone(), parts.clone());
         plumbing::blocking(move || {
             sandbox::remove_files(
