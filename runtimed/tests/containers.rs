@@ -726,7 +726,7 @@ fn devices_are_placed_with_their_cgroup_permissions_and_privileged_sees_the_host
 #[test]
 fn pods_with_a_user_namespace_see_their_layers_and_volumes_as_their_own() {
     use proto::cri;
-    let node = Node::start("rtdctr10", "10.235.10.0/24");
+    let mut node = Node::start("rtdctr10", "10.235.10.0/24");
     node.pull_busybox();
     let volume = node.runtimed.dir.path().join("userns-volume");
     std::fs::create_dir_all(&volume).unwrap();
@@ -745,19 +745,15 @@ fn pods_with_a_user_namespace_see_their_layers_and_volumes_as_their_own() {
         ..Default::default()
     };
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let script = "head -1 /proc/self/uid_map | tr -s ' '; id -u; touch /etc/mine && echo wrote; \
-        stat -c '%u %g' /data/f; echo mine > /data/g && echo shared";
-    for (handler, host_id) in [("runc", 200_000), ("crun", 300_000)] {
-        let logs = node
-            .runtimed
-            .dir
-            .path()
-            .join(format!("logs-userns-{handler}"));
+    // A pod of `handler` whose user namespace maps root to `host_id`, with one container
+    // running `script` and the volume bound idmapped; its sandbox, container and log dir.
+    let create = |node: &Node, name: &str, handler: &str, host_id: u32, script: &str| {
+        let logs = node.runtimed.dir.path().join(format!("logs-{name}"));
         let pod = cri::PodSandboxConfig {
             metadata: Some(cri::PodSandboxMetadata {
-                name: format!("userns-{handler}"),
+                name: name.into(),
                 namespace: "ns".into(),
-                uid: format!("uid-userns-{handler}"),
+                uid: format!("uid-{name}"),
                 attempt: 0,
             }),
             log_directory: logs.display().to_string(),
@@ -812,6 +808,24 @@ fn pods_with_a_user_namespace_see_their_layers_and_volumes_as_their_own() {
             let created = client.create_container(create).await.unwrap().into_inner();
             (sandbox.pod_sandbox_id, created.container_id)
         });
+        (sandbox, id, logs)
+    };
+    let nothing_left_mounted = |node: &Node, what: &str| {
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let state = node.runtimed.dir.path().display().to_string();
+        let left: Vec<&str> = mounts.lines().filter(|l| l.contains(&state)).collect();
+        assert!(left.is_empty(), "{what}: left mounted: {left:?}");
+    };
+    let script = "head -1 /proc/self/uid_map | tr -s ' '; id -u; touch /etc/mine && echo wrote; \
+        stat -c '%u %g' /data/f; echo mine > /data/g && echo shared";
+    for (handler, host_id) in [("runc", 200_000), ("crun", 300_000)] {
+        let (sandbox, id, logs) = create(
+            &node,
+            &format!("userns-{handler}"),
+            handler,
+            host_id,
+            script,
+        );
         let ip = node.inspect(&sandbox)["status"]["network"]["ip"].clone();
         assert!(
             ip.as_str().unwrap().starts_with("10.235.10."),
@@ -842,11 +856,22 @@ fn pods_with_a_user_namespace_see_their_layers_and_volumes_as_their_own() {
         assert_eq!(written.uid(), 0, "the pod's root writes as root on disk");
         std::fs::remove_file(volume.join("g")).unwrap();
         node.crictl(&["rmp", "-f", &sandbox]);
-        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-        let state = node.runtimed.dir.path().display().to_string();
-        let left: Vec<&str> = mounts.lines().filter(|l| l.contains(&state)).collect();
-        assert!(left.is_empty(), "{handler}: left mounted: {left:?}");
+        nothing_left_mounted(&node, handler);
     }
+
+    // Namespaces and idmapped mounts outlive a restart of runtimed.
+    let (sandbox, id, _) = create(&node, "userns-restart", "runc", 400_000, "sleep 1000");
+    node.crictl(&["start", &id]);
+    node.wait_state(&id, "CONTAINER_RUNNING");
+    node.runtimed.crash_and_restart();
+    let exec = node.crictl(&["exec", "-s", &id, "sh", "-c", "id -u; ls /data"]);
+    assert_eq!(
+        exec.split_whitespace().collect::<Vec<_>>(),
+        ["0", "f"],
+        "{exec}"
+    );
+    node.crictl(&["rmp", "-f", &sandbox]);
+    nothing_left_mounted(&node, "after a restart");
 
     let mut host_network = userns(200_000);
     host_network.network = cri::NamespaceMode::Node as i32;
