@@ -1,9 +1,10 @@
 //! Fuzzes layer application: `snapshotters::Overlay::apply` turns the input, taken as an
 //! uncompressed layer tar from a registry, into files of an Active snapshot. It must never
 //! panic, and whatever the tar says (`..`, absolute names, symlinked or hardlinked parents,
-//! whiteouts, devices), nothing outside the snapshot's own layer directory may appear or
-//! change: the check compares a listing of the whole temporary tree, the layer directory's
-//! content excepted, before and after the apply, with a sentinel directory beside the
+//! whiteouts, devices), nothing outside the snapshot's own directory may appear or change:
+//! the check compares a listing of the whole temporary tree, the content of the snapshot's
+//! directory excepted (its layer `fs/` and the files the snapshotter keeps beside it, such
+//! as `implicit-dirs`), before and after the apply, with a sentinel directory beside the
 //! snapshotter root as the nearest target of an escape. Removing the snapshot must then
 //! leave no snapshot directory behind.
 //!
@@ -67,9 +68,9 @@ struct Seen {
     mtime: (i64, i64),
 }
 
-/// Everything under `base`, never following symlinks and not entering `layer` (whose own
-/// entry is listed without its times and size, which the layer's children change).
-fn listing(base: &Path, layer: &Path) -> Vec<Seen> {
+/// Everything under `base`, never following symlinks and not entering `snapshot` (whose own
+/// entry is listed without its times and size, which its children change).
+fn listing(base: &Path, snapshot: &Path) -> Vec<Seen> {
     let mut seen = Vec::new();
     let mut pending = vec![base.to_path_buf()];
     while let Some(dir) = pending.pop() {
@@ -81,24 +82,24 @@ fn listing(base: &Path, layer: &Path) -> Vec<Seen> {
         for path in entries {
             let meta = std::fs::symlink_metadata(&path)
                 .unwrap_or_else(|e| panic!("stat {}: {e}", path.display()));
-            let is_layer = path == layer;
+            let is_snapshot = path == snapshot;
             seen.push(Seen {
                 mode: meta.mode(),
                 uid: meta.uid(),
                 gid: meta.gid(),
-                size: if is_layer || meta.is_dir() {
+                size: if is_snapshot || meta.is_dir() {
                     0
                 } else {
                     meta.size()
                 },
-                mtime: if is_layer {
+                mtime: if is_snapshot {
                     (0, 0)
                 } else {
                     (meta.mtime(), meta.mtime_nsec())
                 },
                 path: path.clone(),
             });
-            if meta.is_dir() && !is_layer {
+            if meta.is_dir() && !is_snapshot {
                 pending.push(path);
             }
         }
@@ -106,14 +107,14 @@ fn listing(base: &Path, layer: &Path) -> Vec<Seen> {
     seen
 }
 
-/// The layer directory of the only snapshot: `<snapshots>/<id>/fs`.
-fn layer_dir(snapshots: &Path) -> PathBuf {
+/// The directory of the only snapshot: `<snapshots>/<id>`.
+fn snapshot_dir(snapshots: &Path) -> PathBuf {
     let dirs: Vec<PathBuf> = std::fs::read_dir(snapshots)
         .expect("list snapshots")
         .map(|entry| entry.expect("read snapshots entry").path())
         .collect();
     assert_eq!(dirs.len(), 1, "one snapshot directory: {dirs:?}");
-    dirs[0].join("fs")
+    dirs[0].clone()
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -122,8 +123,8 @@ fuzz_target!(|data: &[u8]| {
         .overlay
         .prepare(KEY, None, BTreeMap::new())
         .expect("prepare snapshot");
-    let layer = layer_dir(&bench.snapshots);
-    let before = listing(&bench.base, &layer);
+    let snapshot = snapshot_dir(&bench.snapshots);
+    let before = listing(&bench.base, &snapshot);
     let mut tar = data;
     match bench.overlay.apply(KEY, &mut tar) {
         Ok(stats) => assert!(
@@ -134,12 +135,12 @@ fuzz_target!(|data: &[u8]| {
         ),
         Err(error) => drop(error.to_string()),
     }
-    let after = listing(&bench.base, &layer);
+    let after = listing(&bench.base, &snapshot);
     if before != after {
         let gone: Vec<_> = before.iter().filter(|s| !after.contains(s)).collect();
         let new: Vec<_> = after.iter().filter(|s| !before.contains(s)).collect();
         panic!(
-            "apply changed files outside the layer directory:\nbefore: {gone:#?}\nafter: {new:#?}"
+            "apply changed files outside the snapshot's directory:\nbefore: {gone:#?}\nafter: {new:#?}"
         );
     }
     bench.overlay.remove(KEY).expect("remove snapshot");
