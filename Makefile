@@ -17,6 +17,7 @@ test: deps
 	$(CARGO) nextest run --workspace --no-fail-fast
 	./scripts/critest.sh
 	./scripts/critest-runtime.sh
+	./scripts/fuzz-seeds.sh
 
 critest: deps build
 	./scripts/critest.sh
@@ -24,6 +25,7 @@ critest: deps build
 # critest's runtime specs against runtimed (also run by `make test`); prints a table.
 critest-runtime: deps build
 	./scripts/critest-runtime.sh
+	./scripts/fuzz-seeds.sh
 
 demo: deps
 	$(CARGO) build --release -p imaged -p runtimed -p fixtures --bins

@@ -5,6 +5,9 @@
 #
 # Needs root: the layer_tar target creates device nodes and changes owners. FUZZ_RUNS sets the
 # number of inputs per target (default 20000); FUZZ_TARGETS a space-separated subset.
+# `--seeds-only DIR` writes the seed corpora to DIR/<target>/ and stops (for
+# scripts/fuzz-seeds.sh, which replays them as tests). A crash worth keeping goes to
+# fuzz/regressions/<target>/, which those tests replay too.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
@@ -16,9 +19,9 @@ read -r -a targets <<<"${FUZZ_TARGETS:-reference manifest hosts_toml auth_challe
 # RUSTC_BOOTSTRAP lets the stable toolchain accept them, so no nightly install is needed.
 export RUSTC_BOOTSTRAP=1
 
-if ! cargo fuzz --version >/dev/null 2>&1; then
-  echo "installing cargo-fuzz"
-  cargo install cargo-fuzz --locked
+seeds_only=
+if [ "${1:-}" = --seeds-only ]; then
+  seeds_only=${2:?--seeds-only needs a directory}
 fi
 
 work=$(mktemp -d /tmp/imaged-fuzz.XXXXXX)
@@ -110,6 +113,16 @@ printf '\001\x30\x80\x06\x09\x2a\x86\x48\x86\xf7\x0d\x01\x07\x03\xa0\x80\x30\x80
 pubopts=$(printf '{"cipher":"AES_256_CTR_HMAC_SHA256","hmac":"%s","cipheroptions":{}}' "$(head -c32 /dev/zero | b64)" | b64)
 printf '\002%s\000%s\000%s' "$(printf '{}' | b64),!!" "$(printf 'x' | b64)" "$pubopts" | seed ocicrypt_annotations raw-values
 
+if [ -n "$seeds_only" ]; then
+  mkdir -p "$seeds_only"
+  cp -r "$work/corpus/." "$seeds_only/"
+  exit 0
+fi
+
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "installing cargo-fuzz"
+  cargo install cargo-fuzz --locked
+fi
 cargo fuzz build
 failed=()
 for target in "${targets[@]}"; do

@@ -1,0 +1,151 @@
+//! Fuzzes layer application: `snapshotters::Overlay::apply` turns the input, taken as an
+//! uncompressed layer tar from a registry, into files of an Active snapshot. It must never
+//! panic, and whatever the tar says (`..`, absolute names, symlinked or hardlinked parents,
+//! whiteouts, devices), nothing outside the snapshot's own directory may appear or change:
+//! the check compares a listing of the whole temporary tree, the content of the snapshot's
+//! directory excepted (its layer `fs/` and the files the snapshotter keeps beside it, such
+//! as `implicit-dirs`), before and after the apply, with a sentinel directory beside the
+//! snapshotter root as the nearest target of an escape. Removing the snapshot must then
+//! leave no snapshot directory behind.
+//!
+//! Needs root: the applier creates device nodes (mknod, whiteouts included), changes owners
+//! (lchown) and sets `trusted.*` xattrs, as imaged does in production.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use snapshotters::{Overlay, Snapshotter};
+
+/// The Active snapshot each input is applied to.
+const KEY: &str = "fuzz-layer";
+
+/// A snapshotter and the tree around it, made on the first input and kept for the whole run
+/// (libFuzzer exits without running destructors; the smoke script points `TMPDIR` at a
+/// directory it removes afterwards).
+struct Bench {
+    /// Holds `snapshotter/` (the root) and `sentinel/`.
+    base: PathBuf,
+    /// `<base>/snapshotter/snapshots`: one directory per snapshot.
+    snapshots: PathBuf,
+    overlay: Overlay,
+}
+
+fn bench() -> &'static Bench {
+    static BENCH: OnceLock<Bench> = OnceLock::new();
+    BENCH.get_or_init(|| {
+        let base = tempfile::Builder::new()
+            .prefix("layer-tar-")
+            .tempdir()
+            .expect("create temporary directory")
+            .keep();
+        std::fs::create_dir(base.join("sentinel")).expect("create sentinel directory");
+        // In memory: the metadata is not what is fuzzed, and a file would fsync every commit.
+        let db = redb::Database::builder()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .expect("create in-memory database");
+        let root = base.join("snapshotter");
+        let overlay = Overlay::open(root.clone(), Arc::new(db)).expect("open snapshotter");
+        Bench {
+            snapshots: root.join("snapshots"),
+            base,
+            overlay,
+        }
+    })
+}
+
+/// One file system object as the escape check compares it.
+#[derive(Debug, PartialEq, Eq)]
+struct Seen {
+    path: PathBuf,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    size: u64,
+    mtime: (i64, i64),
+}
+
+/// Everything under `base`, never following symlinks and not entering `snapshot` (whose own
+/// entry is listed without its times and size, which its children change).
+fn listing(base: &Path, snapshot: &Path) -> Vec<Seen> {
+    let mut seen = Vec::new();
+    let mut pending = vec![base.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("list {}: {e}", dir.display()))
+            .map(|entry| entry.expect("read directory entry").path())
+            .collect();
+        entries.sort();
+        for path in entries {
+            let meta = std::fs::symlink_metadata(&path)
+                .unwrap_or_else(|e| panic!("stat {}: {e}", path.display()));
+            let is_snapshot = path == snapshot;
+            seen.push(Seen {
+                mode: meta.mode(),
+                uid: meta.uid(),
+                gid: meta.gid(),
+                size: if is_snapshot || meta.is_dir() {
+                    0
+                } else {
+                    meta.size()
+                },
+                mtime: if is_snapshot {
+                    (0, 0)
+                } else {
+                    (meta.mtime(), meta.mtime_nsec())
+                },
+                path: path.clone(),
+            });
+            if meta.is_dir() && !is_snapshot {
+                pending.push(path);
+            }
+        }
+    }
+    seen
+}
+
+/// The directory of the only snapshot: `<snapshots>/<id>`.
+fn snapshot_dir(snapshots: &Path) -> PathBuf {
+    let dirs: Vec<PathBuf> = std::fs::read_dir(snapshots)
+        .expect("list snapshots")
+        .map(|entry| entry.expect("read snapshots entry").path())
+        .collect();
+    assert_eq!(dirs.len(), 1, "one snapshot directory: {dirs:?}");
+    dirs[0].clone()
+}
+
+/// One input.
+pub fn run(data: &[u8]) {
+    let bench = bench();
+    bench
+        .overlay
+        .prepare(KEY, None, BTreeMap::new())
+        .expect("prepare snapshot");
+    let snapshot = snapshot_dir(&bench.snapshots);
+    let before = listing(&bench.base, &snapshot);
+    let mut tar = data;
+    match bench.overlay.apply(KEY, &mut tar) {
+        Ok(stats) => assert!(
+            stats.bytes <= data.len() as u64,
+            "{} bytes of file content applied from {} bytes of tar",
+            stats.bytes,
+            data.len()
+        ),
+        Err(error) => drop(error.to_string()),
+    }
+    let after = listing(&bench.base, &snapshot);
+    if before != after {
+        let gone: Vec<_> = before.iter().filter(|s| !after.contains(s)).collect();
+        let new: Vec<_> = after.iter().filter(|s| !before.contains(s)).collect();
+        panic!(
+            "apply changed files outside the snapshot's directory:\nbefore: {gone:#?}\nafter: {new:#?}"
+        );
+    }
+    bench.overlay.remove(KEY).expect("remove snapshot");
+    let left: Vec<PathBuf> = std::fs::read_dir(&bench.snapshots)
+        .expect("list snapshots")
+        .map(|entry| entry.expect("read snapshots entry").path())
+        .collect();
+    assert!(left.is_empty(), "removed snapshot left {left:?}");
+}
