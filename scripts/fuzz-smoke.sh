@@ -13,7 +13,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 
 runs=${FUZZ_RUNS:-20000}
-read -r -a targets <<<"${FUZZ_TARGETS:-reference manifest hosts_toml auth_challenge layer_tar ocicrypt_annotations}"
+read -r -a targets <<<"${FUZZ_TARGETS:-reference manifest hosts_toml auth_challenge config_file layer_tar ocicrypt_annotations}"
 
 # cargo-fuzz passes nightly-only flags (-Z sanitizer and coverage options) to rustc and cargo;
 # RUSTC_BOOTSTRAP lets the stable toolchain accept them, so no nightly install is needed.
@@ -85,6 +85,23 @@ printf '%s' 'Bearer realm="https://auth.example/token",service="registry.example
 printf '%s' 'Basic realm="Registry Realm"' | seed auth_challenge basic
 printf '%s' 'bearer realm=https://a/t, scope="a\"b" ,service = x' | seed auth_challenge bearer-unquoted
 printf '%s' 'dXNlcjpwYXNzAAA=' | seed auth_challenge auth-field
+
+# config_file: a file of every section, and bad values.
+seed config_file sections <<'TOML'
+root = "/var/lib/imaged"
+state = "/run/imaged"
+address = "/run/imaged/imaged.sock"
+max_concurrent_downloads = 3
+image_pull_progress_timeout = "5m"
+[registry]
+config_path = "/etc/imaged/certs.d:/etc/containerd/certs.d"
+[image_decryption]
+key_model = "node"
+keys_dir = "/etc/imaged/keys"
+TOML
+printf 'max_concurrent_downloads = 0\n' | seed config_file zero-downloads
+printf 'image_pull_progress_timeout = "soon"\n' | seed config_file bad-duration
+printf 'unknown_key = 1\n[registry]\nconfig_path = 7\n' | seed config_file unknown-and-mistyped
 
 # layer_tar: layers tar writes in each format, whiteouts, links, a fifo, and escape attempts.
 tree="$work/tree"

@@ -3,6 +3,7 @@
 //! without libFuzzer, so a target that rots fails `make test`.
 
 pub mod auth_challenge;
+pub mod config_file;
 pub mod hosts_toml;
 pub mod layer_tar;
 pub mod manifest;

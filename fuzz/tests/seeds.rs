@@ -53,6 +53,11 @@ fn auth_challenge() {
 }
 
 #[test]
+fn config_file() {
+    replay("config_file", imaged_fuzz::config_file::run);
+}
+
+#[test]
 fn layer_tar() {
     replay("layer_tar", imaged_fuzz::layer_tar::run);
 }
