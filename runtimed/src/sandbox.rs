@@ -91,6 +91,11 @@ impl Sandbox {
         Mappings::of(&namespace_options(&self.config))
     }
 
+    /// The pod's pinned user namespace with its mappings; `None` in the node's.
+    pub fn pinned_userns(&self) -> Result<Option<(PathBuf, Mappings)>, Error> {
+        Ok(self.userns.clone().zip(self.mappings()?))
+    }
+
     /// Whether the pod uses the host's network.
     pub fn host_network(&self) -> bool {
         namespace_options(&self.config).network() == cri::NamespaceMode::Node
@@ -260,10 +265,12 @@ pub fn attach_network(
         .netns
         .as_ref()
         .expect("pod network sandboxes have a netns");
-    match (&sandbox.userns, sandbox.mappings()?) {
-        (Some(userns), Some(mappings)) => crate::userns::create(&mappings, userns, netns)
-            .map_err(Error::io("create user and network namespaces", userns))?,
-        _ => crate::netns::create(netns).map_err(Error::io("create network namespace", netns))?,
+    match sandbox.pinned_userns()? {
+        Some((userns, mappings)) => crate::userns::create(&mappings, &userns, netns)
+            .map_err(Error::io("create user and network namespaces", &userns))?,
+        None => {
+            crate::netns::create(netns).map_err(Error::io("create network namespace", netns))?
+        }
     }
     Network::new(cni::invoke::loopback(), bin_dir).add(&sandbox.attachment("lo"))?;
     Ok(network.add(&sandbox.attachment("eth0"))?)
@@ -290,10 +297,7 @@ pub fn start_infra(sandbox: &Sandbox, setup: &Setup<'_>) -> Result<i64, Error> {
     let process = SandboxProcess {
         hostname: hostname(&sandbox.config),
         netns: sandbox.netns.clone(),
-        userns: match (&sandbox.userns, sandbox.mappings()?) {
-            (Some(path), Some(mappings)) => Some((path.clone(), mappings)),
-            _ => None,
-        },
+        userns: sandbox.pinned_userns()?,
         host_pid: options.pid() == cri::NamespaceMode::Node,
         host_ipc: options.ipc() == cri::NamespaceMode::Node,
         shm: setup.paths.shm(),

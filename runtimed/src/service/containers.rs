@@ -481,18 +481,18 @@ fn pod_userns(
     sandbox: &Sandbox,
     config: &cri::ContainerConfig,
 ) -> Result<Option<(std::path::PathBuf, crate::userns::Mappings)>, Error> {
-    let pod = sandbox.mappings()?;
+    let pod = sandbox.pinned_userns()?;
     let asked = config
         .linux
         .as_ref()
         .and_then(|l| l.security_context.as_ref())
         .and_then(|s| s.namespace_options.clone())
         .unwrap_or_default();
-    if crate::userns::Mappings::of(&asked)? != pod {
+    if crate::userns::Mappings::of(&asked)? != pod.as_ref().map(|(_, m)| m.clone()) {
         return Err(Error::InvalidArgument(format!(
             "container's user namespace differs from that of pod sandbox {}",
             sandbox.id
         )));
     }
-    Ok(sandbox.userns.clone().zip(pod))
+    Ok(pod)
 }

@@ -278,7 +278,7 @@ impl RuntimeService {
         }
         let mounts = self.images.prepare(&sandbox.id, &image.id, false).await?;
         let paths = parts.paths.clone();
-        let userns = sandbox.userns.clone().zip(sandbox.mappings()?);
+        let userns = sandbox.pinned_userns()?;
         plumbing::blocking(move || {
             let userns = userns.as_ref().map(|(path, m)| (path.as_path(), m));
             sandbox::mount_rootfs(&paths.bundle, &mounts, userns)
