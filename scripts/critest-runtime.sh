@@ -24,7 +24,7 @@ cat >"$work/net.d/10-runtimed.conflist" <<JSON
   {"type": "portmap", "capabilities": {"portMappings": true}}]}
 JSON
 status=0
-select=(-ginkgo.skip="Image Manager|Streaming")
+select=(-ginkgo.skip="Image Manager")
 if [[ -n ${CRITEST_FOCUS:-} ]]; then
   select+=(-ginkgo.focus="$CRITEST_FOCUS")
 fi

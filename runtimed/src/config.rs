@@ -95,6 +95,8 @@ struct RawConfig {
     pause_image: String,
     conmon_path: PathBuf,
     log_size_max: i64,
+    stream_server_address: String,
+    stream_idle_timeout: String,
 }
 
 impl Default for RawConfig {
@@ -111,6 +113,8 @@ impl Default for RawConfig {
             pause_image: "registry.k8s.io/pause:3.10".into(),
             conmon_path: PathBuf::from("conmon"),
             log_size_max: -1,
+            stream_server_address: "127.0.0.1:0".into(),
+            stream_idle_timeout: "4h".into(),
         }
     }
 }
@@ -140,6 +144,11 @@ pub struct Config {
     pub conmon_path: PathBuf,
     /// A container log is truncated when it would grow past this many bytes; -1 never.
     pub log_size_max: i64,
+    /// Where the exec, attach and port-forward URLs point: `IP:PORT`, port 0 for one
+    /// chosen at start, as containerd's default `127.0.0.1:0`.
+    pub stream_server_address: String,
+    /// A streaming session with no traffic for this long is closed (`4h`, `30m`, ...).
+    pub stream_idle_timeout: String,
 }
 
 impl Default for Config {
@@ -214,6 +223,8 @@ impl Config {
             pause_image: raw.pause_image,
             conmon_path: raw.conmon_path,
             log_size_max: raw.log_size_max,
+            stream_server_address: raw.stream_server_address,
+            stream_idle_timeout: raw.stream_idle_timeout,
         }
     }
 
@@ -243,9 +254,23 @@ impl Config {
                 "must be -1 (no limit) or a size in bytes".into(),
             ));
         }
+        stream_address(&self.stream_server_address)
+            .map_err(|message| invalid("stream_server_address".into(), message))?;
+        idle_timeout(&self.stream_idle_timeout)
+            .map_err(|message| invalid("stream_idle_timeout".into(), message))?;
         image_socket(&self.image_service_endpoint)
             .map(drop)
             .map_err(|message| invalid("image_service_endpoint".into(), message))
+    }
+
+    /// The streaming server's listening address.
+    pub fn stream_address(&self) -> std::net::SocketAddr {
+        stream_address(&self.stream_server_address).expect("checked when loaded")
+    }
+
+    /// The streaming server's idle timeout.
+    pub fn stream_idle_timeout(&self) -> std::time::Duration {
+        idle_timeout(&self.stream_idle_timeout).expect("checked when loaded")
     }
 
     /// The path of imaged's socket.
@@ -286,6 +311,20 @@ fn read(path: &Path) -> Result<RawConfig, ConfigError> {
         path: path.to_path_buf(),
         message: e.to_string(),
     })
+}
+
+fn stream_address(text: &str) -> Result<std::net::SocketAddr, String> {
+    text.parse()
+        .map_err(|_| format!("{text:?} is not IP:PORT (127.0.0.1:0, [::1]:10010)"))
+}
+
+fn idle_timeout(text: &str) -> Result<std::time::Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        _ => Err(format!(
+            "{text:?} is not a duration above zero (4h, 30m, 1h30m0s)"
+        )),
+    }
 }
 
 /// `unix:///path` or `/path` to the path; anything else is refused, naming it.

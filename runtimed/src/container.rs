@@ -134,6 +134,11 @@ pub fn create(
         name: &name,
         bundle,
         log: &log,
+        stdio: crate::oci::StdioMode {
+            tty: container.config.tty,
+            stdin: container.config.stdin,
+            stdin_once: container.config.stdin_once,
+        },
     };
     Ok(conmon.create(runtime, &create)?)
 }

@@ -1,6 +1,6 @@
 //! The CRI v1 `RuntimeService` over gRPC: a thin layer over
 //! [`RuntimeService`](crate::service::RuntimeService). RPCs that runtimed does not perform
-//! yet answer Unimplemented naming the method, which the kubelet and critest report as is.
+//! answer Unimplemented naming the method, which the kubelet and critest report as is.
 
 use crate::service::RuntimeService;
 use proto::cri;
@@ -14,12 +14,16 @@ use tonic::{Request, Response, Status};
 #[derive(Clone)]
 pub struct CriRuntimeService {
     service: Arc<RuntimeService>,
+    streams: Arc<Streams>,
 }
 
+/// The streaming server behind Exec, Attach and PortForward.
+pub type Streams = streaming::Server<crate::stream::Streamer>;
+
 impl CriRuntimeService {
-    /// Wraps the service.
-    pub fn new(service: Arc<RuntimeService>) -> Self {
-        Self { service }
+    /// Wraps the service and the streaming server its URLs point at.
+    pub fn new(service: Arc<RuntimeService>, streams: Arc<Streams>) -> Self {
+        Self { service, streams }
     }
 }
 
@@ -33,6 +37,13 @@ fn sandbox_id(id: String) -> String {
 fn container_id(id: String) -> String {
     tracing::Span::current().record("container", &id);
     id
+}
+
+fn url_status(error: streaming::RequestError) -> Status {
+    match error {
+        streaming::RequestError::Invalid(_) => Status::invalid_argument(error.to_string()),
+        streaming::RequestError::TooMany => Status::resource_exhausted(error.to_string()),
+    }
 }
 
 fn not_yet(method: &str) -> Status {
@@ -323,23 +334,45 @@ impl runtime_service_server::RuntimeService for CriRuntimeService {
 
     async fn exec(
         &self,
-        _request: Request<cri::ExecRequest>,
+        request: Request<cri::ExecRequest>,
     ) -> Result<Response<cri::ExecResponse>, Status> {
-        Err(not_yet("Exec"))
+        let mut request = request.into_inner();
+        let id = container_id(std::mem::take(&mut request.container_id));
+        if request.cmd.is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "exec in container {id}: the command is empty"
+            )));
+        }
+        let target = self.service.running_container(&id).await;
+        request.container_id = target.map_err(|e| e.to_status())?.container.id;
+        let url = self.streams.exec_url(request).map_err(url_status)?;
+        Ok(Response::new(cri::ExecResponse { url }))
     }
 
     async fn attach(
         &self,
-        _request: Request<cri::AttachRequest>,
+        request: Request<cri::AttachRequest>,
     ) -> Result<Response<cri::AttachResponse>, Status> {
-        Err(not_yet("Attach"))
+        let mut request = request.into_inner();
+        let id = container_id(std::mem::take(&mut request.container_id));
+        let target = self.service.running_container(&id).await;
+        request.container_id = target.map_err(|e| e.to_status())?.container.id;
+        let url = self.streams.attach_url(request).map_err(url_status)?;
+        Ok(Response::new(cri::AttachResponse { url }))
     }
 
     async fn port_forward(
         &self,
-        _request: Request<cri::PortForwardRequest>,
+        request: Request<cri::PortForwardRequest>,
     ) -> Result<Response<cri::PortForwardResponse>, Status> {
-        Err(not_yet("PortForward"))
+        let request = request.into_inner();
+        let id = sandbox_id(request.pod_sandbox_id.clone());
+        self.service
+            .forwarding_netns(&id)
+            .await
+            .map_err(|e| e.to_status())?;
+        let url = self.streams.port_forward_url(request).map_err(url_status)?;
+        Ok(Response::new(cri::PortForwardResponse { url }))
     }
 
     async fn checkpoint_container(

@@ -2,8 +2,9 @@
 //! socket until told to stop.
 
 use crate::config::Config;
-use crate::cri::CriRuntimeService;
+use crate::cri::{CriRuntimeService, Streams};
 use crate::service::RuntimeService;
+use crate::stream::Streamer;
 use proto::cri::runtime_service_server::RuntimeServiceServer;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -33,6 +34,8 @@ pub enum StartError {
 pub struct Daemon {
     service: Arc<RuntimeService>,
     address: PathBuf,
+    stream_address: std::net::SocketAddr,
+    streaming: streaming::Config,
 }
 
 impl Daemon {
@@ -44,6 +47,11 @@ impl Daemon {
             create_dir(dir)?;
         }
         let address = config.address.clone();
+        let stream_address = config.stream_address();
+        let streaming = streaming::Config {
+            idle_timeout: config.stream_idle_timeout(),
+            ..Default::default()
+        };
         let root = config.root.clone();
         let service = RuntimeService::open(config).map_err(|source| StartError::Io {
             path: root.join("sandboxes"),
@@ -51,6 +59,8 @@ impl Daemon {
         })?;
         Ok(Self {
             address,
+            stream_address,
+            streaming,
             service: Arc::new(service),
         })
     }
@@ -61,20 +71,43 @@ impl Daemon {
             path: self.address.clone(),
             source,
         })?;
+        let (streams, stream_listener) = self.bind_streams().await?;
         self.service.remove_unrecorded().await;
         tracing::info!(socket = %self.address.display(), "serving CRI runtime service");
+        let (stop_streams, streams_stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(streams.clone().serve(stream_listener, async {
+            let _ = streams_stopped.await;
+        }));
+        let cri = CriRuntimeService::new(self.service.clone(), streams);
         let result = tonic::transport::Server::builder()
             .layer(plumbing::grpc::RpcSpans::new(rpc_span))
-            .add_service(RuntimeServiceServer::new(CriRuntimeService::new(
-                self.service.clone(),
-            )))
+            .add_service(RuntimeServiceServer::new(cri))
             .serve_with_incoming_shutdown(plumbing::grpc::incoming(listener), shutdown)
             .await;
+        drop(stop_streams);
         let _ = std::fs::remove_file(&self.address);
         result.map_err(|e| StartError::Serve {
             path: self.address.clone(),
             message: plumbing::error_chain(&e),
         })
+    }
+}
+
+impl Daemon {
+    /// The streaming server on its TCP address; the port is chosen now when it is 0.
+    async fn bind_streams(&self) -> Result<(Arc<Streams>, tokio::net::TcpListener), StartError> {
+        let io = |source| StartError::Io {
+            path: PathBuf::from(self.stream_address.to_string()),
+            source,
+        };
+        let listener = tokio::net::TcpListener::bind(self.stream_address)
+            .await
+            .map_err(io)?;
+        let address = listener.local_addr().map_err(io)?;
+        tracing::info!(%address, "serving exec, attach and port-forward streams");
+        let streamer = Streamer(self.service.clone());
+        let server = Streams::new(streamer, self.streaming.clone(), address);
+        Ok((Arc::new(server), listener))
     }
 }
 

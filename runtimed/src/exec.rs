@@ -33,29 +33,13 @@ pub fn exec_sync(
     cmd: &[String],
     timeout: Duration,
 ) -> Result<Output, Error> {
-    if cmd.is_empty() {
-        return Err(Error::InvalidArgument("exec command is empty".into()));
-    }
-    let spec: serde_json::Value = std::fs::read(bundle.join("config.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .ok_or_else(|| Error::FailedPrecondition(format!("container {id} has no readable spec")))?;
-    let mut process = spec["process"].clone();
-    process["args"] = serde_json::json!(cmd);
-    process["terminal"] = false.into();
-    let scratch = tempfile::Builder::new()
-        .prefix("exec-")
-        .tempdir_in(bundle)
-        .map_err(Error::io("create exec directory in", bundle))?;
-    let process_file = scratch.path().join("process.json");
-    std::fs::write(&process_file, process.to_string())
-        .map_err(Error::io("write", &process_file))?;
-    let pid_file = scratch.path().join("pid");
+    let files = ExecFiles::write(id, bundle, cmd, false)?;
+    let pid_file = files.pid.clone();
     let mut child = runtime
         .command()
         .arg("exec")
         .arg("--process")
-        .arg(&process_file)
+        .arg(&files.process)
         .arg("--pid-file")
         .arg(&pid_file)
         .arg(id)
@@ -109,6 +93,46 @@ pub fn exec_sync(
     })
 }
 
+/// The process spec of one `RUNTIME exec` and the file the runtime writes its pid to, in
+/// a directory of the bundle that goes away with this value.
+pub struct ExecFiles {
+    _dir: tempfile::TempDir,
+    /// `process.json`: the container's process with the command's arguments.
+    pub process: std::path::PathBuf,
+    /// Where `--pid-file` puts the command's host pid.
+    pub pid: std::path::PathBuf,
+}
+
+impl ExecFiles {
+    /// Writes the container's own process settings with `cmd` and `terminal` in place.
+    pub fn write(id: &str, bundle: &Path, cmd: &[String], terminal: bool) -> Result<Self, Error> {
+        if cmd.is_empty() {
+            return Err(Error::InvalidArgument("exec command is empty".into()));
+        }
+        let spec: serde_json::Value = std::fs::read(bundle.join("config.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or_else(|| {
+                Error::FailedPrecondition(format!("container {id} has no readable spec"))
+            })?;
+        let mut process = spec["process"].clone();
+        process["args"] = serde_json::json!(cmd);
+        process["terminal"] = terminal.into();
+        let dir = tempfile::Builder::new()
+            .prefix("exec-")
+            .tempdir_in(bundle)
+            .map_err(Error::io("create exec directory in", bundle))?;
+        let process_file = dir.path().join("process.json");
+        std::fs::write(&process_file, process.to_string())
+            .map_err(Error::io("write", &process_file))?;
+        Ok(Self {
+            pid: dir.path().join("pid"),
+            process: process_file,
+            _dir: dir,
+        })
+    }
+}
+
 /// Reads `pipe` to its end on a thread, keeping the first [`OUTPUT_CAP`] bytes.
 fn capture(pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
     std::thread::spawn(move || {
@@ -120,7 +144,7 @@ fn capture(pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>>
 
 /// SIGKILLs the exec'd process, whose host pid the runtime wrote to `pid_file`, and every
 /// process it started (a shell's children would otherwise outlive it).
-fn kill_exec(pid_file: &Path) {
+pub fn kill_exec(pid_file: &Path) {
     let Some(root) = std::fs::read_to_string(pid_file)
         .ok()
         .and_then(|s| s.trim().parse::<i32>().ok())

@@ -36,4 +36,5 @@ pub mod service;
 pub mod spec;
 pub mod stats;
 pub mod store;
+pub mod stream;
 pub mod userns;

@@ -157,6 +157,19 @@ pub struct Create<'a> {
     pub bundle: &'a Path,
     /// The CRI log file.
     pub log: &'a Path,
+    /// The container's stdio: a terminal, an open stdin.
+    pub stdio: StdioMode,
+}
+
+/// How conmon holds a container's stdio for attach.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StdioMode {
+    /// A terminal (conmon takes the pty from the runtime's console socket).
+    pub tty: bool,
+    /// stdin stays open for attach.
+    pub stdin: bool,
+    /// stdin closes when the first attached client ends its input.
+    pub stdin_once: bool,
 }
 
 impl Conmon {
@@ -244,6 +257,16 @@ impl Conmon {
             .arg(format!("--root={}", runtime.root.display()));
         if runtime.systemd_cgroup {
             command.args(["--runtime-arg", "--systemd-cgroup"]);
+        }
+        let stdio = container.stdio;
+        if stdio.tty {
+            command.arg("-t");
+        }
+        if stdio.stdin {
+            command.arg("-i");
+            if !stdio.stdin_once {
+                command.arg("--leave-stdin-open");
+            }
         }
         if self.log_size_max >= 0 {
             command

@@ -320,6 +320,7 @@ pub fn start_infra(sandbox: &Sandbox, setup: &Setup<'_>) -> Result<i64, Error> {
         name: &name,
         bundle: &setup.paths.bundle,
         log: &setup.paths.bundle.join("infra.log"),
+        stdio: Default::default(),
     };
     let pid = setup.conmon.create(setup.runtime, &create)?;
     setup.runtime.start(&sandbox.id)?;

@@ -207,6 +207,23 @@ impl RuntimeService {
         cmd: Vec<String>,
         timeout: i64,
     ) -> Result<crate::exec::Output, Error> {
+        let target = self.running_container(id).await?;
+        let timeout = std::time::Duration::from_secs(timeout.max(0) as u64);
+        plumbing::blocking(move || {
+            crate::exec::exec_sync(
+                &target.runtime,
+                &target.container.id,
+                &target.bundle,
+                &cmd,
+                timeout,
+            )
+        })
+        .await
+    }
+
+    /// The container `id` (or a unique prefix) with what an exec or attach needs of it;
+    /// FailedPrecondition unless it is running.
+    pub async fn running_container(&self, id: &str) -> Result<Running, Error> {
         let container = self.find_container(id).await?;
         let state = container.state(&self.conmon_dirs());
         if state != cri::ContainerState::ContainerRunning {
@@ -216,13 +233,12 @@ impl RuntimeService {
                 state.as_str_name()
             )));
         }
-        let runtime = self.runtime(&container.runtime_handler)?;
-        let bundle = container::bundle(&self.config.state, &container.id);
-        let timeout = std::time::Duration::from_secs(timeout.max(0) as u64);
-        plumbing::blocking(move || {
-            crate::exec::exec_sync(&runtime, &container.id, &bundle, &cmd, timeout)
+        Ok(Running {
+            runtime: self.runtime(&container.runtime_handler)?,
+            bundle: container::bundle(&self.config.state, &container.id),
+            sockets: self.config.attach_dir(),
+            container,
         })
-        .await
     }
 
     /// `ReopenContainerLog`: conmon reopens the log file (the kubelet renamed it away to
@@ -495,4 +511,16 @@ fn pod_userns(
         )));
     }
     Ok(pod)
+}
+
+/// A running container, as exec and attach find it.
+pub struct Running {
+    /// Its record.
+    pub container: Container,
+    /// Its runtime handler.
+    pub runtime: crate::oci::Runtime,
+    /// Its bundle (config.json, conmon's `ctl` fifo).
+    pub bundle: std::path::PathBuf,
+    /// conmon's attach socket directory, holding one directory per container.
+    pub sockets: std::path::PathBuf,
 }

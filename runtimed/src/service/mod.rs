@@ -2,6 +2,7 @@
 //! concerns.
 
 mod containers;
+pub use containers::Running;
 mod recover;
 mod stats;
 
@@ -15,6 +16,7 @@ use crate::sandbox::{self, Paths, Sandbox, Setup};
 use crate::store::Store;
 use proto::cri;
 use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use tokio::sync::{Mutex, RwLock};
 
 /// The CRI version this service speaks, as `VersionResponse.version` reports it.
@@ -497,6 +499,30 @@ impl RuntimeService {
         } else {
             cri::PodSandboxState::SandboxReady
         }
+    }
+
+    /// The network namespace port forwarding dials into for sandbox `id`: `None` for a
+    /// host-network pod. FailedPrecondition unless the pod is ready.
+    pub async fn forwarding_netns(&self, id: &str) -> Result<Option<PathBuf>, Error> {
+        let sandbox = self.find(id).await?.ok_or_else(|| Error::NotFound {
+            what: "pod sandbox",
+            id: id.into(),
+        })?;
+        if self.state_of(&sandbox) != cri::PodSandboxState::SandboxReady {
+            return Err(Error::FailedPrecondition(format!(
+                "pod sandbox {} is not ready",
+                sandbox.id
+            )));
+        }
+        if sandbox.host_network() {
+            return Ok(None);
+        }
+        sandbox.netns.clone().map(Some).ok_or_else(|| {
+            Error::FailedPrecondition(format!(
+                "pod sandbox {} has no network namespace",
+                sandbox.id
+            ))
+        })
     }
 
     /// The sandbox whose id is `id` or starts with it (unique prefixes, as crictl sends).
