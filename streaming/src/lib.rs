@@ -10,6 +10,7 @@ mod portforward;
 pub mod remotecommand;
 pub mod server;
 pub mod spdy;
+mod websocket;
 
 pub use server::{Config, RequestError, Server};
 
@@ -49,6 +50,20 @@ pub enum Outcome {
     Exited(i32),
     /// The session could not run; the text goes to the client.
     Failed(String),
+}
+
+/// The client is gone: what was written cannot reach it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Gone;
+
+/// One channel towards the client, whatever carries it (a SPDY stream, a WebSocket
+/// channel), so that copying into it is written once.
+pub(crate) trait Output: Send + Sync + 'static {
+    /// Sends `data` on the channel.
+    fn write(&self, data: Bytes) -> impl Future<Output = Result<(), Gone>> + Send;
+
+    /// Tells the client nothing more comes on the channel, where the protocol can.
+    fn finish(&self) -> impl Future<Output = ()> + Send;
 }
 
 /// What the streaming server needs from the runtime behind it.

@@ -3,9 +3,9 @@
 //! there the server dials the port and copies bytes both ways on the data stream, and a
 //! failure is reported as text on the error stream.
 
-use crate::Runtime;
 use crate::spdy::frame::status;
 use crate::spdy::{Session, Stream, StreamWriter};
+use crate::{Output, Runtime};
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -130,7 +130,7 @@ async fn forward<R: Runtime>(
     let tcp = match runtime.dial(sandbox, port).await {
         Ok(tcp) => tcp,
         Err(e) => {
-            let text = format!("error forwarding port {port} to pod {sandbox}: {e}");
+            let text = failure(port, sandbox, &e);
             tracing::info!(%text);
             let _ = error.write(Bytes::from(text)).await;
             let _ = error.finish().await;
@@ -143,10 +143,15 @@ async fn forward<R: Runtime>(
     let _ = error.finish().await;
 }
 
+/// What the client is told when `port` cannot be dialled.
+pub(crate) fn failure(port: u16, sandbox: &str, error: &std::io::Error) -> String {
+    format!("error forwarding port {port} to pod {sandbox}: {error}")
+}
+
 /// Copies between `tcp` and a data stream. When the port's side ends, the stream ends
 /// and the connection is done; when the client's side ends, the port's write side is shut
 /// and its answer still flows back.
-pub(crate) async fn copy(tcp: TcpStream, mut input: mpsc::Receiver<Bytes>, output: &StreamWriter) {
+pub(crate) async fn copy<W: Output>(tcp: TcpStream, mut input: mpsc::Receiver<Bytes>, output: &W) {
     let (mut from_port, mut to_port) = tcp.into_split();
     let upstream = async move {
         while let Some(chunk) = input.recv().await {
@@ -174,7 +179,7 @@ pub(crate) async fn copy(tcp: TcpStream, mut input: mpsc::Receiver<Bytes>, outpu
                 }
             }
         }
-        let _ = output.finish().await;
+        output.finish().await;
     };
     tokio::select! {
         () = upstream => {}

@@ -3,7 +3,7 @@
 //! ends stdout and stderr, writes how it ended on the error stream and closes.
 
 use crate::spdy::{Session, Stream, StreamWriter};
-use crate::{Io, Outcome, TerminalSize};
+use crate::{Io, Outcome, Output, TerminalSize};
 use bytes::{Bytes, BytesMut};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -121,8 +121,8 @@ pub(crate) async fn decode_resizes(
     }
 }
 
-/// Copies what the runtime writes to a stream, then ends the stream.
-pub(crate) fn pump(writer: StreamWriter) -> (mpsc::Sender<Bytes>, tokio::task::JoinHandle<()>) {
+/// Copies what the runtime writes to a channel, then ends the channel.
+pub(crate) fn pump<W: Output>(writer: W) -> (mpsc::Sender<Bytes>, tokio::task::JoinHandle<()>) {
     let (tx, mut rx) = mpsc::channel::<Bytes>(8);
     let task = tokio::spawn(async move {
         while let Some(data) = rx.recv().await {
@@ -130,7 +130,7 @@ pub(crate) fn pump(writer: StreamWriter) -> (mpsc::Sender<Bytes>, tokio::task::J
                 return;
             }
         }
-        let _ = writer.finish().await;
+        writer.finish().await;
     });
     (tx, task)
 }

@@ -1,9 +1,9 @@
 //! The HTTP side: one-time URLs for cached requests, and the upgrade of a client's
-//! connection on such a URL to SPDY/3.1.
+//! connection on such a URL to SPDY/3.1 or WebSocket.
 
 use crate::remotecommand::{self, Version, Wanted};
 use crate::spdy::Session;
-use crate::{Outcome, Runtime, portforward};
+use crate::{Outcome, Runtime, portforward, websocket};
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
@@ -195,7 +195,10 @@ impl<R: Runtime> Server<R> {
         let Some(cached) = self.consume(kind, token) else {
             return plain(StatusCode::NOT_FOUND, "unknown or expired streaming URL");
         };
-        let offers = offers(request.headers());
+        if is_websocket_upgrade(request.headers()) {
+            return self.websocket(cached, request);
+        }
+        let offers = offers(request.headers(), PROTOCOL_HEADER);
         let supported: &[&str] = match cached {
             Cached::PortForward(_) => &["portforward.k8s.io"],
             _ => &Version::SPDY.map(|(name, _)| name),
@@ -250,6 +253,92 @@ impl<R: Runtime> Server<R> {
         );
         headers.insert(PROTOCOL_HEADER, header::HeaderValue::from_static(protocol));
         response
+    }
+
+    /// Answers a WebSocket handshake for `cached` and serves the session once the
+    /// connection is upgraded.
+    fn websocket(
+        self: &Arc<Self>,
+        cached: Cached,
+        mut request: Request<Incoming>,
+    ) -> Response<Full<Bytes>> {
+        if request.method() != Method::GET {
+            return plain(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "a WebSocket handshake is a GET",
+            );
+        }
+        let supported = match &cached {
+            Cached::PortForward(forward) if forward.port.len() > websocket::MAX_PORTS => {
+                return plain(
+                    StatusCode::BAD_REQUEST,
+                    &format!(
+                        "at most {} ports go over one WebSocket",
+                        websocket::MAX_PORTS
+                    ),
+                );
+            }
+            Cached::PortForward(_) => websocket::PORT_FORWARD,
+            _ => websocket::REMOTE_COMMAND,
+        };
+        let (protocol, response) = match websocket::accept(request.headers(), supported) {
+            websocket::Handshake::Accepted(protocol, response) => (protocol, response),
+            websocket::Handshake::Refused(refusal) => return refusal,
+        };
+        let upgrade = hyper::upgrade::on(&mut request);
+        let server = self.clone();
+        tokio::spawn(async move {
+            match upgrade.await {
+                Ok(upgraded) => {
+                    server
+                        .run_websocket(cached, protocol, TokioIo::new(upgraded))
+                        .await;
+                }
+                Err(e) => tracing::debug!(error = %e, "WebSocket upgrade failed"),
+            }
+        });
+        response
+    }
+
+    async fn run_websocket<T>(&self, cached: Cached, protocol: websocket::Protocol, io: T)
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let idle = self.config.idle_timeout;
+        let runtime = &self.runtime;
+        match cached {
+            Cached::Exec(request) => {
+                let wanted = wanted(request.tty, request.stdin, request.stdout, request.stderr);
+                websocket::remote_command(io, protocol, wanted, idle, |io| {
+                    runtime.exec(request, io)
+                })
+                .await;
+            }
+            Cached::Attach(request) => {
+                let wanted = wanted(request.tty, request.stdin, request.stdout, request.stderr);
+                websocket::remote_command(io, protocol, wanted, idle, |io| {
+                    runtime.attach(request, io)
+                })
+                .await;
+            }
+            Cached::PortForward(request) => {
+                // port_forward_url let only 1 to 65535 through.
+                let ports = request
+                    .port
+                    .iter()
+                    .filter_map(|p| u16::try_from(*p).ok())
+                    .collect();
+                websocket::port_forward(
+                    io,
+                    protocol,
+                    runtime.clone(),
+                    request.pod_sandbox_id,
+                    ports,
+                    idle,
+                )
+                .await;
+            }
+        }
     }
 
     async fn run<T>(&self, cached: Cached, protocol: &str, io: T)
@@ -334,10 +423,11 @@ fn new_token() -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
-/// The protocols a client offers: every `X-Stream-Protocol-Version`, comma lists split.
-fn offers(headers: &HeaderMap) -> Vec<String> {
+/// The protocols a client offers in header `name` (`X-Stream-Protocol-Version` for SPDY,
+/// `Sec-WebSocket-Protocol` for WebSocket): every one of them, comma lists split.
+pub(crate) fn offers(headers: &HeaderMap, name: impl header::AsHeaderName) -> Vec<String> {
     headers
-        .get_all(PROTOCOL_HEADER)
+        .get_all(name)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
@@ -346,17 +436,23 @@ fn offers(headers: &HeaderMap) -> Vec<String> {
         .collect()
 }
 
-fn is_spdy_upgrade(headers: &HeaderMap) -> bool {
-    let has = |name: header::HeaderName, want: &str| {
-        headers.get_all(name).iter().any(|v| {
-            v.to_str()
-                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(want)))
-        })
-    };
-    has(header::CONNECTION, "upgrade") && has(header::UPGRADE, "spdy/3.1")
+/// Whether header `name` lists `want` (in any case) among its comma-separated tokens.
+fn lists(headers: &HeaderMap, name: header::HeaderName, want: &str) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(want)))
+    })
 }
 
-fn plain(status: StatusCode, text: &str) -> Response<Full<Bytes>> {
+fn is_spdy_upgrade(headers: &HeaderMap) -> bool {
+    lists(headers, header::CONNECTION, "upgrade") && lists(headers, header::UPGRADE, "spdy/3.1")
+}
+
+fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
+    lists(headers, header::CONNECTION, "upgrade") && lists(headers, header::UPGRADE, "websocket")
+}
+
+pub(crate) fn plain(status: StatusCode, text: &str) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(format!("{text}\n"))));
     *response.status_mut() = status;
     response.headers_mut().insert(
@@ -402,7 +498,7 @@ mod tests {
         );
         headers.append(PROTOCOL_HEADER, "channel.k8s.io".parse().unwrap());
         assert_eq!(
-            offers(&headers),
+            offers(&headers, PROTOCOL_HEADER),
             ["v4.channel.k8s.io", "v3.channel.k8s.io", "channel.k8s.io"]
         );
     }

@@ -194,6 +194,18 @@ impl StreamWriter {
     }
 }
 
+impl crate::Output for StreamWriter {
+    async fn write(&self, data: Bytes) -> Result<(), crate::Gone> {
+        StreamWriter::write(self, data)
+            .await
+            .map_err(|_| crate::Gone)
+    }
+
+    async fn finish(&self) {
+        let _ = StreamWriter::finish(self).await;
+    }
+}
+
 /// A running session; dropping it closes the connection.
 pub struct Session {
     incoming: mpsc::Receiver<Stream>,

@@ -15,6 +15,7 @@ use streaming::{Config, Io, Outcome, Server};
 /// - `["exit", N]`: exit N;
 /// - `["sizes", N]`: the first N terminal sizes on stdout as `WxH\n`, exit 0;
 /// - `["wait"]`: runs until the client goes away (counted in `cancelled`).
+///
 /// Attach behaves as `cat`. `dial` connects to `127.0.0.1:<port>`.
 #[derive(Default)]
 pub struct Scripted {
@@ -68,7 +69,9 @@ impl streaming::Runtime for Scripted {
                     return Outcome::Failed("sizes needs a terminal and stdout".into());
                 };
                 for _ in 0..n {
-                    let Some(size) = sizes.recv().await else { break };
+                    let Some(size) = sizes.recv().await else {
+                        break;
+                    };
                     let line = format!("{}x{}\n", size.width, size.height);
                     let _ = out.send(Bytes::from(line)).await;
                 }
@@ -96,11 +99,7 @@ pub async fn server(config: Config) -> (Arc<Server<Scripted>>, Arc<AtomicUsize>)
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let runtime = Scripted::default();
     let cancelled = runtime.cancelled.clone();
-    let server = Arc::new(Server::new(
-        runtime,
-        config,
-        listener.local_addr().unwrap(),
-    ));
+    let server = Arc::new(Server::new(runtime, config, listener.local_addr().unwrap()));
     tokio::spawn(server.clone().serve(listener, std::future::pending()));
     (server, cancelled)
 }
