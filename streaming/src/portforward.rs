@@ -96,8 +96,13 @@ pub async fn serve<R: Runtime>(
             let (error, data) = (pair.error.expect("complete"), pair.data.expect("complete"));
             let runtime = runtime.clone();
             let sandbox = sandbox.clone();
+            let ended = session.ended();
             tokio::spawn(async move {
-                forward(&*runtime, &sandbox, key.port, error.output, data).await;
+                // A connection lives no longer than its session.
+                tokio::select! {
+                    () = forward(&*runtime, &sandbox, key.port, error.output, data) => {}
+                    () = ended => {}
+                }
             });
         }
     }

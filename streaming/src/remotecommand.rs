@@ -231,7 +231,19 @@ pub async fn serve<F, Fut>(
         stderr,
         resize,
     };
-    let outcome = run(io).await;
+    let ended = session.ended();
+    let outcome = tokio::select! {
+        outcome = run(io) => outcome,
+        () = ended => {
+            // Dropping `run` stops the command; nobody is left to tell.
+            tracing::info!("client went away; session ended");
+            for pump in pumps {
+                pump.abort();
+            }
+            session.close().await;
+            return;
+        }
+    };
     for pump in pumps {
         let _ = pump.await;
     }

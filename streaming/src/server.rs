@@ -16,9 +16,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 
-/// How long a URL stays usable.
-pub const TOKEN_TTL: Duration = Duration::from_secs(60);
-
 /// The most URLs handed out and not yet used.
 pub const MAX_PENDING: usize = 1000;
 
@@ -32,6 +29,8 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// How long a client has to open the streams of a session.
     pub stream_creation_timeout: Duration,
+    /// How long a URL stays usable.
+    pub token_ttl: Duration,
 }
 
 impl Default for Config {
@@ -39,6 +38,7 @@ impl Default for Config {
         Self {
             idle_timeout: Duration::from_secs(4 * 3600),
             stream_creation_timeout: Duration::from_secs(30),
+            token_ttl: Duration::from_secs(60),
         }
     }
 }
@@ -140,7 +140,7 @@ impl<R: Runtime> Server<R> {
             }
         };
         let url = format!("{}/{}/{token}", self.base, request.path());
-        pending.insert(token, (Instant::now() + TOKEN_TTL, request));
+        pending.insert(token, (Instant::now() + self.config.token_ttl, request));
         Ok(url)
     }
 

@@ -212,6 +212,7 @@ pub struct Session {
     out: mpsc::Sender<Out>,
     shared: Arc<Shared>,
     reader: tokio::task::JoinHandle<()>,
+    ended: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Session {
@@ -236,6 +237,7 @@ impl Session {
         });
         let (out, outbox) = mpsc::channel(64);
         let (accepted, incoming) = mpsc::channel(ACCEPT_QUEUE);
+        let (end, ended) = tokio::sync::watch::channel(false);
         tokio::spawn(write_frames(write, outbox, shared.clone()));
         let reader = Reader {
             streams: HashMap::new(),
@@ -245,6 +247,7 @@ impl Session {
             out: out.clone(),
             shared: shared.clone(),
             unacked: 0,
+            end,
         };
         let reader = tokio::spawn(reader.run(read, idle));
         Self {
@@ -252,6 +255,16 @@ impl Session {
             out,
             shared,
             reader,
+            ended,
+        }
+    }
+
+    /// Resolves once the client is gone: its connection closed or broke, or it was idle
+    /// too long. A session's work should stop then.
+    pub fn ended(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut ended = self.ended.clone();
+        async move {
+            let _ = ended.wait_for(|ended| *ended).await;
         }
     }
 
@@ -281,6 +294,8 @@ struct Reader {
     shared: Arc<Shared>,
     /// Session bytes delivered since the last session WINDOW_UPDATE.
     unacked: u32,
+    /// Set when the client is gone.
+    end: tokio::sync::watch::Sender<bool>,
 }
 
 impl Reader {
@@ -317,6 +332,7 @@ impl Reader {
         }
         self.streams.clear();
         self.accepted = None;
+        self.end.send_replace(true);
         // Drain until the client closes, so our close does not reset unread bytes.
         let mut sink = vec![0u8; 16 << 10];
         let _ = tokio::time::timeout(LINGER, async {
