@@ -61,6 +61,7 @@ start_runtimed() {
   mkdir -p "$work/net.d"
   cat >"$work/runtimed.toml" <<TOML
 pause_image = "${PAUSE_IMAGE:-registry.k8s.io/pause:3.10}"
+${RUNTIMED_EXTRA:-}
 
 [cni]
 conf_dir = "$work/net.d"

@@ -146,6 +146,18 @@ impl Node {
         stdout(&self.crictl_output(args))
     }
 
+    /// crictl with both endpoints set, to be given `args` and its stdio and run.
+    pub fn crictl_command(&self) -> Command {
+        let mut command = Command::new(tool("crictl"));
+        command
+            .arg("--runtime-endpoint")
+            .arg(format!("unix://{}", self.runtimed.socket.display()))
+            .arg("--image-endpoint")
+            .arg(format!("unix://{}", self.imaged_socket.display()))
+            .args(["--timeout", "60s"]);
+        command
+    }
+
     /// crictl with imaged as the image endpoint.
     pub fn crictl_output(&self, args: &[&str]) -> Output {
         let endpoint = format!("unix://{}", self.imaged_socket.display());

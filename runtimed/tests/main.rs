@@ -6,3 +6,4 @@ mod containers;
 mod daemon;
 mod harness;
 mod sandbox;
+mod streams;
