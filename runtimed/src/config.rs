@@ -361,6 +361,23 @@ mod tests {
         assert_eq!(config.image_socket(), Path::new("/run/imaged/imaged.sock"));
         assert_eq!(config.cgroup_driver, CgroupDriver::Cgroupfs);
         assert_eq!(config.runtimes.keys().collect::<Vec<_>>(), ["crun", "runc"]);
+        assert_eq!(config.stream_address(), "127.0.0.1:0".parse().unwrap());
+        assert_eq!(
+            config.stream_idle_timeout(),
+            std::time::Duration::from_secs(4 * 3600)
+        );
+    }
+
+    #[test]
+    fn stream_settings_take_addresses_and_go_durations() {
+        let config =
+            load("stream_server_address = \"[::1]:10010\"\nstream_idle_timeout = \"1h30m0s\"\n")
+                .unwrap();
+        assert_eq!(config.stream_address(), "[::1]:10010".parse().unwrap());
+        assert_eq!(
+            config.stream_idle_timeout(),
+            std::time::Duration::from_secs(5400)
+        );
     }
 
     #[test]
@@ -416,6 +433,12 @@ mod tests {
                 "runtimes.x.runtime_type",
             ),
             ("[cni]\nconfdir = \"/x\"\n", "confdir"),
+            (
+                "stream_server_address = \"localhost\"\n",
+                "stream_server_address",
+            ),
+            ("stream_idle_timeout = \"soon\"\n", "stream_idle_timeout"),
+            ("stream_idle_timeout = \"0s\"\n", "stream_idle_timeout"),
         ] {
             let err = load(text).unwrap_err().to_string();
             assert!(err.contains(needle), "{text}: {err}");

@@ -334,6 +334,21 @@ fn attach_carries_stdin_and_detaching_leaves_the_container_running() {
     }
 }
 
+/// `crictl port-forward` of `local` to the pod's `remote`, once crictl listens.
+fn port_forward(node: &Node, sandbox: &str, local: u16, remote: u16) -> Child {
+    let forward = node
+        .crictl_command()
+        .args(["port-forward", sandbox, &format!("{local}:{remote}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("crictl listens", || {
+        std::net::TcpStream::connect(("127.0.0.1", local)).is_ok()
+    });
+    forward
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -363,16 +378,7 @@ fn port_forward_carries_parallel_connections_and_reports_closed_ports() {
     let (fds, kids) = (open_fds(pid), children(pid));
 
     let local = free_port();
-    let mut forward = node
-        .crictl_command()
-        .args(["port-forward", &sandbox, &format!("{local}:8080")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_until("crictl listens", || {
-        std::net::TcpStream::connect(("127.0.0.1", local)).is_ok()
-    });
+    let mut forward = port_forward(&node, &sandbox, local, 8080);
     let gets: Vec<_> = (0..8)
         .map(|_| std::thread::spawn(move || get(local)))
         .collect();
@@ -385,16 +391,7 @@ fn port_forward_carries_parallel_connections_and_reports_closed_ports() {
     forward.wait().unwrap();
 
     let closed = free_port();
-    let mut forward = node
-        .crictl_command()
-        .args(["port-forward", &sandbox, &format!("{closed}:9999")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_until("crictl listens", || {
-        std::net::TcpStream::connect(("127.0.0.1", closed)).is_ok()
-    });
+    let mut forward = port_forward(&node, &sandbox, closed, 9999);
     let response = get(closed).unwrap_or_default();
     assert!(response.is_empty(), "nothing listens on 9999: {response}");
     std::thread::sleep(Duration::from_millis(500));

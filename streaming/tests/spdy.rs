@@ -263,6 +263,29 @@ async fn missing_streams_time_out_and_the_session_closes() {
 }
 
 #[tokio::test]
+async fn an_idle_session_is_closed() {
+    let config = Config {
+        idle_timeout: Duration::from_millis(300),
+        ..Config::default()
+    };
+    let (server, cancelled) = common::server(config).await;
+    let url = server.exec_url(exec(&["wait"], false, false)).unwrap();
+    let mut client = Client::connect(&url, "v4.channel.k8s.io").await;
+    for kind in ["error", "stdout", "stderr"] {
+        client.open(&[("streamtype", kind)]).await;
+    }
+    let mut seen = Seen::default();
+    client.gather(&mut seen, |_| false).await;
+    assert_eq!(seen.goaway, Some(0), "{seen:?}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        cancelled.load(Ordering::SeqCst),
+        1,
+        "the command ends with its session"
+    );
+}
+
+#[tokio::test]
 async fn pings_are_answered_and_bad_frames_end_the_session() {
     let (server, _) = common::server(Config::default()).await;
     let url = server.exec_url(exec(&["wait"], false, false)).unwrap();
