@@ -235,7 +235,7 @@ async fn a_client_that_vanishes_cancels_its_command() {
         client.open(&[("streamtype", kind)]).await;
     }
     let mut seen = Seen::default();
-    client.gather(&mut seen, |s| s.replied.len() == 3).await;
+    client.gather(&mut seen, |s| s.text(3) == "waiting").await;
     drop(client);
     for _ in 0..100 {
         if cancelled.load(Ordering::SeqCst) == 1 {
@@ -244,6 +244,58 @@ async fn a_client_that_vanishes_cancels_its_command() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("the command outlived its client");
+}
+
+#[tokio::test]
+async fn a_client_that_vanishes_while_its_input_is_unread_cancels_its_command() {
+    let (server, cancelled) = common::server(Config::default()).await;
+    let url = server.exec_url(exec(&["wait"], true, false)).unwrap();
+    let mut client = Client::connect(&url, "v4.channel.k8s.io").await;
+    let mut ids = Vec::new();
+    for kind in ["error", "stdin", "stdout", "stderr"] {
+        ids.push(client.open(&[("streamtype", kind)]).await);
+    }
+    let mut seen = Seen::default();
+    client
+        .gather(&mut seen, |s| s.text(ids[2]) == "waiting")
+        .await;
+    // Far more than the stream's queue holds; the command reads none of it.
+    for _ in 0..64 {
+        client.data(ids[1], &[b'x'; 1024], false).await;
+    }
+    drop(client);
+    for _ in 0..100 {
+        if cancelled.load(Ordering::SeqCst) == 1 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the command outlived its client");
+}
+
+#[tokio::test]
+async fn streams_beyond_what_the_session_takes_are_refused_and_it_carries_on() {
+    let (server, _) = common::server(Config::default()).await;
+    let url = server.exec_url(exec(&["cat"], true, false)).unwrap();
+    let mut client = Client::connect(&url, "v4.channel.k8s.io").await;
+    let mut ids = Vec::new();
+    for kind in ["error", "stdin", "stdout", "stderr"] {
+        ids.push(client.open(&[("streamtype", kind)]).await);
+    }
+    for _ in 0..100 {
+        client.open(&[("streamtype", "stdout")]).await;
+    }
+    client.data(ids[1], b"still here", true).await;
+    let mut seen = Seen::default();
+    client.gather(&mut seen, |_| false).await;
+    assert_eq!(seen.text(ids[2]), "still here");
+    assert!(
+        seen.resets
+            .iter()
+            .any(|(_, s)| *s == status::REFUSED_STREAM),
+        "{:?}",
+        seen.resets
+    );
 }
 
 #[tokio::test]

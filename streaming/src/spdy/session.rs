@@ -36,6 +36,9 @@ const STREAM_QUEUE: usize = 16;
 /// Streams accepted but not yet taken by [`Session::accept`].
 const ACCEPT_QUEUE: usize = 32;
 
+/// How much of the connection is read ahead while a stream's reader is slow.
+const BACKLOG: usize = 1 << 20;
+
 /// The most streams open at once on one session; beyond it SYN_STREAM is refused.
 pub const MAX_STREAMS: usize = 1000;
 
@@ -277,7 +280,8 @@ impl Session {
     /// closes once the client has read it.
     pub async fn close(self) {
         let _ = self.out.send(Out::Close(GOAWAY_OK)).await;
-        let _ = self.out.closed().await;
+        // A client that stopped reading cannot hold the session open.
+        let _ = tokio::time::timeout(LINGER, self.out.closed()).await;
         self.shared.more_credit.notify_waiters();
         if tokio::time::timeout(LINGER, self.reader).await.is_err() {
             tracing::debug!("client kept the session open after GOAWAY");
@@ -305,7 +309,7 @@ impl Reader {
             match Frame::decode(&mut buf) {
                 Ok(Some(frame)) => {
                     self.shared.touch();
-                    if !self.handle(frame).await {
+                    if !self.handle(frame, &mut read, &mut buf).await {
                         break;
                     }
                     continue;
@@ -341,13 +345,19 @@ impl Reader {
         .await;
     }
 
-    /// Acts on one frame; `false` ends the session.
-    async fn handle(&mut self, frame: Frame) -> bool {
+    /// Acts on one frame; `false` ends the session. `read` and `buf` are the connection
+    /// and what was read of it, for reading on while data waits for its stream's reader.
+    async fn handle<R: AsyncRead + Unpin>(
+        &mut self,
+        frame: Frame,
+        read: &mut R,
+        buf: &mut BytesMut,
+    ) -> bool {
         match frame {
             Frame::SynStream {
                 id, flags, headers, ..
             } => self.open(id, flags, &headers).await,
-            Frame::Data { id, flags, data } => self.data(id, flags, data).await,
+            Frame::Data { id, flags, data } => self.data(id, flags, data, read, buf).await,
             Frame::RstStream { id, .. } => {
                 self.streams.remove(&id);
                 self.shared.credit.lock().expect("credit").reset.insert(id);
@@ -418,20 +428,38 @@ impl Reader {
                 shared: self.shared.clone(),
             },
         };
+        // Never wait for the application here: one that stopped accepting (its streams
+        // are all there) must not stall the session's reading.
+        // The reply goes first, so that nothing the application writes can precede it.
         let _ = self.out.send(Out::Reply(id)).await;
-        if accepted.send(stream).await.is_err() {
-            self.accepted = None;
+        match accepted.try_send(stream) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.streams.remove(&id);
+                let _ = self.out.send(refuse(status::REFUSED_STREAM)).await;
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.streams.remove(&id);
+                self.accepted = None;
+                let _ = self.out.send(refuse(status::REFUSED_STREAM)).await;
+            }
         }
         true
     }
 
-    async fn data(&mut self, id: u32, flags: u8, data: Bytes) -> bool {
+    async fn data<R: AsyncRead + Unpin>(
+        &mut self,
+        id: u32,
+        flags: u8,
+        data: Bytes,
+        read: &mut R,
+        buf: &mut BytesMut,
+    ) -> bool {
         let len = data.len() as u32;
-        match self.streams.get(&id) {
+        match self.streams.get(&id).cloned() {
             Some(tx) => {
-                // A stream nobody reads any more swallows what still comes.
-                if !data.is_empty() {
-                    let _ = tx.send(data).await;
+                if !data.is_empty() && !deliver(&tx, data, read, buf).await {
+                    return false;
                 }
                 self.grant(id, len).await;
             }
@@ -506,6 +534,29 @@ impl Reader {
         }
         drop(credit);
         self.shared.more_credit.notify_waiters();
+    }
+}
+
+/// Hands `data` to a stream's reader (a stream nobody reads any more swallows it). While
+/// a slow reader holds it up, the connection is read on, up to [`BACKLOG`] bytes, so that a
+/// client that goes away is still noticed; `false` once it has.
+async fn deliver<R: AsyncRead + Unpin>(
+    tx: &mpsc::Sender<Bytes>,
+    data: Bytes,
+    read: &mut R,
+    buf: &mut BytesMut,
+) -> bool {
+    let send = tx.send(data);
+    tokio::pin!(send);
+    loop {
+        tokio::select! {
+            _ = &mut send => return true,
+            read = read.read_buf(buf), if buf.len() < BACKLOG => {
+                if !matches!(read, Ok(1..)) {
+                    return false;
+                }
+            }
+        }
     }
 }
 

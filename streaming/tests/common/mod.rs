@@ -14,7 +14,7 @@ use streaming::{Config, Io, Outcome, Server};
 /// - `["cat"]`: stdin copied to stdout until its end, exit 0;
 /// - `["exit", N]`: exit N;
 /// - `["sizes", N]`: the first N terminal sizes on stdout as `WxH\n`, exit 0;
-/// - `["wait"]`: runs until the client goes away (counted in `cancelled`).
+/// - `["wait"]`: `waiting` on stdout, then runs until dropped (counted in `cancelled`).
 ///
 /// Attach behaves as `cat`. `dial` connects to `127.0.0.1:<port>`.
 #[derive(Default)]
@@ -77,7 +77,12 @@ impl streaming::Runtime for Scripted {
                 }
                 Outcome::Exited(0)
             }
-            ["wait"] => std::future::pending().await,
+            ["wait"] => {
+                if let Some(out) = &io.stdout {
+                    let _ = out.send(Bytes::from_static(b"waiting")).await;
+                }
+                std::future::pending().await
+            }
             other => Outcome::Failed(format!("no such command {other:?}")),
         };
         guard.1 = true;
