@@ -50,7 +50,7 @@ fn crictl_reads_version_and_status() {
 }
 
 #[tokio::test]
-async fn runtime_config_and_not_yet_implemented_methods() {
+async fn runtime_config_and_unimplemented_methods() {
     let runtimed = Runtimed::start("cgroup_driver = \"systemd\"");
     let mut client = runtimed.client().await;
     let config = client
@@ -77,8 +77,16 @@ async fn runtime_config_and_not_yet_implemented_methods() {
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert!(status.message().contains("metadata"), "{status:?}");
     let status = client.exec(cri::ExecRequest::default()).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    let status = client
+        .checkpoint_container(cri::CheckpointContainerRequest::default())
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unimplemented);
-    assert!(status.message().contains("Exec"), "{status:?}");
+    assert!(
+        status.message().contains("CheckpointContainer"),
+        "{status:?}"
+    );
 }
 
 #[test]
