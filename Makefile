@@ -43,7 +43,7 @@ bench: deps
 	./scripts/bench.sh
 	./scripts/bench-pods.sh
 
-# Only the pod start benchmark (warm and cold pod starts, memory per pod) against containerd.
+# Only the pod benchmark (warm and cold pod starts, exec, memory per pod) against containerd.
 bench-pods: deps
 	$(CARGO) build --release -p imaged -p runtimed -p fixtures --bins
 	$(CARGO) build --release -p runtimed --example pod_latency

@@ -6,6 +6,8 @@
 #               line is in its CRI log file; busybox is already present;
 #   cold start  the same with PullImage after RunPodSandbox (the kubelet's order), busybox
 #               removed before each run; the pause image stays, as on a node;
+#   exec        `crictl exec CTR true` (the URL, the SPDY session, `runc exec`) and the
+#               rate of 256 MiB of output through crictl exec, in a running container;
 #   memory      each daemon's idle RSS, and per pod: 10 pods of one sleeping container,
 #               (daemon RSS growth + the RSS of every per-pod monitor process: conmon for
 #               runtimed, containerd-shim-runc-v2 for containerd) / 10.
@@ -181,11 +183,39 @@ measure() {
   sleep 1 # let the monitors settle after their start-up
   after=$(rss_kb "$@")
   read -r monitor_count monitor_kb < <(monitors "$monitor")
+  measure_exec "$name"
   "$client" "${endpoints[@]}" teardown
   printf -v "daemon_growth_kb_$name" '%s' "$((after - before))"
   printf -v "monitors_$name" '%s %s' "$monitor_count" "$monitor_kb"
   printf -v "pod_kb_$name" '%s' "$(((after - before + monitor_kb) / pod_count))"
 }
+
+# measure_exec NAME: through the streaming server, with crictl as the client, in one of the
+# running pods' containers: sets exec_NAME (seconds of each `crictl exec CTR true`) and
+# bulk_NAME (MB/s of 256 MiB from `head -c` read back through crictl exec).
+measure_exec() {
+  local name=$1 id i start end bytes
+  local -n endpoints="${name}_endpoints"
+  id=$("$crictl" "${endpoints[@]}" ps -q | head -n 1)
+  echo "$name: exec" >&2
+  "$crictl" "${endpoints[@]}" exec "$id" true
+  local times=()
+  for i in $(seq 1 "$runs"); do
+    start=$(date +%s.%N)
+    "$crictl" "${endpoints[@]}" exec "$id" true
+    end=$(date +%s.%N)
+    times+=("$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.4f", b - a }')")
+  done
+  printf -v "exec_$name" '%s' "${times[*]}"
+  start=$(date +%s.%N)
+  bytes=$("$crictl" "${endpoints[@]}" exec "$id" head -c 268435456 /dev/zero | wc -c)
+  end=$(date +%s.%N)
+  [ "$bytes" = 268435456 ] || { echo "$name: exec carried $bytes of 268435456 bytes" >&2; exit 1; }
+  printf -v "bulk_$name" '%s' "$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.0f", 256 / (b - a) }')"
+}
+
+crictl=crictl
+[ -x target/tools/crictl ] && crictl=target/tools/crictl
 
 start_registry demo
 pause_image=$registry/demo/pause:latest
@@ -288,6 +318,8 @@ ip link delete bench1 2>/dev/null || true
   warm_c=$(median $warm_containerd)
   cold_r=$(median $cold_runtimed)
   cold_c=$(median $cold_containerd)
+  exec_r=$(median $exec_runtimed)
+  exec_c=$(median $exec_containerd)
 }
 idle_kb_both=$((idle_kb_runtimed + idle_kb_imaged))
 # shellcheck disable=SC2154 # measure sets them
@@ -303,6 +335,10 @@ idle_kb_both=$((idle_kb_runtimed + idle_kb_imaged))
 printf '\n%-28s %16s %12s %16s\n' "median of $runs runs" runtimed+imaged containerd runtimed/ctrd
 printf '%-28s %16s %12s %16s\n' "warm pod start, s" "$warm_r" "$warm_c" "$(ratio "$warm_r" "$warm_c")"
 printf '%-28s %16s %12s %16s\n' "cold pod start, s" "$cold_r" "$cold_c" "$(ratio "$cold_r" "$cold_c")"
+printf '%-28s %16s %12s %16s\n' "crictl exec true, s" "$exec_r" "$exec_c" "$(ratio "$exec_r" "$exec_c")"
+# shellcheck disable=SC2154 # measure_exec sets them
+printf '%-28s %16s %12s %16s\n' "exec output, MB/s" "$bulk_runtimed" "$bulk_containerd" \
+  "$(ratio "$bulk_runtimed" "$bulk_containerd")"
 printf '%-28s %16s %12s %16s\n' "idle RSS, MB" "$(mb "$idle_kb_both")" "$(mb "$idle_kb_containerd")" \
   "$(ratio "$idle_kb_both" "$idle_kb_containerd")"
 printf '%-28s %16s %12s %16s\n' "memory per pod, MB" "$pod_r" "$pod_c" \
@@ -327,6 +363,10 @@ cat >"$json" <<JSON
     "runs": {"runtimed_imaged": [$(list "$warm_runtimed")], "containerd": [$(list "$warm_containerd")]}},
   "cold_start_s": {"runtimed_imaged": $cold_r, "containerd": $cold_c, "ratio": $(ratio "$cold_r" "$cold_c"),
     "runs": {"runtimed_imaged": [$(list "$cold_runtimed")], "containerd": [$(list "$cold_containerd")]}},
+  "exec_true_s": {"runtimed_imaged": $exec_r, "containerd": $exec_c, "ratio": $(ratio "$exec_r" "$exec_c"),
+    "runs": {"runtimed_imaged": [$(list "$exec_runtimed")], "containerd": [$(list "$exec_containerd")]}},
+  "exec_output_mb_s": {"runtimed_imaged": $bulk_runtimed, "containerd": $bulk_containerd,
+    "ratio": $(ratio "$bulk_runtimed" "$bulk_containerd")},
   "idle_rss_mb": {"runtimed": $(mb "$idle_kb_runtimed"), "imaged": $(mb "$idle_kb_imaged"),
     "runtimed_imaged": $(mb "$idle_kb_both"), "containerd": $(mb "$idle_kb_containerd"),
     "ratio": $(ratio "$idle_kb_both" "$idle_kb_containerd")},

@@ -48,6 +48,9 @@ pub async fn exec(
         exited: false,
     };
     let mut command = tokio::process::Command::from(runtime.command());
+    // Dropped before the runtime wrote the pid file, the runtime itself must go, or it
+    // would still start the command.
+    command.kill_on_drop(true);
     command
         .arg("exec")
         .arg("--process")
