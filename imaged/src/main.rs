@@ -69,6 +69,21 @@ enum Command {
         #[arg(required = true)]
         images: Vec<String>,
     },
+    /// Mount an image's root filesystem on a directory (read-only unless --rw).
+    Mount {
+        /// Name, digest reference or id of a pulled image.
+        image: String,
+        /// An existing directory.
+        dir: PathBuf,
+        /// A writable snapshot on top of the image; what is written goes at unmount.
+        #[arg(long)]
+        rw: bool,
+    },
+    /// Unmount what `imaged mount` put on a directory and remove its snapshot.
+    Unmount {
+        /// The directory.
+        dir: PathBuf,
+    },
     /// Show the image filesystem usage.
     Fsinfo {
         /// Output format.
@@ -124,6 +139,8 @@ async fn client(socket: &std::path::Path, command: Command) -> anyhow::Result<()
         Command::Inspect { image, output } => cli::inspect(channel, &image, output).await?,
         Command::Rmi { images } => cli::remove(channel, &images).await?,
         Command::Fsinfo { output } => cli::fs_info(channel, output).await?,
+        Command::Mount { image, dir, rw } => cli::mount(channel, &image, &dir, rw).await?,
+        Command::Unmount { dir } => cli::unmount(channel, &dir).await?,
         Command::Serve { .. } | Command::Config { .. } | Command::Hosts { .. } => {
             unreachable!("handled without a connection")
         }

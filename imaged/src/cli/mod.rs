@@ -1,9 +1,11 @@
 //! Client commands of the `imaged` binary: they talk CRI (and the internal API for pull
 //! progress) to a running daemon's socket.
 
+mod mount;
 mod output;
 mod pull;
 
+pub use mount::{mount, unmount};
 pub use output::{Format, human_size};
 pub use pull::pull;
 

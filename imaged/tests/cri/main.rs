@@ -7,5 +7,6 @@ mod errors;
 mod harness;
 mod internal;
 mod mirrors;
+mod mount;
 mod names;
 mod pull;
