@@ -46,8 +46,8 @@ fn url_status(error: streaming::RequestError) -> Status {
     }
 }
 
-fn not_yet(method: &str) -> Status {
-    Status::unimplemented(format!("runtimed does not implement {method} yet"))
+fn unimplemented(method: &str) -> Status {
+    Status::unimplemented(format!("runtimed does not implement {method}"))
 }
 
 type Events = Pin<Box<dyn Stream<Item = Result<cri::ContainerEventResponse, Status>> + Send>>;
@@ -329,7 +329,7 @@ impl runtime_service_server::RuntimeService for CriRuntimeService {
         &self,
         _request: Request<cri::GetEventsRequest>,
     ) -> Result<Response<Events>, Status> {
-        Err(not_yet("GetContainerEvents"))
+        Err(unimplemented("GetContainerEvents"))
     }
 
     async fn exec(
@@ -365,12 +365,10 @@ impl runtime_service_server::RuntimeService for CriRuntimeService {
         &self,
         request: Request<cri::PortForwardRequest>,
     ) -> Result<Response<cri::PortForwardResponse>, Status> {
-        let request = request.into_inner();
-        let id = sandbox_id(request.pod_sandbox_id.clone());
-        self.service
-            .forwarding_netns(&id)
-            .await
-            .map_err(|e| e.to_status())?;
+        let mut request = request.into_inner();
+        let id = sandbox_id(std::mem::take(&mut request.pod_sandbox_id));
+        let target = self.service.forwarding_netns(&id).await;
+        request.pod_sandbox_id = target.map_err(|e| e.to_status())?.0;
         let url = self.streams.port_forward_url(request).map_err(url_status)?;
         Ok(Response::new(cri::PortForwardResponse { url }))
     }
@@ -379,20 +377,20 @@ impl runtime_service_server::RuntimeService for CriRuntimeService {
         &self,
         _request: Request<cri::CheckpointContainerRequest>,
     ) -> Result<Response<cri::CheckpointContainerResponse>, Status> {
-        Err(not_yet("CheckpointContainer"))
+        Err(unimplemented("CheckpointContainer"))
     }
 
     async fn list_metric_descriptors(
         &self,
         _request: Request<cri::ListMetricDescriptorsRequest>,
     ) -> Result<Response<cri::ListMetricDescriptorsResponse>, Status> {
-        Err(not_yet("ListMetricDescriptors"))
+        Err(unimplemented("ListMetricDescriptors"))
     }
 
     async fn list_pod_sandbox_metrics(
         &self,
         _request: Request<cri::ListPodSandboxMetricsRequest>,
     ) -> Result<Response<cri::ListPodSandboxMetricsResponse>, Status> {
-        Err(not_yet("ListPodSandboxMetrics"))
+        Err(unimplemented("ListPodSandboxMetrics"))
     }
 }

@@ -68,9 +68,9 @@ pub(crate) trait Output: Send + Sync + 'static {
 
 /// What the streaming server needs from the runtime behind it.
 pub trait Runtime: Send + Sync + 'static {
-    /// Runs the request's command in its container with `io`, until the command exits
-    /// or the client goes away (then `io`'s stdin closes and its senders fail; the
-    /// command must be killed).
+    /// Runs the request's command in its container with `io` until the command exits.
+    /// When the client goes away first, the returned future is dropped: the command must
+    /// be killed when it is (in a `Drop`), since nothing else will tell.
     fn exec(&self, request: cri::ExecRequest, io: Io) -> impl Future<Output = Outcome> + Send;
 
     /// Joins the container's stdio until the container exits or the client detaches

@@ -14,6 +14,10 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
+/// Connections one session dials at once; the others wait their turn (each dial may take
+/// a thread of the runtime's for seconds).
+const MAX_DIALS: usize = 16;
+
 /// The two streams of one forwarded connection, as they arrive.
 #[derive(Default)]
 struct Pair {
@@ -61,6 +65,7 @@ pub async fn serve<R: Runtime>(
     timeout: Duration,
 ) {
     let mut pairs: HashMap<String, Pair> = HashMap::new();
+    let dials = Arc::new(tokio::sync::Semaphore::new(MAX_DIALS));
     let mut sweep = tokio::time::interval(timeout.max(Duration::from_millis(100)) / 2);
     loop {
         let stream = tokio::select! {
@@ -97,10 +102,11 @@ pub async fn serve<R: Runtime>(
             let runtime = runtime.clone();
             let sandbox = sandbox.clone();
             let ended = session.ended();
+            let dials = dials.clone();
             tokio::spawn(async move {
                 // A connection lives no longer than its session.
                 tokio::select! {
-                    () = forward(&*runtime, &sandbox, key.port, error.output, data) => {}
+                    () = forward(&*runtime, &sandbox, key.port, error.output, data, &dials) => {}
                     () = ended => {}
                 }
             });
@@ -131,8 +137,13 @@ async fn forward<R: Runtime>(
     port: u16,
     error: StreamWriter,
     data: Stream,
+    dials: &tokio::sync::Semaphore,
 ) {
-    let tcp = match runtime.dial(sandbox, port).await {
+    let dialled = match dials.acquire().await {
+        Ok(_turn) => runtime.dial(sandbox, port).await,
+        Err(_) => return,
+    };
+    let tcp = match dialled {
         Ok(tcp) => tcp,
         Err(e) => {
             let text = failure(port, sandbox, &e);

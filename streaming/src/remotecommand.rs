@@ -2,6 +2,7 @@
 //! channel (`error`, `stdin`, `stdout`, `stderr`, `resize`), the server runs the command,
 //! ends stdout and stderr, writes how it ended on the error stream and closes.
 
+use crate::spdy::frame::status::REFUSED_STREAM;
 use crate::spdy::{Session, Stream, StreamWriter};
 use crate::{Io, Outcome, Output, TerminalSize};
 use bytes::{Bytes, BytesMut};
@@ -146,13 +147,13 @@ struct Streams {
 }
 
 impl Streams {
-    /// Files `stream` by its `streamtype`; `false` for a type the protocol lacks.
-    fn file(&mut self, stream: Stream, version: Version) -> bool {
+    /// Files `stream` by its `streamtype`; gives it back when the protocol lacks the type.
+    fn file(&mut self, stream: Stream, version: Version) -> Option<Stream> {
         let kind = stream.headers.get("streamtype").unwrap_or_default();
         let slot = match kind {
             "error" => {
                 self.error = Some(stream.output);
-                return true;
+                return None;
             }
             "stdin" => &mut self.stdin,
             "stdout" => &mut self.stdout,
@@ -160,11 +161,11 @@ impl Streams {
             "resize" if version.resizes() => &mut self.resize,
             other => {
                 tracing::debug!(stream = stream.id, kind = other, "unexpected stream type");
-                return false;
+                return Some(stream);
             }
         };
         *slot = Some(stream);
-        true
+        None
     }
 }
 
@@ -192,7 +193,10 @@ pub async fn serve<F, Fut>(
             let Some(stream) = session.accept().await else {
                 return false;
             };
-            count += usize::from(streams.file(stream, version));
+            match streams.file(stream, version) {
+                None => count += 1,
+                Some(unwanted) => unwanted.output.reset(REFUSED_STREAM).await,
+            }
         }
         true
     })
@@ -244,14 +248,21 @@ pub async fn serve<F, Fut>(
             return;
         }
     };
-    for pump in pumps {
-        let _ = pump.await;
-    }
-    if let Some(error) = streams.error {
-        if let Some(text) = status(version, &outcome) {
-            let _ = error.write(Bytes::from(text)).await;
+    // A client that stops reading must not hold the session here either.
+    let report = async {
+        for pump in pumps {
+            let _ = pump.await;
         }
-        let _ = error.finish().await;
+        if let Some(error) = streams.error {
+            if let Some(text) = status(version, &outcome) {
+                let _ = error.write(Bytes::from(text)).await;
+            }
+            let _ = error.finish().await;
+        }
+    };
+    tokio::select! {
+        () = report => {}
+        () = session.ended() => {}
     }
     session.close().await;
 }

@@ -21,9 +21,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 const STDIN: u8 = 0;
@@ -37,6 +37,17 @@ const CLOSE_SIGNAL: u8 = 255;
 
 /// The most ports one port-forward session carries: two channels each, numbered in a byte.
 pub(crate) const MAX_PORTS: usize = 128;
+
+/// The largest message and frame a client may send: the SPDY side's frame limit, well
+/// above what the Kubernetes clients write at once.
+const MAX_MESSAGE: usize = 1 << 20;
+
+/// tungstenite's settings with this server's size limits.
+fn limits() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(MAX_MESSAGE))
+        .max_frame_size(Some(MAX_MESSAGE))
+}
 
 /// How long a closed session waits for the client's close frame before it drops the
 /// connection.
@@ -188,7 +199,7 @@ pub(crate) async fn remote_command<T, F, Fut>(
     F: FnOnce(Io) -> Fut,
     Fut: Future<Output = Outcome>,
 {
-    let ws = WebSocketStream::from_raw_socket(io, Role::Server, None).await;
+    let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(limits())).await;
     let (stdin_tx, stdin) = if wanted.stdin {
         let (tx, rx) = mpsc::channel(8);
         (Some(tx), Some(rx))
@@ -265,7 +276,7 @@ pub(crate) async fn port_forward<T, R: Runtime>(
 ) where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let ws = WebSocketStream::from_raw_socket(io, Role::Server, None).await;
+    let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(limits())).await;
     let mut inputs = Vec::with_capacity(2 * ports.len());
     let mut data = Vec::with_capacity(ports.len());
     for _ in &ports {
@@ -530,7 +541,11 @@ async fn read_messages<S>(
         };
         activity.touch();
         match decode(protocol, inputs.len(), data) {
-            Incoming::Data(channel, payload) => deliver(&mut inputs, channel, payload).await,
+            Incoming::Data(channel, payload) => {
+                if !deliver(&mut inputs, channel, payload, &activity, idle).await {
+                    return;
+                }
+            }
             Incoming::Close(channel) => inputs[channel] = None,
             Incoming::Ignored => {}
             Incoming::Broken(why) => {
@@ -578,19 +593,36 @@ fn decode(protocol: Protocol, channels: usize, mut data: Bytes) -> Incoming {
     }
 }
 
-/// Hands `payload` to the input of `channel`; a channel nobody reads drops it.
-async fn deliver(inputs: &mut [Option<mpsc::Sender<Bytes>>], channel: usize, payload: Bytes) {
+/// Hands `payload` to the input of `channel`; a channel nobody reads drops it. `false`
+/// when the channel's reader took nothing for the idle timeout: the session ends then, so
+/// a client that left with input unread is not waited for longer than that.
+async fn deliver(
+    inputs: &mut [Option<mpsc::Sender<Bytes>>],
+    channel: usize,
+    payload: Bytes,
+    activity: &Activity,
+    idle: Duration,
+) -> bool {
     let Some(slot) = inputs.get_mut(channel) else {
-        return;
+        return true;
     };
     let Some(tx) = slot else {
-        return;
+        return true;
     };
     if payload.is_empty() {
-        return;
+        return true;
     }
-    if tx.send(payload).await.is_err() {
-        *slot = None;
+    tokio::select! {
+        sent = tx.send(payload) => {
+            if sent.is_err() {
+                *slot = None;
+            }
+            true
+        }
+        () = activity.expired(idle) => {
+            tracing::debug!(?idle, "a WebSocket channel's reader stalled; closing");
+            false
+        }
     }
 }
 

@@ -273,6 +273,43 @@ async fn a_client_that_vanishes_while_its_input_is_unread_cancels_its_command() 
     panic!("the command outlived its client");
 }
 
+/// A session whose client holds the connection open but has gone quiet.
+async fn quiet_client_is_dropped_by_the_idle_timeout(cmd: &[&str], stdin_flood: usize) {
+    let config = Config {
+        idle_timeout: Duration::from_millis(500),
+        ..Config::default()
+    };
+    let (server, cancelled) = common::server(config).await;
+    let url = server.exec_url(exec(cmd, true, false)).unwrap();
+    let mut client = Client::connect(&url, "v4.channel.k8s.io").await;
+    let mut ids = Vec::new();
+    for kind in ["error", "stdin", "stdout", "stderr"] {
+        ids.push(client.open(&[("streamtype", kind)]).await);
+    }
+    for _ in 0..stdin_flood {
+        client.data(ids[1], &[b'x'; 32 << 10], false).await;
+    }
+    // The client stays connected and reads nothing more.
+    for _ in 0..250 {
+        if cancelled.load(Ordering::SeqCst) == 1 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the command outlived its quiet client");
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_output_is_let_go_after_the_idle_timeout() {
+    quiet_client_is_dropped_by_the_idle_timeout(&["flood"], 0).await;
+}
+
+#[tokio::test]
+async fn a_client_whose_input_outruns_the_command_by_far_is_let_go_after_the_idle_timeout() {
+    // 2 MiB: past the 1 MiB the session reads ahead.
+    quiet_client_is_dropped_by_the_idle_timeout(&["wait"], 64).await;
+}
+
 #[tokio::test]
 async fn streams_beyond_what_the_session_takes_are_refused_and_it_carries_on() {
     let (server, _) = common::server(Config::default()).await;

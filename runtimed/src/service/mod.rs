@@ -501,9 +501,10 @@ impl RuntimeService {
         }
     }
 
-    /// The network namespace port forwarding dials into for sandbox `id`: `None` for a
-    /// host-network pod. FailedPrecondition unless the pod is ready.
-    pub async fn forwarding_netns(&self, id: &str) -> Result<Option<PathBuf>, Error> {
+    /// Sandbox `id` (or a unique prefix) by its full id, and the network namespace port
+    /// forwarding dials into: `None` for a host-network pod. FailedPrecondition unless the
+    /// pod is ready.
+    pub async fn forwarding_netns(&self, id: &str) -> Result<(String, Option<PathBuf>), Error> {
         let sandbox = self.find(id).await?.ok_or_else(|| Error::NotFound {
             what: "pod sandbox",
             id: id.into(),
@@ -515,14 +516,15 @@ impl RuntimeService {
             )));
         }
         if sandbox.host_network() {
-            return Ok(None);
+            return Ok((sandbox.id, None));
         }
-        sandbox.netns.clone().map(Some).ok_or_else(|| {
-            Error::FailedPrecondition(format!(
+        match sandbox.netns.clone() {
+            Some(netns) => Ok((sandbox.id, Some(netns))),
+            None => Err(Error::FailedPrecondition(format!(
                 "pod sandbox {} has no network namespace",
                 sandbox.id
-            ))
-        })
+            ))),
+        }
     }
 
     /// The sandbox whose id is `id` or starts with it (unique prefixes, as crictl sends).

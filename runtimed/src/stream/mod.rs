@@ -46,7 +46,7 @@ impl streaming::Runtime for Streamer {
     }
 
     async fn dial(&self, sandbox_id: &str, port: u16) -> std::io::Result<tokio::net::TcpStream> {
-        let netns = self
+        let (_, netns) = self
             .0
             .forwarding_netns(sandbox_id)
             .await

@@ -62,18 +62,22 @@ pub struct Stream {
 struct Shared {
     credit: Mutex<Credit>,
     more_credit: Notify,
+    /// Set once the client is gone (or the session ended): work for it should stop.
+    end: tokio::sync::watch::Sender<bool>,
     /// Milliseconds since `epoch` at the last frame in either direction.
     last_active: AtomicU64,
     epoch: Instant,
 }
 
 /// Send windows (§2.6.8); kept from the start, enforced once the peer shows it uses them.
+/// `streams` holds exactly the streams this side may still write on: an entry is made when
+/// a stream is accepted and goes at its FIN or reset, so nothing a client sends about other
+/// ids is kept.
 struct Credit {
     enforced: bool,
     initial: i64,
     session: i64,
     streams: HashMap<u32, i64>,
-    reset: std::collections::HashSet<u32>,
 }
 
 impl Shared {
@@ -125,22 +129,20 @@ impl StreamWriter {
 
     /// Ends this side of the stream (an empty DATA frame with FIN).
     pub async fn finish(&self) -> Result<(), Closed> {
-        self.send(Frame::Data {
-            id: self.id,
-            flags: FLAG_FIN,
-            data: Bytes::new(),
-        })
-        .await
+        let sent = self
+            .send(Frame::Data {
+                id: self.id,
+                flags: FLAG_FIN,
+                data: Bytes::new(),
+            })
+            .await;
+        self.forget();
+        sent
     }
 
     /// Resets the stream with `status` (one of [`super::frame::status`]).
     pub async fn reset(&self, status: u32) {
-        self.shared
-            .credit
-            .lock()
-            .expect("credit")
-            .reset
-            .insert(self.id);
+        self.forget();
         let _ = self
             .out
             .send(Out::Frame(Frame::RstStream {
@@ -151,7 +153,7 @@ impl StreamWriter {
     }
 
     async fn send(&self, frame: Frame) -> Result<(), Closed> {
-        if self.is_reset() {
+        if !self.is_open() {
             return Err(Closed(self.id));
         }
         self.out
@@ -160,13 +162,20 @@ impl StreamWriter {
             .map_err(|_| Closed(self.id))
     }
 
-    fn is_reset(&self) -> bool {
+    fn is_open(&self) -> bool {
+        let credit = self.shared.credit.lock().expect("credit");
+        credit.streams.contains_key(&self.id)
+    }
+
+    /// This side is done with the stream.
+    fn forget(&self) {
         self.shared
             .credit
             .lock()
             .expect("credit")
-            .reset
-            .contains(&self.id)
+            .streams
+            .remove(&self.id);
+        self.shared.more_credit.notify_waiters();
     }
 
     /// Up to `want` bytes of credit; all of it when the peer does not use flow control.
@@ -175,11 +184,12 @@ impl StreamWriter {
             let notified = self.shared.more_credit.notified();
             {
                 let mut credit = self.shared.credit.lock().expect("credit");
-                if credit.reset.contains(&self.id) || self.out.is_closed() {
+                let Some(&stream) = credit.streams.get(&self.id) else {
+                    return Err(Closed(self.id));
+                };
+                if self.out.is_closed() {
                     return Err(Closed(self.id));
                 }
-                let initial = credit.initial;
-                let stream = *credit.streams.entry(self.id).or_insert(initial);
                 let allowed = stream.min(credit.session);
                 let n = if credit.enforced {
                     want.min(allowed.max(0) as usize)
@@ -209,13 +219,22 @@ impl crate::Output for StreamWriter {
     }
 }
 
-/// A running session; dropping it closes the connection.
+/// A running session; dropping it drops the connection.
 pub struct Session {
     incoming: mpsc::Receiver<Stream>,
     out: mpsc::Sender<Out>,
     shared: Arc<Shared>,
     reader: tokio::task::JoinHandle<()>,
-    ended: tokio::sync::watch::Receiver<bool>,
+    writer: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.shared.end.send_replace(true);
+        self.shared.more_credit.notify_waiters();
+        self.reader.abort();
+        self.writer.abort();
+    }
 }
 
 impl Session {
@@ -232,16 +251,15 @@ impl Session {
                 initial: DEFAULT_WINDOW,
                 session: DEFAULT_WINDOW,
                 streams: HashMap::new(),
-                reset: Default::default(),
             }),
             more_credit: Notify::new(),
+            end: tokio::sync::watch::channel(false).0,
             last_active: AtomicU64::new(0),
             epoch: Instant::now(),
         });
         let (out, outbox) = mpsc::channel(64);
         let (accepted, incoming) = mpsc::channel(ACCEPT_QUEUE);
-        let (end, ended) = tokio::sync::watch::channel(false);
-        tokio::spawn(write_frames(write, outbox, shared.clone()));
+        let writer = tokio::spawn(write_frames(write, outbox, shared.clone()));
         let reader = Reader {
             streams: HashMap::new(),
             last_id: 0,
@@ -250,22 +268,22 @@ impl Session {
             out: out.clone(),
             shared: shared.clone(),
             unacked: 0,
-            end,
+            idle,
         };
-        let reader = tokio::spawn(reader.run(read, idle));
+        let reader = tokio::spawn(reader.run(read));
         Self {
             incoming,
             out,
             shared,
             reader,
-            ended,
+            writer,
         }
     }
 
     /// Resolves once the client is gone: its connection closed or broke, or it was idle
     /// too long. A session's work should stop then.
     pub fn ended(&self) -> impl Future<Output = ()> + Send + 'static {
-        let mut ended = self.ended.clone();
+        let mut ended = self.shared.end.subscribe();
         async move {
             let _ = ended.wait_for(|ended| *ended).await;
         }
@@ -278,12 +296,19 @@ impl Session {
 
     /// Ends the session: GOAWAY after everything already written, then the connection
     /// closes once the client has read it.
-    pub async fn close(self) {
-        let _ = self.out.send(Out::Close(GOAWAY_OK)).await;
-        // A client that stopped reading cannot hold the session open.
-        let _ = tokio::time::timeout(LINGER, self.out.closed()).await;
+    pub async fn close(mut self) {
+        // A client that stopped reading cannot hold the session open: each wait is
+        // bounded, and dropping the session then drops the connection.
+        let _ = tokio::time::timeout(LINGER, async {
+            let _ = self.out.send(Out::Close(GOAWAY_OK)).await;
+            self.out.closed().await;
+        })
+        .await;
         self.shared.more_credit.notify_waiters();
-        if tokio::time::timeout(LINGER, self.reader).await.is_err() {
+        if tokio::time::timeout(LINGER, &mut self.reader)
+            .await
+            .is_err()
+        {
             tracing::debug!("client kept the session open after GOAWAY");
         }
     }
@@ -298,12 +323,13 @@ struct Reader {
     shared: Arc<Shared>,
     /// Session bytes delivered since the last session WINDOW_UPDATE.
     unacked: u32,
-    /// Set when the client is gone.
-    end: tokio::sync::watch::Sender<bool>,
+    /// A session with no traffic for this long ends.
+    idle: Duration,
 }
 
 impl Reader {
-    async fn run<R: AsyncRead + Unpin>(mut self, mut read: R, idle: Duration) {
+    async fn run<R: AsyncRead + Unpin>(mut self, mut read: R) {
+        let idle = self.idle;
         let mut buf = BytesMut::with_capacity(64 << 10);
         loop {
             match Frame::decode(&mut buf) {
@@ -317,7 +343,7 @@ impl Reader {
                 Ok(None) => {}
                 Err(e) => {
                     tracing::debug!(error = %e, "SPDY client sent a bad frame");
-                    let _ = self.out.send(Out::Close(GOAWAY_PROTOCOL_ERROR)).await;
+                    self.close(GOAWAY_PROTOCOL_ERROR);
                     break;
                 }
             }
@@ -325,7 +351,7 @@ impl Reader {
                 read = read.read_buf(&mut buf) => read,
                 () = idle_expired(&self.shared, idle) => {
                     tracing::debug!(?idle, "SPDY session idle; closing");
-                    let _ = self.out.send(Out::Close(GOAWAY_OK)).await;
+                    self.close(GOAWAY_OK);
                     break;
                 }
             };
@@ -336,7 +362,7 @@ impl Reader {
         }
         self.streams.clear();
         self.accepted = None;
-        self.end.send_replace(true);
+        self.shared.end.send_replace(true);
         // Drain until the client closes, so our close does not reset unread bytes.
         let mut sink = vec![0u8; 16 << 10];
         let _ = tokio::time::timeout(LINGER, async {
@@ -360,7 +386,12 @@ impl Reader {
             Frame::Data { id, flags, data } => self.data(id, flags, data, read, buf).await,
             Frame::RstStream { id, .. } => {
                 self.streams.remove(&id);
-                self.shared.credit.lock().expect("credit").reset.insert(id);
+                self.shared
+                    .credit
+                    .lock()
+                    .expect("credit")
+                    .streams
+                    .remove(&id);
                 self.shared.more_credit.notify_waiters();
                 true
             }
@@ -396,7 +427,7 @@ impl Reader {
             Ok(headers) => headers,
             Err(e) => {
                 tracing::debug!(stream = id, error = %e, "SPDY client sent bad headers");
-                let _ = self.out.send(Out::Close(GOAWAY_PROTOCOL_ERROR)).await;
+                self.close(GOAWAY_PROTOCOL_ERROR);
                 return false;
             }
         };
@@ -410,7 +441,7 @@ impl Reader {
             let _ = self.out.send(refuse(status::REFUSED_STREAM)).await;
             return true;
         };
-        if self.streams.len() >= MAX_STREAMS {
+        if !self.track(id) {
             let _ = self.out.send(refuse(status::REFUSED_STREAM)).await;
             return true;
         }
@@ -434,13 +465,17 @@ impl Reader {
         let _ = self.out.send(Out::Reply(id)).await;
         match accepted.try_send(stream) {
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(refused) => {
+                if matches!(refused, mpsc::error::TrySendError::Closed(_)) {
+                    self.accepted = None;
+                }
                 self.streams.remove(&id);
-                let _ = self.out.send(refuse(status::REFUSED_STREAM)).await;
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.streams.remove(&id);
-                self.accepted = None;
+                self.shared
+                    .credit
+                    .lock()
+                    .expect("credit")
+                    .streams
+                    .remove(&id);
                 let _ = self.out.send(refuse(status::REFUSED_STREAM)).await;
             }
         }
@@ -456,34 +491,66 @@ impl Reader {
         buf: &mut BytesMut,
     ) -> bool {
         let len = data.len() as u32;
-        match self.streams.get(&id).cloned() {
-            Some(tx) => {
-                if !data.is_empty() && !deliver(&tx, data, read, buf).await {
-                    return false;
-                }
-                self.grant(id, len).await;
+        // Data on a stream that is closed or was never opened is dropped, unanswered.
+        if let Some(tx) = self.streams.get(&id).cloned() {
+            if !data.is_empty() && !self.deliver(&tx, data, read, buf).await {
+                return false;
             }
-            None if self
-                .shared
-                .credit
-                .lock()
-                .expect("credit")
-                .reset
-                .contains(&id) => {}
-            None => {
-                let _ = self
-                    .out
-                    .send(Out::Frame(Frame::RstStream {
-                        id,
-                        status: status::INVALID_STREAM,
-                    }))
-                    .await;
-            }
+            self.grant(id, len).await;
         }
         if flags & FLAG_FIN != 0 {
             self.streams.remove(&id);
         }
         true
+    }
+
+    /// Hands `data` to a stream's reader (a stream nobody reads any more swallows it).
+    /// While a slow reader holds it up, the connection is read on, up to [`BACKLOG`]
+    /// bytes, so that a client that goes away is still noticed; past that, a reader that
+    /// takes nothing for the idle timeout ends the session. `false` once it ends.
+    async fn deliver<R: AsyncRead + Unpin>(
+        &self,
+        tx: &mpsc::Sender<Bytes>,
+        data: Bytes,
+        read: &mut R,
+        buf: &mut BytesMut,
+    ) -> bool {
+        let send = tx.send(data);
+        tokio::pin!(send);
+        loop {
+            tokio::select! {
+                _ = &mut send => return true,
+                read = read.read_buf(buf), if buf.len() < BACKLOG => {
+                    if !matches!(read, Ok(1..)) {
+                        return false;
+                    }
+                }
+                () = tokio::time::sleep(self.idle), if buf.len() >= BACKLOG => {
+                    tracing::debug!("a stream's reader took nothing for the idle timeout");
+                    self.close(GOAWAY_OK);
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// Starts counting `id`'s send window; `false` when the session has as many open
+    /// streams as it takes.
+    fn track(&self, id: u32) -> bool {
+        let mut credit = self.shared.credit.lock().expect("credit");
+        if credit.streams.len() >= MAX_STREAMS {
+            return false;
+        }
+        let initial = credit.initial;
+        credit.streams.insert(id, initial);
+        true
+    }
+
+    /// Queues GOAWAY without waiting: a writer stuck on a client that does not read must
+    /// not hold the reader.
+    fn close(&self, status: u32) {
+        self.shared.end.send_replace(true);
+        let _ = self.out.try_send(Out::Close(status));
     }
 
     /// Gives back the credit `len` delivered bytes took, for a client that counts it.
@@ -517,7 +584,7 @@ impl Reader {
         credit.initial = i64::from(value);
         credit.enforced = true;
         for window in credit.streams.values_mut() {
-            *window += change;
+            *window = window.saturating_add(change);
         }
         drop(credit);
         self.shared.more_credit.notify_waiters();
@@ -527,36 +594,12 @@ impl Reader {
         let mut credit = self.shared.credit.lock().expect("credit");
         credit.enforced = true;
         if id == 0 {
-            credit.session += i64::from(delta);
-        } else {
-            let initial = credit.initial;
-            *credit.streams.entry(id).or_insert(initial) += i64::from(delta);
+            credit.session = credit.session.saturating_add(i64::from(delta));
+        } else if let Some(window) = credit.streams.get_mut(&id) {
+            *window = window.saturating_add(i64::from(delta));
         }
         drop(credit);
         self.shared.more_credit.notify_waiters();
-    }
-}
-
-/// Hands `data` to a stream's reader (a stream nobody reads any more swallows it). While
-/// a slow reader holds it up, the connection is read on, up to [`BACKLOG`] bytes, so that a
-/// client that goes away is still noticed; `false` once it has.
-async fn deliver<R: AsyncRead + Unpin>(
-    tx: &mpsc::Sender<Bytes>,
-    data: Bytes,
-    read: &mut R,
-    buf: &mut BytesMut,
-) -> bool {
-    let send = tx.send(data);
-    tokio::pin!(send);
-    loop {
-        tokio::select! {
-            _ = &mut send => return true,
-            read = read.read_buf(buf), if buf.len() < BACKLOG => {
-                if !matches!(read, Ok(1..)) {
-                    return false;
-                }
-            }
-        }
     }
 }
 
@@ -614,6 +657,7 @@ async fn write_frames<W: AsyncWrite + Unpin>(
         }
         shared.touch();
         if write.write_all(&buf).await.is_err() {
+            shared.end.send_replace(true);
             break;
         }
         buf.clear();

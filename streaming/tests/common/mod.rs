@@ -14,6 +14,7 @@ use streaming::{Config, Io, Outcome, Server};
 /// - `["cat"]`: stdin copied to stdout until its end, exit 0;
 /// - `["exit", N]`: exit N;
 /// - `["sizes", N]`: the first N terminal sizes on stdout as `WxH\n`, exit 0;
+/// - `["flood"]`: stdout without end, until the client stops taking it;
 /// - `["wait"]`: `waiting` on stdout, then runs until dropped (counted in `cancelled`).
 ///
 /// Attach behaves as `cat`. `dial` connects to `127.0.0.1:<port>`.
@@ -74,6 +75,15 @@ impl streaming::Runtime for Scripted {
                     };
                     let line = format!("{}x{}\n", size.width, size.height);
                     let _ = out.send(Bytes::from(line)).await;
+                }
+                Outcome::Exited(0)
+            }
+            ["flood"] => {
+                let chunk = Bytes::from(vec![b'y'; 64 << 10]);
+                while let Some(out) = &io.stdout {
+                    if out.send(chunk.clone()).await.is_err() {
+                        break;
+                    }
                 }
                 Outcome::Exited(0)
             }
