@@ -40,6 +40,20 @@ fn running(
     (sandbox, id)
 }
 
+/// crictl with `args`, given `input` and then the end of its stdin; what it left.
+fn crictl_with_input(node: &Node, args: &[&str], input: &[u8]) -> std::process::Output {
+    let mut crictl = node
+        .crictl_command()
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    crictl.stdin.take().unwrap().write_all(input).unwrap();
+    crictl.wait_with_output().unwrap()
+}
+
 fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !done() {
@@ -134,15 +148,7 @@ fn exec_streams_output_input_and_exit_codes_and_dies_with_its_client() {
     assert_eq!(big.len(), 300_000);
     assert!(big.bytes().all(|b| b == b'a'));
 
-    let mut cat = node
-        .crictl_command()
-        .args(["exec", "-i", &id, "cat"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    cat.stdin.take().unwrap().write_all(b"abc\ndef").unwrap();
-    let out = cat.wait_with_output().unwrap();
+    let out = crictl_with_input(&node, &["exec", "-i", &id, "cat"], b"abc\ndef");
     assert!(out.status.success(), "{out:?}");
     assert_eq!(out.stdout, b"abc\ndef");
 
@@ -293,15 +299,7 @@ fn attach_carries_stdin_and_detaching_leaves_the_container_running() {
     node.pull_busybox();
     let once = serde_json::json!({"stdin": true, "stdin_once": true});
     let (_pod, id) = running(&node, "attach-once", &["cat"], once);
-    let mut client = node
-        .crictl_command()
-        .args(["attach", "-i", &id])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    client.stdin.take().unwrap().write_all(b"hello\n").unwrap();
-    let out = client.wait_with_output().unwrap();
+    let out = crictl_with_input(&node, &["attach", "-i", &id], b"hello\n");
     assert!(out.status.success(), "{out:?}");
     assert_eq!(out.stdout, b"hello\n");
     // stdin_once: the end of the client's input was the end of cat's.

@@ -237,13 +237,7 @@ async fn a_client_that_vanishes_cancels_its_command() {
     let mut seen = Seen::default();
     client.gather(&mut seen, |s| s.text(3) == "waiting").await;
     drop(client);
-    for _ in 0..100 {
-        if cancelled.load(Ordering::SeqCst) == 1 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("the command outlived its client");
+    assert_cancelled(&cancelled).await;
 }
 
 #[tokio::test]
@@ -264,13 +258,7 @@ async fn a_client_that_vanishes_while_its_input_is_unread_cancels_its_command() 
         client.data(ids[1], &[b'x'; 1024], false).await;
     }
     drop(client);
-    for _ in 0..100 {
-        if cancelled.load(Ordering::SeqCst) == 1 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("the command outlived its client");
+    assert_cancelled(&cancelled).await;
 }
 
 /// A session whose client holds the connection open but has gone quiet.
@@ -290,13 +278,19 @@ async fn quiet_client_is_dropped_by_the_idle_timeout(cmd: &[&str], stdin_flood: 
         client.data(ids[1], &[b'x'; 32 << 10], false).await;
     }
     // The client stays connected and reads nothing more.
+    assert_cancelled(&cancelled).await;
+    drop(client);
+}
+
+/// Waits (5 s at most) until the scripted command was dropped unfinished.
+async fn assert_cancelled(cancelled: &std::sync::atomic::AtomicUsize) {
     for _ in 0..250 {
         if cancelled.load(Ordering::SeqCst) == 1 {
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!("the command outlived its quiet client");
+    panic!("the command outlived its client");
 }
 
 #[tokio::test]

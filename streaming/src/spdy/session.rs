@@ -385,14 +385,7 @@ impl Reader {
             } => self.open(id, flags, &headers).await,
             Frame::Data { id, flags, data } => self.data(id, flags, data, read, buf).await,
             Frame::RstStream { id, .. } => {
-                self.streams.remove(&id);
-                self.shared
-                    .credit
-                    .lock()
-                    .expect("credit")
-                    .streams
-                    .remove(&id);
-                self.shared.more_credit.notify_waiters();
+                self.forget(id);
                 true
             }
             Frame::Settings { entries } => {
@@ -469,13 +462,7 @@ impl Reader {
                 if matches!(refused, mpsc::error::TrySendError::Closed(_)) {
                     self.accepted = None;
                 }
-                self.streams.remove(&id);
-                self.shared
-                    .credit
-                    .lock()
-                    .expect("credit")
-                    .streams
-                    .remove(&id);
+                self.forget(id);
                 let _ = self.out.send(refuse(status::REFUSED_STREAM)).await;
             }
         }
@@ -532,6 +519,18 @@ impl Reader {
                 }
             }
         }
+    }
+
+    /// The stream is gone both ways: nothing more is read or written on it.
+    fn forget(&mut self, id: u32) {
+        self.streams.remove(&id);
+        self.shared
+            .credit
+            .lock()
+            .expect("credit")
+            .streams
+            .remove(&id);
+        self.shared.more_credit.notify_waiters();
     }
 
     /// Starts counting `id`'s send window; `false` when the session has as many open
