@@ -47,6 +47,7 @@ struct RawConfig {
     max_concurrent_downloads: Option<usize>,
     image_pull_progress_timeout: Option<String>,
     image_pull_with_sync_fs: Option<bool>,
+    discard_unpacked_layers: Option<bool>,
     pinned_images: Option<Vec<String>>,
     registry: Option<RawRegistry>,
     image_decryption: Option<RawDecryption>,
@@ -83,6 +84,10 @@ pub struct Config {
     /// Each unpacked layer's filesystem is synced (one syncfs) before the layer is committed,
     /// as containerd's setting of the same name; off by default, as there.
     pub image_pull_with_sync_fs: bool,
+    /// Once a pull has unpacked and committed a layer, its compressed blob leaves the
+    /// content store, as containerd's setting of the same name; off by default, as there.
+    /// A later pull sharing the layer needs only its snapshot.
+    pub discard_unpacked_layers: bool,
     /// Images reported as pinned (kubelet's image GC leaves them alone).
     pub pinned_images: Vec<String>,
     /// Registry settings.
@@ -194,6 +199,7 @@ impl Config {
                 .image_pull_progress_timeout
                 .unwrap_or_else(|| "5m".into()),
             image_pull_with_sync_fs: raw.image_pull_with_sync_fs.unwrap_or(false),
+            discard_unpacked_layers: raw.discard_unpacked_layers.unwrap_or(false),
             pinned_images: raw
                 .pinned_images
                 .unwrap_or_else(|| vec!["registry.k8s.io/pause:3.10".into()]),
@@ -255,6 +261,7 @@ mod tests {
         assert_eq!(loaded.address, Path::new("/run/imaged/imaged.sock"));
         assert_eq!(loaded.max_concurrent_downloads, 3);
         assert!(!loaded.image_pull_with_sync_fs);
+        assert!(!loaded.discard_unpacked_layers);
         assert_eq!(loaded.registry.config_path, "/etc/imaged/certs.d");
     }
 

@@ -87,6 +87,7 @@ impl Daemon {
             registry: Registry::new(&config.registry.config_path, config.progress_timeout()),
             processors: config.processors()?,
             max_concurrent_downloads: config.max_concurrent_downloads,
+            discard_unpacked_layers: config.discard_unpacked_layers,
             platform: HostPlatform::current(),
         };
         let service = Arc::new(ImageService::new(

@@ -141,6 +141,8 @@ pub struct PullSettings {
     pub processors: processors::Chain,
     /// Layer downloads per pull.
     pub max_concurrent_downloads: usize,
+    /// Layer blobs leave the content store once unpacked and committed.
+    pub discard_unpacked_layers: bool,
     /// The platform picked from indexes.
     pub platform: HostPlatform,
 }
@@ -155,6 +157,7 @@ pub struct Puller {
     registry: Arc<Registry>,
     processors: processors::Chain,
     max_concurrent_downloads: usize,
+    discard_unpacked_layers: bool,
     /// One lock per chain ID (and per config digest), so a layer is unpacked once however
     /// many pulls want it.
     locks: KeyedLocks,
@@ -187,6 +190,7 @@ impl Puller {
             registry: settings.registry,
             processors: settings.processors,
             max_concurrent_downloads: settings.max_concurrent_downloads,
+            discard_unpacked_layers: settings.discard_unpacked_layers,
             locks: KeyedLocks::default(),
             platform: settings.platform,
         }
@@ -417,6 +421,10 @@ impl Puller {
             tokio::task::spawn_blocking(move || settle(snapshotter.as_ref(), &plan, outcomes))
                 .await
                 .expect("commit task");
+        if committed.is_ok() && self.discard_unpacked_layers {
+            self.discard(missing.iter().map(|&i| layers[i].digest.clone()).collect())
+                .await;
+        }
         drop(guards);
         committed
     }
@@ -477,6 +485,21 @@ impl Puller {
         .expect("stat task")
     }
 
+    /// Removes the blobs of layers this pull committed (under their chain locks, so no
+    /// other pull is unpacking them). A failure is only logged: the image is complete.
+    async fn discard(&self, digests: Vec<Digest>) {
+        let content = self.content.clone();
+        tokio::task::spawn_blocking(move || {
+            for digest in digests {
+                if let Err(e) = content.delete(&digest) {
+                    tracing::warn!(%digest, error = %e, "discarding an unpacked layer's blob failed");
+                }
+            }
+        })
+        .await
+        .expect("discard task");
+    }
+
     /// Prepares a parentless snapshot and fills it; returns its key, or removes it on error.
     async fn unpack_layer(self: Arc<Self>, job: LayerJob) -> Result<String, PullError> {
         let nanos = SystemTime::now()
@@ -519,8 +542,14 @@ impl Puller {
 
     async fn fill(&self, job: &LayerJob, key: &str) -> Result<(), PullError> {
         let layer = &job.layer;
-        let source = if self.content.contains(&layer.digest) {
-            let file = self.content.open_blob(&layer.digest)?;
+        // A blob another pull discards meanwhile (the same layer under another chain) is
+        // downloaded again rather than failing this pull.
+        let local = self
+            .content
+            .contains(&layer.digest)
+            .then(|| self.content.open_blob(&layer.digest).ok())
+            .flatten();
+        let source = if let Some(file) = local {
             send_layer(&job.progress, layer, layer.size, true);
             Source::Local(file)
         } else {

@@ -314,3 +314,52 @@ async fn a_mirror_that_stalls_is_abandoned_after_the_progress_timeout() {
     assert!(started.elapsed() >= Duration::from_secs(1));
     drop(held);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discarded_layer_blobs_are_neither_kept_nor_needed_again() {
+    let registry = registry();
+    let imaged = Imaged::start_with("discard_unpacked_layers = true\n").await;
+    let base = catalog::demo();
+    let built = push(&registry, "fixtures/demo", "v1", &base);
+    let mut on_top = catalog::demo();
+    on_top.layers.push(fixtures::image::Layer::new(vec![
+        fixtures::image::Entry::file("added", 0o644, "on top\n"),
+    ]));
+    push(&registry, "fixtures/on-top", "v1", &on_top);
+    let image = format!("{}/fixtures/demo:v1", registry.addr());
+    imaged.pull(&image).await.unwrap();
+
+    let blobs = imaged.store_files();
+    for layer in &built.layers {
+        let hex = layer.blob.digest.trim_start_matches("sha256:");
+        assert!(
+            !blobs.iter().any(|f| f.ends_with(hex)),
+            "layer {} kept",
+            layer.blob.digest
+        );
+    }
+    let status = imaged.status(&image).await.unwrap();
+    assert_eq!(status.id, built.id());
+    assert_tree(&base.expected_tree(), &imaged.rootfs(&image).await, &image);
+
+    // The second image shares every layer but its top one: only that one is fetched.
+    let second = format!("{}/fixtures/on-top:v1", registry.addr());
+    imaged.pull(&second).await.unwrap();
+    for layer in &built.layers {
+        let gets: Vec<String> = requests_for(&registry, &layer.blob.digest)
+            .into_iter()
+            .filter(|r| r.starts_with("GET"))
+            .collect();
+        assert_eq!(
+            gets.len(),
+            1,
+            "layer {} fetched: {gets:?}",
+            layer.blob.digest
+        );
+    }
+    assert_tree(
+        &on_top.expected_tree(),
+        &imaged.rootfs(&second).await,
+        &second,
+    );
+}
