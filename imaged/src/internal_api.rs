@@ -143,6 +143,19 @@ impl snapshots_server::Snapshots for InternalApi {
     }
 }
 
+/// The mounts of a `MountsResponse`, as a client of the API mounts them.
+pub fn mounts_from(response: MountsResponse) -> Vec<snapshotters::Mount> {
+    response
+        .mounts
+        .into_iter()
+        .map(|m| snapshotters::Mount {
+            kind: m.r#type,
+            source: m.source,
+            options: m.options,
+        })
+        .collect()
+}
+
 fn mounts_response(mounts: Vec<snapshotters::Mount>) -> MountsResponse {
     MountsResponse {
         mounts: mounts

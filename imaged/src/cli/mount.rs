@@ -59,18 +59,7 @@ pub async fn mount(
         key: key.clone(),
         readonly: !writable,
     };
-    let mounts: Vec<plumbing::mount::Mount> = snapshots
-        .prepare(request)
-        .await?
-        .into_inner()
-        .mounts
-        .into_iter()
-        .map(|m| plumbing::mount::Mount {
-            kind: m.r#type,
-            source: m.source,
-            options: m.options,
-        })
-        .collect();
+    let mounts = crate::internal_api::mounts_from(snapshots.prepare(request).await?.into_inner());
     if let Err(e) = plumbing::mount::Mount::mount_all(&mounts, &dir) {
         let _ = snapshots.remove(RemoveSnapshotRequest { key }).await;
         return Err(CliError::Usage(format!(

@@ -162,24 +162,15 @@ impl Imaged {
     pub async fn rootfs(&self, image: &str) -> Tree {
         let key = format!("view-{}", rand_suffix());
         let mut snapshots = SnapshotsClient::new(self.channel().await);
-        let mounts = snapshots
+        let response = snapshots
             .prepare(proto::imaged::PrepareRequest {
                 image: image.to_string(),
                 key: key.clone(),
                 readonly: true,
             })
             .await
-            .unwrap()
-            .into_inner()
-            .mounts;
-        let mounts: Vec<snapshotters::Mount> = mounts
-            .into_iter()
-            .map(|m| snapshotters::Mount {
-                kind: m.r#type,
-                source: m.source,
-                options: m.options,
-            })
-            .collect();
+            .unwrap();
+        let mounts = imaged::internal_api::mounts_from(response.into_inner());
         let target = tempfile::tempdir().unwrap();
         plumbing::mount::Mount::mount_all(&mounts, target.path()).unwrap();
         let tree = Tree::read(target.path());
@@ -265,6 +256,14 @@ pub fn requests_for(registry: &Registry, needle: &str) -> Vec<String> {
         .requests()
         .into_iter()
         .filter(|r| r.contains(needle))
+        .collect()
+}
+
+/// The GET requests the registry served for `digest`.
+pub fn gets_of(registry: &Registry, digest: &str) -> Vec<String> {
+    requests_for(registry, digest)
+        .into_iter()
+        .filter(|r| r.starts_with("GET"))
         .collect()
 }
 

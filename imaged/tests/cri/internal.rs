@@ -28,18 +28,7 @@ async fn prepare(
             readonly: false,
         })
         .await?;
-    Ok(into_mounts(response.into_inner().mounts))
-}
-
-fn into_mounts(mounts: Vec<proto::imaged::Mount>) -> Vec<snapshotters::Mount> {
-    mounts
-        .into_iter()
-        .map(|m| snapshotters::Mount {
-            kind: m.r#type,
-            source: m.source,
-            options: m.options,
-        })
-        .collect()
+    Ok(imaged::internal_api::mounts_from(response.into_inner()))
 }
 
 async fn usage(imaged: &Imaged, key: &str) -> Result<UsageResponse, tonic::Status> {
@@ -115,7 +104,10 @@ async fn a_prepared_snapshot_is_writable_measured_and_prepared_once() {
         key: "container-1".into(),
     };
     let again = snapshots(&imaged).await.mounts(key).await.unwrap();
-    assert_eq!(into_mounts(again.into_inner().mounts), mounts);
+    assert_eq!(
+        imaged::internal_api::mounts_from(again.into_inner()),
+        mounts
+    );
 
     let empty = usage(&imaged, "container-1").await.unwrap();
     let content = with_rootfs(&mounts, |root| {
@@ -193,7 +185,10 @@ async fn removing_the_image_keeps_the_layers_under_a_prepared_snapshot() {
 
     let key = SnapshotKey { key: "held".into() };
     let again = snapshots(&imaged).await.mounts(key).await.unwrap();
-    assert_eq!(into_mounts(again.into_inner().mounts), mounts);
+    assert_eq!(
+        imaged::internal_api::mounts_from(again.into_inner()),
+        mounts
+    );
     let tree = with_rootfs(&mounts, |root| fixtures::tree::Tree::read(root).unwrap());
     crate::harness::assert_tree(&spec.expected_tree(), &tree, "held");
 

@@ -1,7 +1,7 @@
 //! Pulls that succeed: the unpacked rootfs equals the fixture's expected tree, layers are
 //! fetched and unpacked once, mirrors from hosts.toml are used.
 
-use crate::harness::{Imaged, assert_tree, push, registry, requests_for};
+use crate::harness::{Imaged, assert_tree, gets_of, push, registry, requests_for};
 use fixtures::catalog;
 use fixtures::image::{Compression, ImageSpec};
 use std::time::Duration;
@@ -57,10 +57,7 @@ async fn multi_arch_index_picks_amd64_and_records_the_index_digest() {
         if amd64_layers.contains(&layer.blob.digest.as_str()) {
             continue;
         }
-        let gets: Vec<String> = requests_for(&registry, &layer.blob.digest)
-            .into_iter()
-            .filter(|r| r.starts_with("GET"))
-            .collect();
+        let gets = gets_of(&registry, &layer.blob.digest);
         assert!(gets.is_empty(), "arm64 layer fetched: {gets:?}");
     }
 }
@@ -92,10 +89,7 @@ async fn layers_are_fetched_once_across_images_and_concurrent_pulls() {
     assert_eq!(warm.len(), 1, "warm pull requests: {warm:?}");
     assert!(warm[0].contains("/manifests/v1"), "{warm:?}");
     for layer in &built.layers {
-        let gets: Vec<String> = requests_for(&registry, &layer.blob.digest)
-            .into_iter()
-            .filter(|r| r.starts_with("GET"))
-            .collect();
+        let gets = gets_of(&registry, &layer.blob.digest);
         assert_eq!(
             gets.len(),
             1,
@@ -346,10 +340,7 @@ async fn discarded_layer_blobs_are_neither_kept_nor_needed_again() {
     let second = format!("{}/fixtures/on-top:v1", registry.addr());
     imaged.pull(&second).await.unwrap();
     for layer in &built.layers {
-        let gets: Vec<String> = requests_for(&registry, &layer.blob.digest)
-            .into_iter()
-            .filter(|r| r.starts_with("GET"))
-            .collect();
+        let gets = gets_of(&registry, &layer.blob.digest);
         assert_eq!(
             gets.len(),
             1,
