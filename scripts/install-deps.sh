@@ -1,12 +1,14 @@
 #!/bin/sh
 # Installs what the tests and the demo need, when missing: a registry, skopeo, htpasswd,
-# openssl, the CNI plugins with iproute2 and iptables (runtimed's network tests), and
-# crictl/critest from the shared cri-tools folder.
+# openssl, the CNI plugins with iproute2 and iptables (runtimed's network tests), runc, crun and
+# conmon, btrfs-progs (mkfs.btrfs, for the btrfs snapshotter's tests), and crictl/critest from
+# the shared cri-tools folder.
 set -eu
 here=$(cd "$(dirname "$0")/.." && pwd)
 missing=""
 for pair in docker-registry:docker-registry skopeo:skopeo htpasswd:apache2-utils openssl:openssl \
-  ip:iproute2 iptables:iptables busybox:busybox runc:runc crun:crun conmon:conmon; do
+  ip:iproute2 iptables:iptables busybox:busybox runc:runc crun:crun conmon:conmon \
+  mkfs.btrfs:btrfs-progs; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || missing="$missing ${pair#*:}"
 done
 [ -x /usr/lib/cni/bridge ] || missing="$missing containernetworking-plugins"
