@@ -1,4 +1,4 @@
-//! Fuzzes layer application: `snapshotters::Overlay::apply` turns the input, taken as an
+//! Fuzzes layer application: `snapshotters::Snapshots::apply` turns the input, taken as an
 //! uncompressed layer tar from a registry, into files of an Active snapshot. It must never
 //! panic, and whatever the tar says (`..`, absolute names, symlinked or hardlinked parents,
 //! whiteouts, devices), nothing outside the snapshot's own directory may appear or change:
@@ -16,7 +16,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
-use snapshotters::{Overlay, Snapshotter};
+use snapshotters::{Backend, Snapshots, Snapshotter};
 
 /// The Active snapshot each input is applied to.
 const KEY: &str = "fuzz-layer";
@@ -29,7 +29,7 @@ struct Bench {
     base: PathBuf,
     /// `<base>/snapshotter/snapshots`: one directory per snapshot.
     snapshots: PathBuf,
-    overlay: Overlay,
+    overlay: Snapshots,
 }
 
 fn bench() -> &'static Bench {
@@ -46,7 +46,8 @@ fn bench() -> &'static Bench {
             .create_with_backend(redb::backends::InMemoryBackend::new())
             .expect("create in-memory database");
         let root = base.join("snapshotter");
-        let overlay = Overlay::open(root.clone(), Arc::new(db)).expect("open snapshotter");
+        let overlay = Snapshots::open(Backend::Overlayfs, root.clone(), Arc::new(db))
+            .expect("open snapshotter");
         Bench {
             snapshots: root.join("snapshots"),
             base,

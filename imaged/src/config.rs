@@ -3,6 +3,7 @@
 
 use processors::{Chain, Decryption, ExternalProcessor, Keyring};
 use serde::{Deserialize, Serialize};
+use snapshotters::Backend;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -44,6 +45,7 @@ struct RawConfig {
     root: Option<PathBuf>,
     state: Option<PathBuf>,
     address: Option<PathBuf>,
+    snapshotter: Option<Backend>,
     max_concurrent_downloads: Option<usize>,
     image_pull_progress_timeout: Option<String>,
     image_pull_with_sync_fs: Option<bool>,
@@ -76,6 +78,10 @@ pub struct Config {
     pub state: PathBuf,
     /// The unix socket the daemon listens on.
     pub address: PathBuf,
+    /// Where layers are unpacked: `overlayfs` (the default), `btrfs` (the root must be on
+    /// btrfs) or `native` (plain copies, any filesystem). Images are shared; each
+    /// snapshotter keeps its own snapshots under `<root>/snapshots/<name>`.
+    pub snapshotter: Backend,
     /// How many layers of one pull download at the same time.
     pub max_concurrent_downloads: usize,
     /// A registry connection that delivers no byte for this long is abandoned (the next
@@ -194,6 +200,7 @@ impl Config {
             root,
             state,
             address,
+            snapshotter: raw.snapshotter.unwrap_or(Backend::Overlayfs),
             max_concurrent_downloads: raw.max_concurrent_downloads.unwrap_or(3),
             image_pull_progress_timeout: raw
                 .image_pull_progress_timeout
@@ -262,7 +269,22 @@ mod tests {
         assert_eq!(loaded.max_concurrent_downloads, 3);
         assert!(!loaded.image_pull_with_sync_fs);
         assert!(!loaded.discard_unpacked_layers);
+        assert_eq!(loaded.snapshotter, Backend::Overlayfs);
+        assert!(Config::default_toml().contains("snapshotter = \"overlayfs\""));
         assert_eq!(loaded.registry.config_path, "/etc/imaged/certs.d");
+    }
+
+    #[test]
+    fn snapshotter_is_one_of_three_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        for backend in Backend::ALL {
+            std::fs::write(&file, format!("snapshotter = \"{backend}\"\n")).unwrap();
+            assert_eq!(Config::load(Some(&file)).unwrap().snapshotter, backend);
+        }
+        std::fs::write(&file, "snapshotter = \"zfs\"\n").unwrap();
+        let err = Config::load(Some(&file)).unwrap_err().to_string();
+        assert!(err.contains("snapshotter") && err.contains("zfs"), "{err}");
     }
 
     #[test]

@@ -13,7 +13,7 @@ use crate::service::ImageService;
 use proto::cri::image_service_server::ImageServiceServer;
 use proto::imaged::images_server::ImagesServer;
 use proto::imaged::snapshots_server::SnapshotsServer;
-use snapshotters::{Kind, Overlay, Snapshotter};
+use snapshotters::{Backend, Kind, Snapshots, Snapshotter};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -77,11 +77,17 @@ impl Daemon {
         let db = Arc::new(db);
         let content = Arc::new(ContentStore::open(root)?);
         let images = Arc::new(ImageStore::open(db.clone())?);
+        let snapshots = root.join("snapshots");
         let snapshotter: Arc<dyn Snapshotter> = Arc::new(
-            Overlay::open(root.join("snapshots/overlayfs"), db)?
-                .with_sync_fs(config.image_pull_with_sync_fs),
+            Snapshots::open(
+                config.snapshotter,
+                snapshots.join(config.snapshotter.name()),
+                db.clone(),
+            )?
+            .with_sync_fs(config.image_pull_with_sync_fs),
         );
         drop_unfinished_extractions(snapshotter.as_ref())?;
+        let retired = retired_snapshotters(&snapshots, config.snapshotter, &db);
         warn_overlapping_processors(config);
         let settings = PullSettings {
             registry: Registry::new(&config.registry.config_path, config.progress_timeout()),
@@ -94,9 +100,9 @@ impl Daemon {
             content,
             images,
             snapshotter,
+            retired,
             settings,
             &config.pinned_images,
-            root.clone(),
         ));
         if let Err(e) = service.collect_garbage().await {
             tracing::warn!(error = %e, "start-up garbage collection failed");
@@ -158,6 +164,36 @@ fn drop_unfinished_extractions(snapshotter: &dyn Snapshotter) -> Result<(), Star
     }
     snapshotter.cleanup()?;
     Ok(())
+}
+
+/// The snapshotters other than `configured` that hold snapshots from earlier runs, so the
+/// garbage collector removes what no image needs any more. One that cannot be opened is
+/// left alone with a warning.
+fn retired_snapshotters(
+    snapshots: &Path,
+    configured: Backend,
+    db: &Arc<redb::Database>,
+) -> Vec<Arc<dyn Snapshotter>> {
+    let mut retired: Vec<Arc<dyn Snapshotter>> = Vec::new();
+    for backend in Backend::ALL.into_iter().filter(|b| *b != configured) {
+        let root = snapshots.join(backend.name());
+        if !root.is_dir() {
+            continue;
+        }
+        let opened = Snapshots::open(backend, root.clone(), db.clone())
+            .map_err(StartError::from)
+            .and_then(|s| drop_unfinished_extractions(&s).map(|()| s));
+        match opened {
+            Ok(snapshotter) => retired.push(Arc::new(snapshotter)),
+            Err(error) => tracing::warn!(
+                snapshotter = %backend,
+                root = %root.display(),
+                %error,
+                "snapshots of an earlier snapshotter cannot be collected"
+            ),
+        }
+    }
+    retired
 }
 
 /// Two processors accepting one media type: the first name in sort order wins, as

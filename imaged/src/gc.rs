@@ -79,12 +79,13 @@ pub struct Collected {
     pub snapshots: usize,
 }
 
-/// Deletes unreferenced blobs and committed snapshots. Holds the lease table for the whole
-/// run so no pull can start using something that is being deleted.
+/// Deletes unreferenced blobs, and committed snapshots of every snapshotter given. Holds
+/// the lease table for the whole run so no pull can start using something that is being
+/// deleted.
 pub async fn collect(
     images: Arc<ImageStore>,
     content: Arc<ContentStore>,
-    snapshotter: Arc<dyn Snapshotter>,
+    snapshotters: Vec<Arc<dyn Snapshotter>>,
     leases: Arc<Leases>,
 ) -> Result<Collected, GcError> {
     let held = leases.held.lock().await;
@@ -93,7 +94,14 @@ pub async fn collect(
         let (mut blobs, mut chains) = images.referenced();
         blobs.extend(leased.iter().cloned());
         chains.extend(leased);
-        sweep(&content, snapshotter.as_ref(), &blobs, &chains)
+        let mut collected = Collected {
+            blobs: sweep_blobs(&content, &blobs)?,
+            snapshots: 0,
+        };
+        for snapshotter in &snapshotters {
+            collected.snapshots += sweep_snapshots(snapshotter.as_ref(), &chains)?;
+        }
+        Ok(collected)
     })
     .await
     .expect("gc task");
@@ -101,19 +109,24 @@ pub async fn collect(
     result
 }
 
-fn sweep(
-    content: &ContentStore,
-    snapshotter: &dyn Snapshotter,
-    blobs: &HashSet<Digest>,
-    chains: &HashSet<Digest>,
-) -> Result<Collected, GcError> {
-    let mut collected = Collected::default();
+fn sweep_blobs(content: &ContentStore, blobs: &HashSet<Digest>) -> Result<usize, GcError> {
+    let mut deleted = 0;
     for digest in content.list()? {
         if !blobs.contains(&digest) {
             content.delete(&digest)?;
-            collected.blobs += 1;
+            deleted += 1;
         }
     }
+    Ok(deleted)
+}
+
+/// Removes the committed snapshots whose name is no referenced chain, children first, and
+/// returns how many went.
+fn sweep_snapshots(
+    snapshotter: &dyn Snapshotter,
+    chains: &HashSet<Digest>,
+) -> Result<usize, GcError> {
+    let mut removed = 0;
     let mut committed: HashMap<String, Option<String>> = HashMap::new();
     let mut active_parents: HashSet<String> = HashSet::new();
     snapshotter.walk(&mut |info| {
@@ -147,10 +160,10 @@ fn sweep(
             snapshotter.remove(&name)?;
             committed.remove(&name);
             victims.remove(&name);
-            collected.snapshots += 1;
+            removed += 1;
         }
     }
-    Ok(collected)
+    Ok(removed)
 }
 
 #[cfg(test)]
@@ -189,15 +202,9 @@ mod tests {
 
         let blobs = HashSet::from([Digest::of(kept)]);
         let chains = HashSet::from([Digest::parse(&chain("base")).unwrap()]);
-        let collected = sweep(&content, &snapshotter, &blobs, &chains).unwrap();
+        assert_eq!(sweep_blobs(&content, &blobs).unwrap(), 1);
+        assert_eq!(sweep_snapshots(&snapshotter, &chains).unwrap(), 3);
 
-        assert_eq!(
-            collected,
-            Collected {
-                blobs: 1,
-                snapshots: 3
-            }
-        );
         assert_eq!(content.list().unwrap(), vec![Digest::of(kept)]);
         let mut left: Vec<String> = snapshotter.tree().into_iter().map(|s| s.0).collect();
         left.sort();
@@ -219,14 +226,11 @@ mod tests {
         let snapshotter = MemorySnapshotter::default();
         let name = Digest::of(b"chain");
         commit(&snapshotter, name.as_str(), None);
-        let collected = sweep(
-            &content,
-            &snapshotter,
-            &HashSet::from([blob]),
-            &HashSet::from([name]),
-        )
-        .unwrap();
-        assert_eq!(collected, Collected::default());
+        assert_eq!(sweep_blobs(&content, &HashSet::from([blob])).unwrap(), 0);
+        assert_eq!(
+            sweep_snapshots(&snapshotter, &HashSet::from([name])).unwrap(),
+            0
+        );
         assert_eq!(snapshotter.tree().len(), 1);
     }
 }

@@ -5,7 +5,7 @@ use crate::content::ContentStore;
 use crate::digest::Digest;
 use crate::error::Error;
 use crate::gc::{self, Leases};
-use crate::images::{ImageStore, NamedImage};
+use crate::images::{ImageRecord, ImageStore, NamedImage};
 use crate::pull::{EXTRACT_KEY_PREFIX, Progress, PullSettings, Puller};
 use crate::reference::Reference;
 use crate::registry::auth::Credentials;
@@ -22,24 +22,26 @@ pub struct ImageService {
     content: Arc<ContentStore>,
     images: Arc<ImageStore>,
     snapshotter: Arc<dyn Snapshotter>,
+    /// Snapshotters used before the configured one, kept for the garbage collector.
+    retired: Vec<Arc<dyn Snapshotter>>,
     leases: Arc<Leases>,
     puller: Arc<Puller>,
     /// Few names, looked up in each image's sorted name lists (ListImages asks for every
     /// image, and a few comparisons beat hashing each of its names).
     pinned: Vec<String>,
-    root: PathBuf,
 }
 
 impl ImageService {
-    /// A service over the stores under `root`, pulling with `settings`; `pinned` lists
-    /// image names reported as pinned.
+    /// A service over the given stores, unpacking into `snapshotter` and pulling with
+    /// `settings`; `retired` are snapshotters whose leftovers only the garbage collector
+    /// sees, and `pinned` lists image names reported as pinned.
     pub fn new(
         content: Arc<ContentStore>,
         images: Arc<ImageStore>,
         snapshotter: Arc<dyn Snapshotter>,
+        retired: Vec<Arc<dyn Snapshotter>>,
         settings: PullSettings,
         pinned: &[String],
-        root: PathBuf,
     ) -> Self {
         let pinned = pinned
             .iter()
@@ -58,10 +60,10 @@ impl ImageService {
             content,
             images,
             snapshotter,
+            retired,
             leases,
             puller,
             pinned,
-            root,
         }
     }
 
@@ -136,10 +138,14 @@ impl ImageService {
 
     /// Deletes blobs and snapshots no image needs.
     pub async fn collect_garbage(&self) -> Result<(), Error> {
+        let snapshotters = std::iter::once(&self.snapshotter)
+            .chain(&self.retired)
+            .cloned()
+            .collect();
         let collected = gc::collect(
             self.images.clone(),
             self.content.clone(),
-            self.snapshotter.clone(),
+            snapshotters,
             self.leases.clone(),
         )
         .await?;
@@ -147,9 +153,10 @@ impl ImageService {
         Ok(())
     }
 
-    /// Usage of the filesystem holding content and snapshots.
+    /// Usage of the configured snapshotter's directory, the image filesystem as
+    /// containerd reports it.
     pub async fn fs_info(&self) -> cri::FilesystemUsage {
-        let root = self.root.clone();
+        let root = self.snapshotter.root().to_path_buf();
         let usage = tokio::task::spawn_blocking(move || snapshotters::disk_usage(&root))
             .await
             .expect("du task")
@@ -164,7 +171,7 @@ impl ImageService {
         cri::FilesystemUsage {
             timestamp,
             fs_id: Some(cri::FilesystemIdentifier {
-                mountpoint: self.root.display().to_string(),
+                mountpoint: self.snapshotter.root().display().to_string(),
             }),
             used_bytes: Some(cri::UInt64Value { value: bytes }),
             inodes_used: Some(cri::UInt64Value { value: inodes }),
@@ -215,6 +222,7 @@ impl ImageService {
             .images
             .lookup(image)?
             .ok_or_else(|| Error::ImageNotFound(image.to_string()))?;
+        self.unpacked(&named.record).await?;
         let parent = named.record.top_chain().map(Digest::to_string);
         let snapshotter = self.snapshotter.clone();
         let key = key.to_string();
@@ -233,6 +241,26 @@ impl ImageService {
             mounts.map_err(|source| Error::Snapshot { key, source })
         })
         .await
+    }
+
+    /// Unpacks the image again from the content store when its top layer has no snapshot,
+    /// as after a switch to another snapshotter.
+    async fn unpacked(&self, record: &ImageRecord) -> Result<(), Error> {
+        let Some(top) = record.top_chain().map(Digest::to_string) else {
+            return Ok(());
+        };
+        let snapshotter = self.snapshotter.clone();
+        let present = plumbing::blocking(move || match snapshotter.stat(&top) {
+            Ok(info) => Ok(info.kind == Kind::Committed),
+            Err(snapshotters::Error::NotFound { .. }) => Ok(false),
+            Err(source) => Err(Error::Snapshot { key: top, source }),
+        })
+        .await?;
+        if !present {
+            tracing::info!(image = %record.id, "unpacking the image again from the content store");
+            self.puller.restore(record).await?;
+        }
+        Ok(())
     }
 
     /// The mounts of a snapshot made by [`Self::prepare`].

@@ -214,6 +214,10 @@ impl Snapshotter for MemorySnapshotter {
         Ok(())
     }
 
+    fn rebase(&self) -> bool {
+        true
+    }
+
     fn root(&self) -> &Path {
         &self.root
     }

@@ -16,7 +16,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use snapshotters::{Overlay, Snapshotter};
+use snapshotters::{Backend, Snapshots, Snapshotter};
 
 struct Args {
     runs: usize,
@@ -78,7 +78,8 @@ fn main() -> io::Result<()> {
 
 fn time_imaged(work: &Path, args: &Args) -> io::Result<Duration> {
     let db = redb::Database::create(work.join("meta.redb")).map_err(io::Error::other)?;
-    let overlay = Overlay::open(work.join("overlayfs"), Arc::new(db)).map_err(io::Error::other)?;
+    let overlay = Snapshots::open(Backend::Overlayfs, work.join("overlayfs"), Arc::new(db))
+        .map_err(io::Error::other)?;
     let keys: Vec<String> = (0..args.tars.len()).map(|n| format!("layer-{n}")).collect();
     for key in &keys {
         overlay

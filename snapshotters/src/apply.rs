@@ -7,10 +7,14 @@
 //!   layer root by [`resolve`]. `..` and absolute names are clamped into the root, symlinked
 //!   parents resolve inside it, and nothing is ever created or changed through a final
 //!   symlink.
-//! - Whiteouts are written in overlay's on-disk form: `.wh.<name>` becomes a 0:0 character
-//!   device, `.wh..wh..opq` the `trusted.overlay.opaque=y` xattr. The layer is applied
-//!   without its parents mounted, so lower layers are never consulted: missing parent
-//!   directories are created 0755 and a hardlink to a file only in a lower layer fails.
+//! - Whiteouts take one of two forms ([`Whiteouts`]). For overlayfs they are written in its
+//!   on-disk form: `.wh.<name>` becomes a 0:0 character device, `.wh..wh..opq` the
+//!   `trusted.overlay.opaque=y` xattr; the layer is applied alone, without its parents, so
+//!   lower layers are never consulted: missing parent directories are created 0755 and a
+//!   hardlink to a file only in a lower layer fails. For btrfs and native the layer is
+//!   applied onto a copy of its parent, and what a whiteout hides is deleted from it, except
+//!   what this layer wrote itself (the image spec scopes whiteouts to lower layers); the
+//!   times of directories the layer changes without naming them are kept.
 //! - Metadata goes on in the order create, lchown, xattrs, chmod, times (chown clears
 //!   setuid, setgid and `security.capability`); directory times are set after the whole
 //!   layer, so children added later do not change them.
@@ -23,7 +27,9 @@ mod files;
 mod resolve;
 mod stream;
 
+use std::collections::HashSet;
 use std::fs::File;
+use std::hash::{BuildHasher, RandomState};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
@@ -53,6 +59,15 @@ pub struct ApplyLimits {
     pub max_depth: Option<u64>,
 }
 
+/// How whiteouts and opaque directories reach the tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Whiteouts {
+    /// overlayfs's markers, in a layer directory that starts empty.
+    Overlay,
+    /// Deletions, in a tree that starts as a copy of the parent.
+    Delete,
+}
+
 const OPAQUE_XATTR: &[u8] = b"trusted.overlay.opaque";
 
 /// Regular file data is copied through a buffer this large, with no fsync per file.
@@ -65,6 +80,7 @@ pub(crate) fn apply_layer(
     root: &Path,
     tar: &mut dyn Read,
     limits: &ApplyLimits,
+    whiteouts: Whiteouts,
 ) -> Result<(ApplyStats, Vec<Vec<u8>>), Error> {
     let root_fd = rustix::fs::open(
         root,
@@ -81,6 +97,10 @@ pub(crate) fn apply_layer(
             limits: *limits,
             stats: ApplyStats::default(),
             dir_times: Vec::new(),
+            whiteouts,
+            written: HashSet::new(),
+            kept: HashSet::new(),
+            hasher: RandomState::new(),
             buffer: vec![0; COPY_BUFFER],
             parent: None,
             removed: false,
@@ -94,7 +114,12 @@ pub(crate) fn apply_layer(
         applied.and(layer.files.check())?;
         layer.set_dir_times()?;
         stream.drain()?;
-        let dirs = layer.dir_times.into_iter().map(|(path, _)| path).collect();
+        let dirs = layer
+            .dir_times
+            .into_iter()
+            .filter(|dir| dir.named)
+            .map(|dir| dir.path)
+            .collect();
         Ok((layer.stats, dirs))
     })
 }
@@ -104,8 +129,16 @@ struct Layer {
     root: OwnedFd,
     limits: ApplyLimits,
     stats: ApplyStats,
-    /// Cleaned directory paths and their times, in archive order.
-    dir_times: Vec<(Vec<u8>, Timestamps)>,
+    /// Directory times to set at the end, in archive order.
+    dir_times: Vec<DirTimes>,
+    whiteouts: Whiteouts,
+    /// With [`Whiteouts::Delete`]: hashes of the cleaned paths this layer wrote (and of
+    /// their parents), which its own whiteouts must not delete; hashes keep a layer of a
+    /// million entries within a few MiB.
+    written: HashSet<u64>,
+    /// With [`Whiteouts::Delete`]: hashes of the unnamed directories whose times are kept.
+    kept: HashSet<u64>,
+    hasher: RandomState,
     buffer: Vec<u8>,
     /// The previous entry's parent directory (cleaned path and descriptor), reused while
     /// entries share it: archives list a directory's files together.
@@ -115,6 +148,14 @@ struct Layer {
     removed: bool,
     /// Small regular files are finished by a second thread.
     files: Handoff,
+}
+
+/// Times for one directory: from its own entry (`named`), or as found in the parent's copy
+/// before this layer changed it.
+struct DirTimes {
+    path: Vec<u8>,
+    times: Timestamps,
+    named: bool,
 }
 
 /// The file types a layer may contain.
@@ -174,11 +215,17 @@ impl Layer {
         }
         self.check_depth(&path)?;
         let (parent, base) = split_last(&path);
-        match classify(base)? {
-            Name::Opaque => return self.opaque(parent),
-            Name::Whiteout(target) => return self.whiteout(parent, target, entry),
-            Name::AufsMeta => return Ok(()),
-            Name::Plain => {}
+        match (classify(base)?, self.whiteouts) {
+            (Name::Opaque, Whiteouts::Overlay) => return self.opaque(parent),
+            (Name::Opaque, Whiteouts::Delete) => return self.delete_unwritten(parent),
+            (Name::Whiteout(target), Whiteouts::Overlay) => {
+                return self.whiteout(parent, target, entry);
+            }
+            (Name::Whiteout(target), Whiteouts::Delete) => {
+                return self.delete_hidden(parent, target);
+            }
+            (Name::AufsMeta, _) => return Ok(()),
+            (Name::Plain, _) => {}
         }
         let (parent, dir) = self.parent_dir(parent)?;
         self.removed = false;
@@ -192,7 +239,89 @@ impl Layer {
         if !self.removed {
             self.parent = Some((parent, dir));
         }
+        if applied.is_ok() && self.whiteouts == Whiteouts::Delete {
+            self.mark_written(&path);
+        }
         applied
+    }
+
+    /// Records `path` and its parents as written by this layer. A path already recorded
+    /// has its parents recorded too, so the climb stops there.
+    fn mark_written(&mut self, path: &[u8]) {
+        let mut path = path;
+        while !path.is_empty() && self.written.insert(self.hasher.hash_one(path)) {
+            path = split_last(path).0;
+        }
+    }
+
+    fn is_written(&self, path: &[u8]) -> bool {
+        self.written.contains(&self.hasher.hash_one(path))
+    }
+
+    /// With [`Whiteouts::Delete`], remembers the times of the directory at `path` before
+    /// this layer first changes it, unless the layer names it itself.
+    fn keep_times(&mut self, path: &[u8], dir: &OwnedFd) -> Result<(), LayerError> {
+        if self.whiteouts != Whiteouts::Delete || path.is_empty() || self.is_written(path) {
+            return Ok(());
+        }
+        if !self.kept.insert(self.hasher.hash_one(path)) {
+            return Ok(());
+        }
+        let stat = rustix::fs::fstat(dir).map_err(io_error("inspect parent directory"))?;
+        self.dir_times.push(DirTimes {
+            path: path.to_vec(),
+            times: stat_times(&stat),
+            named: false,
+        });
+        Ok(())
+    }
+
+    /// `.wh.<target>` onto a copy of the parent: deletes `target` unless this layer wrote it.
+    fn delete_hidden(&mut self, parent: &[u8], target: &[u8]) -> Result<(), LayerError> {
+        if self.is_written(&join(parent, target)) {
+            return Ok(());
+        }
+        let dir = match open_dir(&self.root, parent, Missing::Fail) {
+            Ok(dir) => dir,
+            Err(e) if matches!(Errno::from_io_error(&e), Some(Errno::NOENT | Errno::NOTDIR)) => {
+                return Ok(());
+            }
+            Err(e) => return Err(io_error("open parent directory")(e)),
+        };
+        self.keep_times(parent, &dir)?;
+        // The cached parent may be the deleted directory or lie below it.
+        self.parent = None;
+        match fsutil::remove_at(dir.as_fd(), target) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_error("remove whited-out entry")(e)),
+        }
+    }
+
+    /// `.wh..wh..opq` onto a copy of the parent: deletes everything below `dir_path` that
+    /// this layer did not write.
+    fn delete_unwritten(&mut self, dir_path: &[u8]) -> Result<(), LayerError> {
+        self.parent = None;
+        let mut pending = vec![dir_path.to_vec()];
+        while let Some(path) = pending.pop() {
+            let dir = open_dir(&self.root, &path, Missing::Create)
+                .map_err(io_error("open opaque directory"))?;
+            self.keep_times(&path, &dir)?;
+            for name in list_dir(&dir).map_err(io_error("list opaque directory"))? {
+                let child = join(&path, &name);
+                if !self.is_written(&child) {
+                    fsutil::remove_at(dir.as_fd(), &name)
+                        .map_err(io_error("remove entry below opaque directory"))?;
+                    continue;
+                }
+                let stat = rustix::fs::statat(&dir, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW)
+                    .map_err(io_error("inspect entry below opaque directory"))?;
+                if fsutil::is_dir(&stat) {
+                    pending.push(child);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Opens (or takes from the cache) the directory at the cleaned path `parent`.
@@ -202,6 +331,7 @@ impl Layer {
             _ => {
                 let dir = open_dir(&self.root, parent, Missing::Create)
                     .map_err(io_error("open parent directory"))?;
+                self.keep_times(parent, &dir)?;
                 Ok((parent.to_vec(), dir))
             }
         }
@@ -214,7 +344,7 @@ impl Layer {
         base: &[u8],
         keep_dir: bool,
     ) -> Result<Existing, LayerError> {
-        let existing = clear(dir, base, keep_dir)?;
+        let existing = clear(dir, base, keep_dir, self.whiteouts)?;
         if matches!(existing, Existing::Whiteout | Existing::Other) {
             self.removed = true;
         }
@@ -327,7 +457,11 @@ impl Layer {
                 .map_err(io_error("mark directory opaque"))?;
         }
         set_metadata(dir, base, entry, EntryKind::Directory)?;
-        self.dir_times.push((path.to_vec(), timestamps(entry)));
+        self.dir_times.push(DirTimes {
+            path: path.to_vec(),
+            times: timestamps(entry),
+            named: true,
+        });
         Ok(())
     }
 
@@ -429,7 +563,7 @@ impl Layer {
 
     /// Sets directory times in archive order.
     fn set_dir_times(&self) -> Result<(), Error> {
-        for (path, times) in &self.dir_times {
+        for DirTimes { path, times, .. } in &self.dir_times {
             self.set_dir_time(path, times).map_err(|e| Error::Layer {
                 path: String::from_utf8_lossy(path).into_owned(),
                 reason: io_error("set directory times")(e),
@@ -510,6 +644,33 @@ fn clean(path: &[u8]) -> Vec<u8> {
     parts.join(&b'/')
 }
 
+/// `parent/name`, or `name` at the root.
+fn join(parent: &[u8], name: &[u8]) -> Vec<u8> {
+    if parent.is_empty() {
+        return name.to_vec();
+    }
+    [parent, name].join(&b'/')
+}
+
+/// The names in the directory `dir` (an `O_PATH` descriptor), read completely so that
+/// entries can be removed while going through them.
+fn list_dir(dir: &OwnedFd) -> rustix::io::Result<Vec<Vec<u8>>> {
+    let listing = rustix::fs::openat(
+        dir,
+        c".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let mut names = Vec::new();
+    for entry in rustix::fs::Dir::read_from(&listing)? {
+        let name = entry?.file_name().to_bytes().to_vec();
+        if name != b"." && name != b".." {
+            names.push(name);
+        }
+    }
+    Ok(names)
+}
+
 /// Splits a cleaned, non-empty path into its parent (empty for the root) and base name.
 fn split_last(path: &[u8]) -> (&[u8], &[u8]) {
     match path.iter().rposition(|b| *b == b'/') {
@@ -520,7 +681,13 @@ fn split_last(path: &[u8]) -> (&[u8], &[u8]) {
 
 /// Makes room for a new entry at `base`: an existing directory stays if `keep_dir`,
 /// anything else is removed (a directory with its content; a symlink itself, unfollowed).
-fn clear(dir: &OwnedFd, base: &[u8], keep_dir: bool) -> Result<Existing, LayerError> {
+/// Only an overlay layer directory holds whiteouts; elsewhere a 0:0 device is a device.
+fn clear(
+    dir: &OwnedFd,
+    base: &[u8],
+    keep_dir: bool,
+    whiteouts: Whiteouts,
+) -> Result<Existing, LayerError> {
     let stat = match rustix::fs::statat(dir, base, AtFlags::SYMLINK_NOFOLLOW) {
         Ok(stat) => stat,
         Err(Errno::NOENT) => return Ok(Existing::Nothing),
@@ -530,7 +697,7 @@ fn clear(dir: &OwnedFd, base: &[u8], keep_dir: bool) -> Result<Existing, LayerEr
         return Ok(Existing::Directory);
     }
     fsutil::remove_at(dir.as_fd(), base).map_err(io_error("remove existing entry"))?;
-    Ok(if is_whiteout(&stat) {
+    Ok(if whiteouts == Whiteouts::Overlay && is_whiteout(&stat) {
         Existing::Whiteout
     } else {
         Existing::Other
@@ -634,6 +801,19 @@ fn timestamps(entry: &Entry) -> Timestamps {
     Timestamps {
         last_access: timespec(atime),
         last_modification: timespec(entry.mtime),
+    }
+}
+
+fn stat_times(stat: &Stat) -> Timestamps {
+    Timestamps {
+        last_access: Timespec {
+            tv_sec: stat.st_atime,
+            tv_nsec: stat.st_atime_nsec as _,
+        },
+        last_modification: Timespec {
+            tv_sec: stat.st_mtime,
+            tv_nsec: stat.st_mtime_nsec as _,
+        },
     }
 }
 

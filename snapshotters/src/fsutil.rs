@@ -1,4 +1,4 @@
-//! Directory-tree helpers: removal and disk usage.
+//! Directory-tree helpers: removal, disk usage, and naming a path's filesystem.
 //!
 //! The traversal holds one directory descriptor at a time and never recurses. A hostile layer
 //! can build a tree of any depth (each entry nests one level deeper through a symlinked
@@ -168,6 +168,31 @@ pub fn disk_usage(path: &Path) -> io::Result<Usage> {
         Ok(())
     })?;
     Ok(usage)
+}
+
+/// The name of the filesystem holding `path`, for messages: the common ones by name, others
+/// by their magic number.
+pub(crate) fn filesystem_name(path: &Path) -> String {
+    const NAMES: [(u64, &str); 8] = [
+        (0x9123_683e, "btrfs"),
+        (0xef53, "ext2/3/4"),
+        (0x5846_5342, "xfs"),
+        (0x0102_1994, "tmpfs"),
+        (0x794c_7630, "overlayfs"),
+        (0x2fc1_2fc1, "zfs"),
+        (0x6969, "nfs"),
+        (0x6573_5546, "fuse"),
+    ];
+    match rustix::fs::statfs(path) {
+        Ok(statfs) => {
+            let magic = statfs.f_type as u64;
+            match NAMES.iter().find(|(m, _)| *m == magic) {
+                Some((_, name)) => (*name).to_owned(),
+                None => format!("a filesystem with magic {magic:#x}"),
+            }
+        }
+        Err(e) => format!("an unknown filesystem ({e})"),
+    }
 }
 
 fn add_usage(usage: &mut Usage, stat: &Stat) {

@@ -1,26 +1,34 @@
 //! Snapshotters for imaged, following containerd's snapshotter model, and the safe
 //! application of OCI layer tar streams into them.
 //!
-//! - [`Snapshotter`] is the interface the rest of the workspace uses; [`Overlay`] implements
-//!   it on overlayfs.
+//! - [`Snapshotter`] is the interface the rest of the workspace uses; [`Snapshots`]
+//!   implements it for each [`Backend`]: overlayfs, btrfs and native.
 //! - [`Mount`] (from `plumbing`, which both daemons share) describes how to mount a
 //!   snapshot; the snapshotter only returns mounts, and whoever needs the filesystem mounts
 //!   them with `plumbing::mount`.
 //! - `metastore` keeps keys, ids, kinds, parents, labels and frozen usage in redb, shared by
 //!   every backend; `apply` turns a layer tar into files, whiteouts included, without ever
-//!   leaving the snapshot directory.
+//!   leaving the snapshot directory; `snapshots` is what backends share, and each backend's
+//!   module holds only what is its own.
 #![deny(missing_docs)]
 
 mod apply;
+mod btrfs;
+mod btrfs_ioctl;
+mod copy;
 mod error;
 mod fsutil;
 mod implicit;
 mod metastore;
+mod native;
 mod overlayfs;
+mod snapshots;
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::io::Read;
 use std::path::Path;
+use std::str::FromStr;
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
@@ -28,8 +36,59 @@ use serde::{Deserialize, Serialize};
 pub use apply::{ApplyLimits, MAX_EXTENSION_SIZE};
 pub use error::{Error, ErrorKind, LayerError, MetadataError};
 pub use fsutil::disk_usage;
-pub use overlayfs::Overlay;
 pub use plumbing::mount::Mount;
+pub use snapshots::Snapshots;
+
+/// The snapshotters there are, by the names containerd and the config use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// Layers are overlay lowerdirs, applied in parallel and rebased at commit.
+    Overlayfs,
+    /// Every snapshot a btrfs subvolume, a child a snapshot of its parent.
+    Btrfs,
+    /// Plain directories, a child a full copy of its parent; any filesystem.
+    Native,
+}
+
+impl Backend {
+    /// Every backend, in the order the documentation lists them.
+    pub const ALL: [Backend; 3] = [Backend::Overlayfs, Backend::Btrfs, Backend::Native];
+
+    /// The backend's name: `overlayfs`, `btrfs` or `native`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Overlayfs => "overlayfs",
+            Backend::Btrfs => "btrfs",
+            Backend::Native => "native",
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Backend {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Backend::ALL
+            .into_iter()
+            .find(|b| b.name() == s)
+            .ok_or_else(|| format!("unknown snapshotter {s:?}: use overlayfs, btrfs or native"))
+    }
+}
+
+fn layout(backend: Backend, root: &Path) -> Result<Box<dyn snapshots::Layout>, Error> {
+    Ok(match backend {
+        Backend::Overlayfs => Box::new(overlayfs::OverlayLayout::new(root)?),
+        Backend::Btrfs => Box::new(btrfs::BtrfsLayout::new(root)?),
+        Backend::Native => Box::new(native::NativeLayout),
+    })
+}
 
 /// The kind of a snapshot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -117,8 +176,9 @@ pub trait Snapshotter: Send + Sync {
     ///
     /// `parent: Some(p)` rebases: the snapshot was prepared with no parent (layers are applied
     /// in parallel, each independently) and gets committed parent `p` now; `p` must be
-    /// Committed. Errors: `name` taken → AlreadyExists (and `key` stays Active); `key` is not
-    /// Active → FailedPrecondition; `key` missing → NotFound.
+    /// Committed, and only a snapshotter whose [`rebase`](Snapshotter::rebase) is true can do
+    /// it (else FailedPrecondition). Errors: `name` taken → AlreadyExists (and `key` stays
+    /// Active); `key` is not Active → FailedPrecondition; `key` missing → NotFound.
     fn commit(
         &self,
         name: &str,
@@ -148,7 +208,7 @@ pub trait Snapshotter: Send + Sync {
     /// Calls `f` for every snapshot, in key order.
     fn walk(&self, f: &mut dyn FnMut(&Info)) -> Result<(), Error>;
 
-    /// Applies an uncompressed OCI layer tar stream into Active `key` (into its own layer
+    /// Applies an uncompressed OCI layer tar stream into Active `key` (into its own
     /// directory, directly; nothing is mounted) and then reads `tar` to EOF, so a caller that
     /// hashes every byte also covers data after the end-of-archive blocks. A failed layer
     /// leaves the Active snapshot in place for the caller to [`remove`](Snapshotter::remove).
@@ -157,6 +217,11 @@ pub trait Snapshotter: Send + Sync {
     /// Removes on-disk directories that no metadata refers to (crash leftovers, temporary
     /// `new-*` and `rm-*` directories).
     fn cleanup(&self) -> Result<(), Error>;
+
+    /// Whether [`commit`](Snapshotter::commit) can give a parent to a snapshot prepared
+    /// without one (containerd's "rebase" capability). Where it cannot, each layer must be
+    /// prepared on its parent, applied after the parent is committed.
+    fn rebase(&self) -> bool;
 
     /// Directory holding this snapshotter's data.
     fn root(&self) -> &Path;

@@ -146,6 +146,16 @@ impl MetaStore {
     }
 }
 
+fn committed(parent: &str, record: Record) -> Result<Record, Error> {
+    if record.kind != Kind::Committed {
+        return Err(invalid(
+            parent,
+            &format!("a parent must be committed, this one is {:?}", record.kind),
+        ));
+    }
+    Ok(record)
+}
+
 /// A read transaction's view of one backend's tables.
 pub(crate) struct Reader {
     records: ReadOnlyTable<&'static str, &'static [u8]>,
@@ -165,6 +175,11 @@ impl Reader {
     /// Every record, in key order.
     pub(crate) fn all(&self) -> Result<Vec<(String, Record)>, Error> {
         all(&self.records)
+    }
+
+    /// The record of `parent`, which must be Committed (else InvalidArgument).
+    pub(crate) fn committed_parent(&self, parent: &str) -> Result<Record, Error> {
+        committed(parent, self.get(parent)?)
     }
 }
 
@@ -325,14 +340,7 @@ impl Writer<'_> {
     }
 
     fn committed_parent(&self, parent: &str) -> Result<Record, Error> {
-        let record = self.get(parent)?;
-        if record.kind != Kind::Committed {
-            return Err(invalid(
-                parent,
-                &format!("a parent must be committed, this one is {:?}", record.kind),
-            ));
-        }
-        Ok(record)
+        committed(parent, self.get(parent)?)
     }
 
     fn next_id(&mut self, key: &str) -> Result<u64, Error> {

@@ -48,6 +48,8 @@ fn pull_code(error: &PullError) -> Code {
         PullError::Apply { source, .. } => apply_code(source),
         PullError::Snapshot { source, .. } => snapshot_code(source),
         PullError::Images(e) => images_code(e),
+        PullError::BlobGone { .. } => Code::FailedPrecondition,
+        PullError::BelowFailed { .. } => Code::Aborted,
     }
 }
 

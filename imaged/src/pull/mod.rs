@@ -3,9 +3,12 @@
 //! commit the snapshots in order and record the image.
 //!
 //! Each layer body flows through one pass: HTTP chunks -> content-store ingest (digest
-//! checked) -> processor chain -> diff_id hash -> tar applier. Layers are applied into
-//! independent snapshots with no parent and get their parent when committed, so no layer
-//! waits for the one below it.
+//! checked) -> processor chain -> diff_id hash -> tar applier. Where the snapshotter can
+//! rebase (overlayfs), layers are applied into independent snapshots with no parent and get
+//! their parent when committed, so no layer waits for the one below it. Elsewhere (btrfs,
+//! native) a layer is applied onto its committed parent: layers still download
+//! concurrently, the one next in line streams straight into its snapshot, and the others
+//! go to the content store first and are applied from there once their parent commits.
 
 mod pipeline;
 
@@ -23,11 +26,12 @@ use pipeline::{Source, apply_blob, pump};
 use proto::imaged::pull_event::Event;
 use proto::imaged::{Done, Layer, LayerProgress, Resolved};
 use snapshotters::Snapshotter;
+use std::cmp::Reverse;
 use std::collections::BTreeMap;
 use std::io;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tracing::Instrument as _;
 
 /// Keys of the Active snapshots that layers are unpacked into, as containerd names them:
@@ -120,6 +124,21 @@ pub enum PullError {
     /// Recording the image failed.
     #[error(transparent)]
     Images(#[from] crate::images::ImageStoreError),
+    /// The layer's snapshot is missing and its blob is no longer stored (it was discarded
+    /// after an unpack), so it can only come from the registry again.
+    #[error(
+        "layer {digest}: neither its snapshot nor its blob is stored here (discarded after unpacking); pull the image again"
+    )]
+    BlobGone {
+        /// Layer blob.
+        digest: Digest,
+    },
+    /// Not unpacked because a layer below it failed, which is the error to report.
+    #[error("layer {digest}: not unpacked, a layer below it failed")]
+    BelowFailed {
+        /// Layer blob.
+        digest: Digest,
+    },
 }
 
 /// `layer <digest>: <what><cause>`, or the cause alone when it names the layer already
@@ -227,7 +246,7 @@ impl Puller {
             manifest_digest: resolution.top.to_string(),
             layers: vec![],
         };
-        self.unpack(&session, &record.layers, resolved, &progress)
+        self.unpack(Some(&session), &record.layers, resolved, &progress)
             .await?;
         self.images
             .put(&record, &names(reference, &resolution.top))?;
@@ -345,10 +364,28 @@ impl Puller {
         }
     }
 
-    /// Unpacks the layers whose chain is not committed yet, then commits them in order.
+    /// Unpacks an image's layers whose snapshots are missing from its blobs in the content
+    /// store, as after a switch to another snapshotter; nothing is downloaded.
+    pub async fn restore(self: &Arc<Self>, record: &ImageRecord) -> Result<(), PullError> {
+        let held = record
+            .layers
+            .iter()
+            .flat_map(|l| [l.digest.clone(), l.chain_id.clone()])
+            .collect();
+        let _layers = self.leases.acquire(held).await;
+        let resolved = Resolved {
+            reference: record.id.to_string(),
+            manifest_digest: record.manifest.to_string(),
+            layers: vec![],
+        };
+        self.unpack(None, &record.layers, resolved, &None).await
+    }
+
+    /// Unpacks the layers whose chain is not committed yet and commits them. Without a
+    /// session, only blobs in the content store can be used.
     async fn unpack(
         self: &Arc<Self>,
-        session: &Session,
+        session: Option<&Session>,
         layers: &[LayerRecord],
         resolved: Resolved,
         progress: &Progress,
@@ -375,11 +412,37 @@ impl Puller {
                 ..resolved
             }),
         );
+        let job = |i: usize| LayerJob {
+            session: session.cloned(),
+            layer: layers[i].clone(),
+            progress: progress.clone(),
+        };
+        let committed = if self.snapshotter.rebase() {
+            self.unpack_independent(layers, &missing, job).await
+        } else {
+            self.unpack_on_parents(layers, &missing, job).await
+        };
+        if committed.is_ok() && self.discard_unpacked_layers {
+            self.discard(missing.iter().map(|&i| layers[i].digest.clone()).collect())
+                .await;
+        }
+        drop(guards);
+        committed
+    }
+
+    /// Applies every missing layer at once, each into a snapshot of its own, then commits
+    /// them base first, each rebased onto the one below.
+    async fn unpack_independent(
+        self: &Arc<Self>,
+        layers: &[LayerRecord],
+        missing: &[usize],
+        job: impl Fn(usize) -> LayerJob,
+    ) -> Result<(), PullError> {
         let downloads = Arc::new(Semaphore::new(self.max_concurrent_downloads));
         // Largest first: the biggest layer sets how long the pull takes, so it must not
         // wait for a download slot behind small ones.
-        let mut order = missing.clone();
-        order.sort_by_key(|&i| std::cmp::Reverse(layers[i].size));
+        let mut order = missing.to_vec();
+        order.sort_by_key(|&i| Reverse(layers[i].size));
         let mut tasks = Vec::with_capacity(order.len());
         for i in order {
             let permit = downloads
@@ -388,15 +451,11 @@ impl Puller {
                 .await
                 .expect("semaphore open");
             let this = self.clone();
-            let job = LayerJob {
-                session: session.clone(),
-                layer: layers[i].clone(),
-                progress: progress.clone(),
-            };
+            let job = job(i);
             let task = tokio::spawn(
                 async move {
                     let _permit = permit;
-                    this.unpack_layer(job).await
+                    this.unpack_layer(job, None).await
                 }
                 .in_current_span(),
             );
@@ -410,23 +469,133 @@ impl Puller {
         let snapshotter = self.snapshotter.clone();
         let plan: Vec<(LayerRecord, Option<Digest>)> = missing
             .iter()
-            .map(|&i| {
-                (
-                    layers[i].clone(),
-                    i.checked_sub(1).map(|p| layers[p].chain_id.clone()),
-                )
-            })
+            .map(|&i| (layers[i].clone(), parent_chain(layers, i)))
             .collect();
-        let committed =
-            tokio::task::spawn_blocking(move || settle(snapshotter.as_ref(), &plan, outcomes))
-                .await
-                .expect("commit task");
-        if committed.is_ok() && self.discard_unpacked_layers {
-            self.discard(missing.iter().map(|&i| layers[i].digest.clone()).collect())
-                .await;
+        tokio::task::spawn_blocking(move || settle(snapshotter.as_ref(), &plan, outcomes))
+            .await
+            .expect("commit task")
+    }
+
+    /// Applies each missing layer onto its committed parent and commits it, base first.
+    /// Downloads still run side by side: the layer next in line streams straight into its
+    /// snapshot, the others go to the content store and wait there for their parent.
+    async fn unpack_on_parents(
+        self: &Arc<Self>,
+        layers: &[LayerRecord],
+        missing: &[usize],
+        job: impl Fn(usize) -> LayerJob,
+    ) -> Result<(), PullError> {
+        let (report, watch) = watch::channel(Chained::default());
+        let report = Arc::new(report);
+        let downloads = Arc::new(Semaphore::new(self.max_concurrent_downloads));
+        // Everything waits for the layer next in line, so it downloads first; then the
+        // largest, as in unpack_independent.
+        let mut order: Vec<usize> = (0..missing.len()).collect();
+        if let Some(rest) = order.get_mut(1..) {
+            rest.sort_by_key(|&p| Reverse(layers[missing[p]].size));
         }
-        drop(guards);
-        committed
+        let mut tasks = Vec::with_capacity(order.len());
+        for position in order {
+            let i = missing[position];
+            let step = Step {
+                position,
+                parent: parent_chain(layers, i),
+                permit: downloads
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("semaphore open"),
+                watch: watch.clone(),
+            };
+            let (this, report, job) = (self.clone(), report.clone(), job(i));
+            let task = tokio::spawn(
+                async move {
+                    let result = this.unpack_onto_parent(job, step).await;
+                    report.send_modify(|chained| chained.record(position, result.is_ok()));
+                    result
+                }
+                .in_current_span(),
+            );
+            tasks.push((position, task));
+        }
+        tasks.sort_by_key(|(position, _)| *position);
+        // The lowest failure is the cause: the layers above it only gave up.
+        let mut failure = None;
+        for (_, task) in tasks {
+            if let Err(e) = task.await.expect("layer task") {
+                failure = failure.or(Some(e));
+            }
+        }
+        failure.map_or(Ok(()), Err)
+    }
+
+    async fn unpack_onto_parent(
+        self: Arc<Self>,
+        job: LayerJob,
+        step: Step,
+    ) -> Result<(), PullError> {
+        let Step {
+            position,
+            parent,
+            permit,
+            mut watch,
+        } = step;
+        let layer = job.layer.clone();
+        if watch.borrow().parent_of(position) != ParentState::Committed {
+            self.download(&job).await?;
+            drop(permit);
+            let state = watch
+                .wait_for(|chained| chained.parent_of(position) != ParentState::Pending)
+                .await
+                .map(|chained| chained.parent_of(position));
+            if !matches!(state, Ok(ParentState::Committed)) {
+                return Err(PullError::BelowFailed {
+                    digest: layer.digest,
+                });
+            }
+        }
+        let key = self.clone().unpack_layer(job, parent).await?;
+        let snapshotter = self.snapshotter.clone();
+        tokio::task::spawn_blocking(move || {
+            let committed =
+                snapshotter.commit(layer.chain_id.as_str(), &key, None, snapshot_labels(&layer));
+            committed.map_err(|source| {
+                remove_all(snapshotter.as_ref(), &[key]);
+                PullError::Snapshot {
+                    key: layer.chain_id.to_string(),
+                    source,
+                }
+            })
+        })
+        .await
+        .expect("commit task")
+    }
+
+    /// Stores a layer's blob in the content store (digest and size checked), unless it is
+    /// there already.
+    async fn download(&self, job: &LayerJob) -> Result<(), PullError> {
+        let layer = &job.layer;
+        if self.content.contains(&layer.digest) {
+            return Ok(());
+        }
+        let Some(session) = &job.session else {
+            return Err(PullError::BlobGone {
+                digest: layer.digest.clone(),
+            });
+        };
+        let response = session.blob(&layer.digest).await?;
+        let writer = self
+            .content
+            .writer(&layer.digest, layer.size)
+            .map_err(|source| PullError::Blob {
+                digest: layer.digest.clone(),
+                source,
+            })?;
+        let rx = pump(response, layer.clone(), job.progress.clone());
+        let layer = layer.clone();
+        tokio::task::spawn_blocking(move || pipeline::store(rx, writer, &layer))
+            .await
+            .expect("download task")
     }
 
     /// Layers unpacked earlier are not fetched again, but an encrypted one still needs a key
@@ -500,8 +669,12 @@ impl Puller {
         .expect("discard task");
     }
 
-    /// Prepares a parentless snapshot and fills it; returns its key, or removes it on error.
-    async fn unpack_layer(self: Arc<Self>, job: LayerJob) -> Result<String, PullError> {
+    /// Prepares a snapshot on `parent` and fills it; returns its key, or removes it on error.
+    async fn unpack_layer(
+        self: Arc<Self>,
+        job: LayerJob,
+        parent: Option<Digest>,
+    ) -> Result<String, PullError> {
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
@@ -513,13 +686,15 @@ impl Puller {
         let labels = snapshot_labels(&job.layer);
         let snapshotter = self.snapshotter.clone();
         let prepare_key = key.clone();
-        tokio::task::spawn_blocking(move || snapshotter.prepare(&prepare_key, None, labels))
-            .await
-            .expect("prepare task")
-            .map_err(|source| PullError::Snapshot {
-                key: key.clone(),
-                source,
-            })?;
+        tokio::task::spawn_blocking(move || {
+            snapshotter.prepare(&prepare_key, parent.as_ref().map(Digest::as_str), labels)
+        })
+        .await
+        .expect("prepare task")
+        .map_err(|source| PullError::Snapshot {
+            key: key.clone(),
+            source,
+        })?;
         let started = std::time::Instant::now();
         let result = self.fill(&job, &key).await;
         tracing::debug!(
@@ -553,7 +728,12 @@ impl Puller {
             send_layer(&job.progress, layer, layer.size, true);
             Source::Local(file)
         } else {
-            let response = job.session.blob(&layer.digest).await?;
+            let Some(session) = &job.session else {
+                return Err(PullError::BlobGone {
+                    digest: layer.digest.clone(),
+                });
+            };
+            let response = session.blob(&layer.digest).await?;
             let writer = self
                 .content
                 .writer(&layer.digest, layer.size)
@@ -579,9 +759,63 @@ impl Puller {
 }
 
 struct LayerJob {
-    session: Session,
+    /// None when only the content store may be used.
+    session: Option<Session>,
     layer: LayerRecord,
     progress: Progress,
+}
+
+/// One layer's place in [`Puller::unpack_on_parents`].
+struct Step {
+    /// Index among the missing layers.
+    position: usize,
+    /// Chain ID of the layer below, committed before this one applies.
+    parent: Option<Digest>,
+    /// A download slot, held until the blob is stored.
+    permit: OwnedSemaphorePermit,
+    watch: watch::Receiver<Chained>,
+}
+
+/// How far [`Puller::unpack_on_parents`] has come: missing layers commit base first, so a
+/// count says which are done.
+#[derive(Debug, Default)]
+struct Chained {
+    committed: usize,
+    /// The lowest position that failed.
+    failed: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ParentState {
+    Committed,
+    Pending,
+    /// A layer at or below the parent failed, so it will never be committed.
+    Failed,
+}
+
+impl Chained {
+    fn parent_of(&self, position: usize) -> ParentState {
+        if self.committed >= position {
+            ParentState::Committed
+        } else if self.failed.is_some_and(|failed| failed < position) {
+            ParentState::Failed
+        } else {
+            ParentState::Pending
+        }
+    }
+
+    fn record(&mut self, position: usize, committed: bool) {
+        if committed {
+            self.committed += 1;
+        } else {
+            self.failed = Some(self.failed.map_or(position, |f| f.min(position)));
+        }
+    }
+}
+
+/// The chain ID below layer `i`.
+fn parent_chain(layers: &[LayerRecord], i: usize) -> Option<Digest> {
+    i.checked_sub(1).map(|p| layers[p].chain_id.clone())
 }
 
 fn names(reference: &Reference, top: &Digest) -> Vec<String> {

@@ -111,7 +111,7 @@ pub(super) fn apply_blob(
         let (blob, ingest) = match source {
             Source::Remote { rx, writer } => {
                 let (tx, blob_rx) = sync_channel(QUEUE);
-                let ingest = scope.spawn(move || ingest(rx, tx, writer, layer));
+                let ingest = scope.spawn(move || ingest(rx, Some(tx), writer, layer));
                 let blob: processors::Stream<'_> = Box::new(ChunkReader::new(blob_rx, None));
                 (blob, Some(ingest))
             }
@@ -195,12 +195,27 @@ fn tampering(
     })
 }
 
-/// Writes every chunk of the body into the content store and forwards it to the decoder.
-/// Reads the body to its end even when the decoder stopped early: the blob's digest is
-/// checked in every case.
+/// Stores a layer blob from the registry in the content store, committed once its digest
+/// and size are checked; nothing is applied.
+pub(super) fn store(
+    rx: mpsc::Receiver<io::Result<Bytes>>,
+    writer: Writer,
+    layer: &LayerRecord,
+) -> Result<(), PullError> {
+    ingest(rx, None, writer, layer)?
+        .commit()
+        .map_err(|source| PullError::Blob {
+            digest: layer.digest.clone(),
+            source,
+        })
+}
+
+/// Writes every chunk of the body into the content store and forwards it to the decoder,
+/// if there is one. Reads the body to its end even when the decoder stopped early: the
+/// blob's digest is checked in every case.
 fn ingest(
     mut rx: mpsc::Receiver<io::Result<Bytes>>,
-    tx: SyncSender<io::Result<Bytes>>,
+    mut forward: Option<SyncSender<io::Result<Bytes>>>,
     mut writer: Writer,
     layer: &LayerRecord,
 ) -> Result<Writer, PullError> {
@@ -208,7 +223,6 @@ fn ingest(
         digest: layer.digest.clone(),
         source,
     };
-    let mut forward = Some(tx);
     while let Some(item) = rx.blocking_recv() {
         let chunk = match item {
             Ok(chunk) => chunk,

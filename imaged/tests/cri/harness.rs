@@ -28,7 +28,30 @@ impl Imaged {
     /// Starts imaged with `extra` appended to its config file.
     pub async fn start_with(extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        Self::start_in(dir, extra).await
+        let root = dir.path().join("root");
+        Self::start_in(dir, root, Some(extra)).await
+    }
+
+    /// Starts imaged with its root at `root` (e.g. on a filesystem the test mounted).
+    pub async fn start_at(root: &Path, extra: &str) -> Self {
+        Self::start_in(
+            tempfile::tempdir().unwrap(),
+            root.to_path_buf(),
+            Some(extra),
+        )
+        .await
+    }
+
+    /// Stops the daemon and starts it again on the same root with `extra` as the config's
+    /// additions instead.
+    pub async fn restart_with(mut self, extra: &str) -> Self {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let dir = tempfile::TempDir::new_in("/tmp").unwrap();
+        let old = std::mem::replace(&mut self.dir, dir);
+        let root = self.root.clone();
+        Self::start_in(old, root, Some(extra)).await
     }
 
     /// Kills the daemon without warning (a crash) and starts it again on the same root.
@@ -42,16 +65,18 @@ impl Imaged {
         );
         let dir = tempfile::TempDir::new_in("/tmp").unwrap();
         let old = std::mem::replace(&mut self.dir, dir);
-        Self::start_in(old, "").await
+        let root = self.root.clone();
+        Self::start_in(old, root, None).await
     }
 
-    async fn start_in(dir: tempfile::TempDir, extra: &str) -> Self {
-        let root = dir.path().join("root");
+    /// Starts imaged in `dir`; a config is written when `extra` is given, else the one
+    /// there is used again.
+    async fn start_in(dir: tempfile::TempDir, root: PathBuf, extra: Option<&str>) -> Self {
         let certs = dir.path().join("certs.d");
         std::fs::create_dir_all(&certs).unwrap();
         let socket = dir.path().join("state/imaged.sock");
         let config = dir.path().join("imaged.toml");
-        if !config.exists() {
+        if let Some(extra) = extra {
             std::fs::write(
                 &config,
                 format!(

@@ -10,3 +10,4 @@ mod mirrors;
 mod mount;
 mod names;
 mod pull;
+mod snapshotters;

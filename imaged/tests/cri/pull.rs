@@ -154,7 +154,7 @@ async fn fs_info_matches_du_and_shrinks_after_removal() {
     let empty = fs_used(&imaged).await;
     imaged.pull(&image).await.unwrap();
     let full = fs_used(&imaged).await;
-    let du = du_bytes(&imaged.root);
+    let du = du_bytes(&imaged.root.join("snapshots/overlayfs"));
     let diff = full.0.abs_diff(du) as f64;
     assert!(
         diff <= du as f64 * 0.01,

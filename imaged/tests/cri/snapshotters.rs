@@ -1,0 +1,190 @@
+//! The btrfs and native snapshotters through CRI: the fixture images unpack to the same
+//! trees as with overlayfs, each layer is fetched once although layers apply base first, a
+//! switch of snapshotter unpacks images again from the content store, and a btrfs
+//! snapshotter on another filesystem is refused at start-up.
+
+use crate::harness::{Imaged, assert_tree, gets_of, push, registry};
+use fixtures::catalog;
+use fixtures::image::{Built, Compression, ImageSpec};
+use fixtures::registry::Registry;
+use fixtures::volume::BtrfsVolume;
+use std::time::Duration;
+
+const BACKENDS: [&str; 3] = ["overlayfs", "native", "btrfs"];
+
+fn fixture_images() -> Vec<(&'static str, ImageSpec)> {
+    vec![
+        ("whiteouts", catalog::whiteouts()),
+        ("links", catalog::links()),
+        ("metadata", catalog::metadata()),
+        ("gzip", catalog::compressed(Compression::Gzip)),
+        ("zstd", catalog::compressed(Compression::Zstd)),
+        ("docker", catalog::docker_schema2()),
+        ("layers-120", catalog::many_layers()),
+    ]
+}
+
+/// GETs the registry served for each blob (config and layers) of `built`.
+fn gets_per_blob(registry: &Registry, built: &Built) -> Vec<usize> {
+    built
+        .blobs()
+        .map(|blob| gets_of(registry, &blob.digest).len())
+        .collect()
+}
+
+fn blob_gets(registry: &Registry, built: &Built) -> usize {
+    gets_per_blob(registry, built).iter().sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_snapshotter_unpacks_the_fixtures_to_the_same_tree() {
+    let registry = registry();
+    let images: Vec<(String, ImageSpec, Built)> = fixture_images()
+        .into_iter()
+        .map(|(name, spec)| {
+            let built = push(&registry, &format!("fixtures/{name}"), "v1", &spec);
+            (
+                format!("{}/fixtures/{name}:v1", registry.addr()),
+                spec,
+                built,
+            )
+        })
+        .collect();
+    for backend in BACKENDS {
+        let scratch = tempfile::tempdir().unwrap();
+        let volume = (backend == "btrfs").then(|| BtrfsVolume::new(scratch.path()).unwrap());
+        let root = volume
+            .as_ref()
+            .map_or(scratch.path().to_path_buf(), |v| v.mountpoint.clone())
+            .join("root");
+        let imaged = Imaged::start_at(&root, &format!("snapshotter = {backend:?}\n")).await;
+        for (image, spec, built) in &images {
+            let before = gets_per_blob(&registry, built);
+            let id = imaged.pull(image).await.unwrap();
+            assert_eq!(id, built.id(), "{backend}: {image}");
+            let after = gets_per_blob(&registry, built);
+            assert!(
+                before.iter().zip(&after).all(|(b, a)| a - b <= 1),
+                "{backend}: a blob of {image} fetched twice: {before:?} -> {after:?}"
+            );
+            let tree = imaged.rootfs(image).await;
+            assert_tree(&spec.expected_tree(), &tree, &format!("{backend}: {image}"));
+        }
+        assert!(imaged.stop().success(), "{backend}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_of_snapshotter_unpacks_images_again_without_downloading() {
+    let registry = registry();
+    let spec = catalog::whiteouts();
+    let built = push(&registry, "fixtures/whiteouts", "v1", &spec);
+    let image = format!("{}/fixtures/whiteouts:v1", registry.addr());
+    let imaged = Imaged::start().await;
+    imaged.pull(&image).await.unwrap();
+    let fetched = blob_gets(&registry, &built);
+
+    let imaged = imaged.restart_with("snapshotter = \"native\"\n").await;
+    assert_eq!(imaged.status(&image).await.unwrap().id, built.id());
+    assert_tree(
+        &spec.expected_tree(),
+        &imaged.rootfs(&image).await,
+        "native",
+    );
+    imaged.pull(&image).await.unwrap();
+    assert_eq!(
+        blob_gets(&registry, &built),
+        fetched,
+        "nothing downloaded again"
+    );
+
+    let snapshots = |backend: &str| {
+        let dir = imaged
+            .root
+            .join("snapshots")
+            .join(backend)
+            .join("snapshots");
+        std::fs::read_dir(dir).unwrap().count()
+    };
+    assert!(snapshots("overlayfs") > 0 && snapshots("native") > 0);
+    imaged.remove(&image).await;
+    assert_eq!(
+        (snapshots("overlayfs"), snapshots("native")),
+        (0, 0),
+        "the collector removes the snapshots of both"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_after_discarded_blobs_needs_the_registry_again() {
+    let registry = registry();
+    let spec = catalog::demo();
+    let built = push(&registry, "fixtures/demo", "v1", &spec);
+    let image = format!("{}/fixtures/demo:v1", registry.addr());
+    let imaged = Imaged::start_with("discard_unpacked_layers = true\n").await;
+    imaged.pull(&image).await.unwrap();
+
+    let imaged = imaged
+        .restart_with("snapshotter = \"native\"\ndiscard_unpacked_layers = true\n")
+        .await;
+    let mut snapshots =
+        proto::imaged::snapshots_client::SnapshotsClient::new(imaged.channel().await);
+    let refused = snapshots
+        .prepare(proto::imaged::PrepareRequest {
+            image: image.clone(),
+            key: "container".into(),
+            readonly: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    let layer = &built.layers[0].blob.digest;
+    assert!(refused.message().contains(layer.as_str()), "{refused:?}");
+
+    imaged.pull(&image).await.unwrap();
+    assert_tree(
+        &spec.expected_tree(),
+        &imaged.rootfs(&image).await,
+        "pulled again",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_btrfs_snapshotter_on_another_filesystem_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let config = dir.path().join("imaged.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "root = {root:?}\nstate = {:?}\nsnapshotter = \"btrfs\"\n",
+            dir.path().join("state")
+        ),
+    )
+    .unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_imaged"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("imaged exits")
+        .unwrap();
+    assert!(!status.success());
+    let mut stderr = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr)
+        .await
+        .unwrap();
+    let snapshots = root.join("snapshots/btrfs");
+    assert!(
+        stderr.contains(&snapshots.display().to_string())
+            && stderr.contains("needs its root on btrfs"),
+        "{stderr}"
+    );
+}

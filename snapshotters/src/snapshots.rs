@@ -1,0 +1,388 @@
+//! The one [`Snapshotter`] implementation, over a per-backend [`Layout`].
+//!
+//! Every backend keeps its snapshots as `<root>/snapshots/<id>/fs`, the tree a layer is
+//! applied into, named by metadata id. Directories are made as `new-*` and filled outside
+//! any transaction (a native copy of a large parent takes seconds, and the database has
+//! one writer), then renamed into place inside the metadata transaction; they are removed
+//! by renaming to `rm-<id>` first. A crash leaves only names that
+//! [`Snapshotter::cleanup`] recognises. What differs between
+//! overlayfs, btrfs and native (how `fs` starts, what a commit does, how whiteouts are
+//! written, the mounts) is the [`Layout`]'s.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs;
+use std::io::{self, Read};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use redb::Database;
+
+use crate::apply::{self, ApplyLimits, Whiteouts};
+use crate::metastore::{MetaStore, Record, Snapshot};
+use crate::{ApplyStats, Backend, Error, Info, Kind, Mount, Snapshotter, Usage, fsutil};
+
+/// What one backend decides.
+pub(crate) trait Layout: Send + Sync {
+    /// Fills `temp`, the directory of a snapshot being created, with at least `fs`.
+    /// `parent` is the parent's `fs`.
+    fn populate(&self, temp: &Path, kind: Kind, parent: Option<&Path>) -> Result<(), Error>;
+
+    /// The mounts of an Active or View snapshot; `snapshots` holds the id directories.
+    fn mounts(&self, snapshots: &Path, snapshot: &Snapshot) -> Vec<Mount>;
+
+    /// How layers write whiteouts: overlay markers, or deletions from a copy of the parent.
+    fn whiteouts(&self) -> Whiteouts;
+
+    /// Whether a snapshot prepared without a parent can get one at commit.
+    fn rebase(&self) -> bool;
+
+    /// Runs after a layer was applied into `dir/fs`; `named` lists the directories the
+    /// layer had entries for.
+    fn applied(&self, _dir: &Path, _named: &[Vec<u8>]) -> Result<(), Error> {
+        Ok(())
+    }
+
+    /// Runs inside the commit transaction, after the metadata changed; `before` is the
+    /// Active record, `snapshot` the Committed one.
+    fn committed(
+        &self,
+        snapshots: &Path,
+        before: &Record,
+        snapshot: &Snapshot,
+    ) -> Result<(), Error>;
+
+    /// Removes a snapshot's directory, or a leftover one, with everything in it.
+    fn remove(&self, dir: &Path) -> io::Result<()> {
+        fsutil::remove_path(dir)
+    }
+}
+
+/// Snapshots of one backend (see [`Backend`]) under a root directory, with metadata in a
+/// redb database shared with other backends and the rest of imaged.
+pub struct Snapshots {
+    backend: Backend,
+    root: PathBuf,
+    snapshots: PathBuf,
+    store: MetaStore,
+    layout: Box<dyn Layout>,
+    limits: ApplyLimits,
+    sync_fs: bool,
+    /// `new-*` directories being filled, which cleanup must leave alone.
+    filling: Mutex<HashSet<PathBuf>>,
+}
+
+impl Snapshots {
+    /// Opens (creating if needed) `backend`'s snapshots under `root`, keeping metadata in
+    /// tables prefixed `snapshots/<backend>/` of `db`. A root the backend cannot work on
+    /// (btrfs not on btrfs, overlayfs options that cannot name it) is InvalidArgument.
+    pub fn open(backend: Backend, root: PathBuf, db: Arc<Database>) -> Result<Self, Error> {
+        let root =
+            std::path::absolute(&root).map_err(Error::io("resolve snapshotter root", &root))?;
+        let snapshots = root.join("snapshots");
+        fs::create_dir_all(&snapshots).map_err(Error::io("create directory", &snapshots))?;
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o700))
+            .map_err(Error::io("set permissions of", &root))?;
+        let layout = crate::layout(backend, &root)?;
+        let store = MetaStore::open(db, backend.name())?;
+        Ok(Snapshots {
+            backend,
+            root,
+            snapshots,
+            store,
+            layout,
+            limits: ApplyLimits::default(),
+            sync_fs: false,
+            filling: Mutex::default(),
+        })
+    }
+
+    /// Caps what one [`Snapshotter::apply`] may write.
+    pub fn with_limits(mut self, limits: ApplyLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// After each [`Snapshotter::apply`], syncs the filesystem holding the snapshot (one
+    /// `syncfs`, no fsync per file), so an applied layer is on disk before it is committed.
+    pub fn with_sync_fs(mut self, sync_fs: bool) -> Self {
+        self.sync_fs = sync_fs;
+        self
+    }
+
+    /// The backend these snapshots belong to.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    fn dir(&self, id: u64) -> PathBuf {
+        self.snapshots.join(id.to_string())
+    }
+
+    fn fs_dir(&self, id: u64) -> PathBuf {
+        self.dir(id).join("fs")
+    }
+
+    fn create(
+        &self,
+        kind: Kind,
+        key: &str,
+        parent: Option<&str>,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>, Error> {
+        let parent_id = match parent {
+            Some(parent) => Some(self.store.read(parent, |r| r.committed_parent(parent))?.id),
+            None => None,
+        };
+        let temp = self.temp_dir()?;
+        let parent_fs = parent_id.map(|id| self.fs_dir(id));
+        let made = self
+            .layout
+            .populate(&temp, kind, parent_fs.as_deref())
+            .and_then(|()| {
+                self.store.write(key, |tx| {
+                    let snapshot = tx.create(key, kind, parent, labels)?;
+                    if snapshot.parent_ids.first().copied() != parent_id {
+                        return Err(Error::FailedPrecondition {
+                            key: key.to_owned(),
+                            reason: format!("parent {parent:?} was replaced while being copied"),
+                        });
+                    }
+                    self.install(&temp, snapshot.id)?;
+                    Ok(snapshot)
+                })
+            });
+        self.filled(&temp);
+        match made {
+            Ok(snapshot) => Ok(self.layout.mounts(&self.snapshots, &snapshot)),
+            Err(e) => {
+                self.discard(&temp);
+                Err(e)
+            }
+        }
+    }
+
+    fn temp_dir(&self) -> Result<PathBuf, Error> {
+        let mut filling = self.filling.lock().unwrap_or_else(PoisonError::into_inner);
+        let temp = tempfile::Builder::new()
+            .prefix("new-")
+            .tempdir_in(&self.snapshots)
+            .map_err(Error::io("create temporary directory in", &self.snapshots))?
+            .keep();
+        filling.insert(temp.clone());
+        Ok(temp)
+    }
+
+    fn filled(&self, temp: &Path) {
+        let mut filling = self.filling.lock().unwrap_or_else(PoisonError::into_inner);
+        filling.remove(temp);
+    }
+
+    fn install(&self, temp: &Path, id: u64) -> Result<(), Error> {
+        let dest = self.dir(id);
+        // The id is fresh, so anything already there was left by an aborted transaction.
+        self.layout
+            .remove(&dest)
+            .map_err(Error::io("remove stale directory", &dest))?;
+        fs::rename(temp, &dest).map_err(Error::io("rename temporary directory to", &dest))
+    }
+
+    fn discard(&self, dir: &Path) {
+        if let Err(error) = self.layout.remove(dir)
+            && error.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!(dir = %dir.display(), %error, "removing snapshot directory; cleanup will retry");
+        }
+    }
+
+    fn delete_dir(&self, id: u64) {
+        let dir = self.dir(id);
+        let doomed = self.snapshots.join(format!("rm-{id}"));
+        match fs::rename(&dir, &doomed) {
+            Ok(()) => self.discard(&doomed),
+            Err(error) => {
+                tracing::warn!(dir = %dir.display(), %error, "removing snapshot directory; cleanup will retry");
+            }
+        }
+    }
+
+    fn measure(&self, id: u64) -> Result<Usage, Error> {
+        let fs = self.fs_dir(id);
+        fsutil::disk_usage(&fs).map_err(Error::io("measure disk usage of", &fs))
+    }
+
+    fn check_rebase(&self, key: &str, record: &Record, parent: Option<&str>) -> Result<(), Error> {
+        match (&record.parent, parent) {
+            (None, Some(parent)) if !self.layout.rebase() => Err(Error::FailedPrecondition {
+                key: key.to_owned(),
+                reason: format!(
+                    "the {} snapshotter cannot rebase a snapshot onto {parent:?}; prepare it on its parent",
+                    self.backend.name()
+                ),
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Snapshotter for Snapshots {
+    fn prepare(
+        &self,
+        key: &str,
+        parent: Option<&str>,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>, Error> {
+        self.create(Kind::Active, key, parent, labels)
+    }
+
+    fn view(
+        &self,
+        key: &str,
+        parent: Option<&str>,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>, Error> {
+        self.create(Kind::View, key, parent, labels)
+    }
+
+    fn commit(
+        &self,
+        name: &str,
+        key: &str,
+        parent: Option<&str>,
+        labels: BTreeMap<String, String>,
+    ) -> Result<(), Error> {
+        self.store.write(key, |tx| {
+            let record = tx.get(key)?;
+            self.check_rebase(key, &record, parent)?;
+            let usage = match record.kind {
+                Kind::Active => self.measure(record.id)?,
+                Kind::View | Kind::Committed => Usage::default(),
+            };
+            let snapshot = tx.commit(key, name, parent, labels, usage)?;
+            self.layout.committed(&self.snapshots, &record, &snapshot)
+        })
+    }
+
+    fn remove(&self, key: &str) -> Result<(), Error> {
+        let record = self.store.write(key, |tx| tx.remove(key))?;
+        self.delete_dir(record.id);
+        Ok(())
+    }
+
+    fn stat(&self, key: &str) -> Result<Info, Error> {
+        self.store.read(key, |r| Ok(r.get(key)?.info(key)))
+    }
+
+    fn update(&self, info: &Info, fieldpaths: &[&str]) -> Result<Info, Error> {
+        let key = info.name.as_str();
+        self.store.write(key, |tx| {
+            Ok(tx.update_labels(key, &info.labels, fieldpaths)?.info(key))
+        })
+    }
+
+    fn mounts(&self, key: &str) -> Result<Vec<Mount>, Error> {
+        let snapshot = self.store.read(key, |r| r.snapshot(key))?;
+        if snapshot.kind == Kind::Committed {
+            return Err(Error::FailedPrecondition {
+                key: key.to_owned(),
+                reason: "a committed snapshot has no mounts; prepare or view it".to_owned(),
+            });
+        }
+        Ok(self.layout.mounts(&self.snapshots, &snapshot))
+    }
+
+    fn usage(&self, key: &str) -> Result<Usage, Error> {
+        let record = self.store.read(key, |r| r.get(key))?;
+        match record.usage {
+            Some(usage) => Ok(usage),
+            None => self.measure(record.id),
+        }
+    }
+
+    fn walk(&self, f: &mut dyn FnMut(&Info)) -> Result<(), Error> {
+        for (key, record) in self.store.read("all snapshots", |r| r.all())? {
+            f(&record.info(&key));
+        }
+        Ok(())
+    }
+
+    fn apply(&self, key: &str, tar: &mut dyn Read) -> Result<ApplyStats, Error> {
+        let record = self.store.read(key, |r| r.get(key))?;
+        if record.kind != Kind::Active {
+            return Err(Error::FailedPrecondition {
+                key: key.to_owned(),
+                reason: format!(
+                    "layers apply to active snapshots only, this one is {:?}",
+                    record.kind
+                ),
+            });
+        }
+        let fs = self.fs_dir(record.id);
+        let (stats, named) = apply::apply_layer(&fs, tar, &self.limits, self.layout.whiteouts())?;
+        self.layout.applied(&self.dir(record.id), &named)?;
+        if self.sync_fs {
+            let dir = fs::File::open(&fs).map_err(Error::io("open", &fs))?;
+            rustix::fs::syncfs(&dir).map_err(|e| Error::io("sync filesystem of", &fs)(e.into()))?;
+        }
+        Ok(stats)
+    }
+
+    fn cleanup(&self) -> Result<(), Error> {
+        // Listed inside a write transaction: creations make and rename their directory inside
+        // one, so no directory seen here is still being set up.
+        let garbage = self.store.write("cleanup", |tx| {
+            let ids = tx.ids()?;
+            let filling = self.filling.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut garbage = Vec::new();
+            let entries =
+                fs::read_dir(&self.snapshots).map_err(Error::io("list", &self.snapshots))?;
+            for entry in entries {
+                let entry = entry.map_err(Error::io("list", &self.snapshots))?;
+                let name = entry.file_name();
+                let live = name
+                    .to_str()
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .is_some_and(|id| ids.contains(&id));
+                let path = entry.path();
+                if !live && !filling.contains(&path) {
+                    garbage.push(path);
+                }
+            }
+            Ok(garbage)
+        })?;
+        for path in garbage {
+            tracing::info!(path = %path.display(), "removing unreferenced snapshot directory");
+            self.layout
+                .remove(&path)
+                .map_err(Error::io("remove", &path))?;
+        }
+        Ok(())
+    }
+
+    fn rebase(&self) -> bool {
+        self.layout.rebase()
+    }
+
+    fn root(&self) -> &Path {
+        &self.root
+    }
+}
+
+/// A directory with an explicit mode: `create_dir`'s is filtered through the umask.
+pub(crate) fn make_dir(path: &Path, mode: u32) -> Result<(), Error> {
+    fs::create_dir(path).map_err(Error::io("create directory", path))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .map_err(Error::io("set permissions of", path))
+}
+
+/// A bind mount of `source`, read-write or read-only.
+pub(crate) fn bind(source: &Path, writable: bool) -> Mount {
+    Mount {
+        kind: "bind".to_owned(),
+        source: source.display().to_string(),
+        options: vec![
+            if writable { "rw" } else { "ro" }.to_owned(),
+            "rbind".to_owned(),
+        ],
+    }
+}
