@@ -17,6 +17,10 @@
 # a minute of a mass deletion, so each contender would pay for the previous one's cleanup.
 # BENCH_LOOPFS=0 runs on the filesystem of /tmp instead.
 #
+# BENCH_SNAPSHOTTER=native|btrfs compares imaged and containerd with that snapshotter
+# instead (btrfs on a loop-mounted btrfs), next to imaged with overlayfs on the same
+# filesystem; only the cold pulls run, and the table goes to target/bench/pull-<name>.json.
+#
 # Needs root. Environment: BENCH_RUNS (default 3), BENCH_SCALE (image size factor,
 # default 1 = about 500 MB uncompressed; the larger image is twice that).
 set -euo pipefail
@@ -29,6 +33,15 @@ fi
 
 runs=${BENCH_RUNS:-3}
 scale=${BENCH_SCALE:-1}
+snapshotter=${BENCH_SNAPSHOTTER:-overlayfs}
+case $snapshotter in
+  overlayfs | native | btrfs) ;;
+  *)
+    echo "bench.sh: BENCH_SNAPSHOTTER is overlayfs, native or btrfs, not $snapshotter" >&2
+    exit 1
+    ;;
+esac
+export IMAGED_EXTRA="snapshotter = \"$snapshotter\""
 export BIN_DIR=target/release
 crictl=target/tools/crictl
 latency=target/release/examples/cri_latency
@@ -72,10 +85,15 @@ filesystem="$(df --output=fstype /tmp | tail -n 1) of /tmp"
 if [ "${BENCH_LOOPFS:-1}" != 0 ]; then
   loop_image=$(mktemp /var/tmp/imaged-bench.XXXXXX.img)
   truncate -s 16G "$loop_image"
-  mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 "$loop_image"
+  if [ "$snapshotter" = btrfs ]; then
+    mkfs.btrfs -q -f "$loop_image"
+    filesystem="fresh btrfs in a loop file"
+  else
+    mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 "$loop_image"
+    filesystem="fresh journaled ext4 in a loop file"
+  fi
   loop_device=$(losetup -f --show --direct-io=on "$loop_image")
   mount "$loop_device" "$work"
-  filesystem="fresh journaled ext4 in a loop file"
 fi
 
 # elapsed SINCE: seconds from SINCE ($EPOCHREALTIME) to now.
@@ -171,7 +189,7 @@ state = "$ctrd/state"
   stream_server_address = "127.0.0.1"
 
 [plugins."io.containerd.grpc.v1.cri".containerd]
-  snapshotter = "overlayfs"
+  snapshotter = "$snapshotter"
 
 [plugins."io.containerd.grpc.v1.cri".registry]
   config_path = "$ctrd/certs.d"
@@ -225,6 +243,14 @@ for variant in gzip zstd; do
     cpu["$variant"]+="$(awk -v a="$cpu_before" -v b="$(cpu_seconds "$imaged_pid")" 'BEGIN { printf "%.2f", b - a }') "
     stop_imaged
 
+    if [ "$snapshotter" != overlayfs ]; then
+      echo "run $run/$runs, $variant: imaged with overlayfs" >&2
+      IMAGED_EXTRA= fresh_imaged
+      drop_caches
+      record "overlayfs $variant" "$("$latency" --socket "$socket" once "$image")"
+      stop_imaged
+    fi
+
     echo "run $run/$runs, $variant: containerd CRI" >&2
     start_containerd
     drop_caches
@@ -236,7 +262,7 @@ for variant in gzip zstd; do
     start_containerd
     drop_caches
     t0=$EPOCHREALTIME
-    ctr -a "$ctrd_sock" -n k8s.io images pull --plain-http "$image" >/dev/null
+    ctr -a "$ctrd_sock" -n k8s.io images pull --snapshotter "$snapshotter" --plain-http "$image" >/dev/null
     record "ctr $variant" "$(elapsed "$t0")"
     stop_containerd
 
@@ -260,6 +286,40 @@ for variant in gzip zstd; do
     rm -rf "$work/raw"
   done
 done
+
+if [ "$snapshotter" != overlayfs ]; then
+  mkdir -p "$out_dir"
+  json=$out_dir/pull-$snapshotter.json
+  printf '{\n  "snapshotter": "%s",\n  "scale": %s,\n  "runs": %s,\n  "containerd_version": "%s",\n  "filesystem": "%s",\n  "variants": {\n' \
+    "$snapshotter" "$scale" "$runs" "$containerd_version" "$filesystem" >"$json"
+  printf '\nsnapshotter %s on %s (containerd %s with the same snapshotter)\n' "$snapshotter" "$filesystem" "$containerd_version"
+  printf '%-6s %10s %12s %8s %8s %8s %10s %16s %10s %9s %7s %11s\n' \
+    variant imaged_s overlayfs_s cri_s ctr_s raw_s imaged/cri imaged/overlayfs imaged/raw rss_MB cpu_s cri_rss_MB
+  first=1
+  for variant in gzip zstd; do
+    # shellcheck disable=SC2086 # the values are space-separated on purpose
+    {
+      imaged_s=$(median ${seconds["imaged $variant"]})
+      overlay_s=$(median ${seconds["overlayfs $variant"]})
+      cri_s=$(median ${seconds["cri $variant"]})
+      ctr_s=$(median ${seconds["ctr $variant"]})
+      raw_s=$(median ${seconds["raw $variant"]})
+      rss_mb=$(median ${rss[$variant]})
+      cpu_s=$(median ${cpu[$variant]})
+      cri_rss_mb=$(median ${rss["cri $variant"]})
+    }
+    printf '%-6s %10s %12s %8s %8s %8s %10s %16s %10s %9s %7s %11s\n' "$variant" "$imaged_s" "$overlay_s" \
+      "$cri_s" "$ctr_s" "$raw_s" "$(ratio "$imaged_s" "$cri_s")" "$(ratio "$imaged_s" "$overlay_s")" \
+      "$(ratio "$imaged_s" "$raw_s")" "$rss_mb" "$cpu_s" "$cri_rss_mb"
+    [ $first = 1 ] || printf ',\n' >>"$json"
+    first=0
+    printf '    "%s": {"imaged_s": %s, "imaged_overlayfs_s": %s, "containerd_cri_s": %s, "ctr_s": %s, "raw_s": %s, "imaged_over_containerd_cri": %s, "imaged_over_imaged_overlayfs": %s, "imaged_peak_rss_mb": %s, "imaged_cpu_s": %s, "containerd_cri_peak_rss_mb": %s}' \
+      "$variant" "$imaged_s" "$overlay_s" "$cri_s" "$ctr_s" "$raw_s" "$(ratio "$imaged_s" "$cri_s")" \
+      "$(ratio "$imaged_s" "$overlay_s")" "$rss_mb" "$cpu_s" "$cri_rss_mb" >>"$json"
+  done
+  printf '\n  },\n  "total_s": %s\n}\n' "$(elapsed "$started")" >>"$json"
+  exit 0
+fi
 
 # 10 concurrent pulls of one image into a fresh imaged; each blob should be fetched once.
 echo "10-way concurrent pull (gzip)" >&2

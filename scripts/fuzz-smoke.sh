@@ -4,7 +4,9 @@
 # committed). Fails if any target crashes; the crashing input is kept in fuzz/artifacts/.
 #
 # Needs root: the layer_tar target creates device nodes and changes owners. FUZZ_RUNS sets the
-# number of inputs per target (default 20000); FUZZ_TARGETS a space-separated subset.
+# number of inputs per target (default 20000), or FUZZ_SECONDS a time per target instead;
+# FUZZ_TARGETS a space-separated subset. layer_tar runs once per snapshotter in
+# FUZZ_SNAPSHOTTERS (default: overlayfs native btrfs; btrfs on a loop-mounted file made here).
 # `--seeds-only DIR` writes the seed corpora to DIR/<target>/ and stops (for
 # scripts/fuzz-seeds.sh, which replays them as tests). A crash worth keeping goes to
 # fuzz/regressions/<target>/, which those tests replay too.
@@ -27,7 +29,11 @@ fi
 work=$(mktemp -d /tmp/imaged-fuzz.XXXXXX)
 # The targets keep their scratch trees (snapshot roots, hosts.toml roots) for the whole run and
 # libFuzzer exits without destructors, so their TMPDIR is ours and goes with it.
-trap 'rm -rf "$work"' EXIT
+cleanup() {
+  if mountpoint -q "$work/btrfs"; then umount "$work/btrfs"; fi
+  rm -rf "$work"
+}
+trap cleanup EXIT
 mkdir -p "$work/tmp"
 
 seed() { # seed TARGET NAME: writes standard input as one seed of TARGET
@@ -141,25 +147,51 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
   cargo install cargo-fuzz --locked
 fi
 cargo fuzz build
-failed=()
+if [ -n "${FUZZ_SECONDS:-}" ]; then
+  limit=(-max_total_time="$FUZZ_SECONDS")
+else
+  limit=(-runs="$runs")
+fi
+read -r -a snapshotters <<<"${FUZZ_SNAPSHOTTERS:-overlayfs native btrfs}"
+# Each run: "target" or "layer_tar:<snapshotter>".
+runs_of=()
 for target in "${targets[@]}"; do
-  mkdir -p "$work/tmp/$target"
-  log="$work/$target.log"
+  if [ "$target" = layer_tar ]; then
+    for snapshotter in "${snapshotters[@]}"; do runs_of+=("layer_tar:$snapshotter"); done
+  else
+    runs_of+=("$target")
+  fi
+done
+failed=()
+for run in "${runs_of[@]}"; do
+  target=${run%%:*}
+  snapshotter=${run#*:}
+  [ "$snapshotter" = "$run" ] && snapshotter=overlayfs
+  tmp="$work/tmp/${run/:/-}"
+  mkdir -p "$tmp"
+  if [ "$snapshotter" = btrfs ] && ! mountpoint -q "$work/btrfs"; then
+    truncate -s 2G "$work/btrfs.img"
+    mkfs.btrfs -q "$work/btrfs.img"
+    mkdir -p "$work/btrfs"
+    mount -o loop "$work/btrfs.img" "$work/btrfs"
+  fi
+  [ "$snapshotter" = btrfs ] && tmp="$work/btrfs"
+  log="$work/${run/:/-}.log"
   start=$(date +%s)
-  if TMPDIR="$work/tmp/$target" cargo fuzz run "$target" "$work/corpus/$target" -- \
-    -runs="$runs" -timeout=10 >"$log" 2>&1; then
+  if LAYER_TAR_SNAPSHOTTER=$snapshotter TMPDIR="$tmp" cargo fuzz run "$target" "$work/corpus/$target" -- \
+    "${limit[@]}" -timeout=10 >"$log" 2>&1; then
     # libFuzzer's closing lines: "#N DONE cov: .. ft: .. corp: .." and "Done N runs in S second(s)".
     stats=$(grep -m1 -o 'DONE .*' "$log" || true)
     done_line=$(grep -m1 '^Done ' "$log" || true)
-    echo "$target: ok, ${done_line:-no summary}; ${stats:-no stats} (wall $(($(date +%s) - start)) s)"
+    echo "$run: ok, ${done_line:-no summary}; ${stats:-no stats} (wall $(($(date +%s) - start)) s)"
   else
-    echo "$target: FAILED after $(($(date +%s) - start)) s; last lines of its log:"
+    echo "$run: FAILED after $(($(date +%s) - start)) s; last lines of its log:"
     tail -n 40 "$log"
-    failed+=("$target")
+    failed+=("$run")
   fi
 done
 if [ "${#failed[@]}" -gt 0 ]; then
   echo "crashed: ${failed[*]} (inputs in fuzz/artifacts/<target>/)"
   exit 1
 fi
-echo "all ${#targets[@]} targets ran $runs inputs without a crash"
+echo "all ${#runs_of[@]} runs went without a crash (${limit[*]} each)"

@@ -27,7 +27,8 @@ start_registry() {
   return 1
 }
 
-# start_imaged: starts imaged with every registry mirrored to $registry; sets $socket.
+# start_imaged: starts imaged with every registry mirrored to $registry and $IMAGED_EXTRA
+# added to its config; sets $socket.
 start_imaged() {
   mkdir -p "$work/certs.d/_default"
   cat >"$work/certs.d/_default/hosts.toml" <<TOML
@@ -37,6 +38,7 @@ TOML
   cat >"$work/imaged.toml" <<TOML
 root = "$work/root"
 state = "$work/state"
+${IMAGED_EXTRA:-}
 
 [registry]
 config_path = "$work/certs.d"

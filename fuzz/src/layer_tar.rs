@@ -6,7 +6,13 @@
 //! directory excepted (its layer `fs/` and the files the snapshotter keeps beside it, such
 //! as `implicit-dirs`), before and after the apply, with a sentinel directory beside the
 //! snapshotter root as the nearest target of an escape. Removing the snapshot must then
-//! leave no snapshot directory behind.
+//! leave no snapshot directory behind but the parent's.
+//!
+//! `LAYER_TAR_SNAPSHOTTER` picks the snapshotter (`overlayfs`, the default, `btrfs` or
+//! `native`); btrfs needs `TMPDIR` on a btrfs filesystem. The snapshotters that apply a
+//! layer onto a copy of its parent get a committed parent holding a small tree (directories,
+//! files, a hardlink, a symlinked directory), so that deletions and links reach lower
+//! content; the parent is part of the listing, so the copy must leave it unchanged.
 //!
 //! Needs root: the applier creates device nodes (mknod, whiteouts included), changes owners
 //! (lchown) and sets `trusted.*` xattrs, as imaged does in production.
@@ -17,6 +23,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use snapshotters::{Backend, Snapshots, Snapshotter};
+
+/// The committed parent, for snapshotters without rebase.
+const PARENT: &str = "fuzz-parent";
 
 /// The Active snapshot each input is applied to.
 const KEY: &str = "fuzz-layer";
@@ -29,7 +38,71 @@ struct Bench {
     base: PathBuf,
     /// `<base>/snapshotter/snapshots`: one directory per snapshot.
     snapshots: PathBuf,
-    overlay: Snapshots,
+    snapshotter: Snapshots,
+    /// The parent's name and directory, if the snapshotter needs one.
+    parent: Option<(&'static str, PathBuf)>,
+}
+
+fn backend() -> Backend {
+    std::env::var("LAYER_TAR_SNAPSHOTTER")
+        .map(|name| {
+            name.parse()
+                .unwrap_or_else(|e| panic!("LAYER_TAR_SNAPSHOTTER: {e}"))
+        })
+        .unwrap_or(Backend::Overlayfs)
+}
+
+/// The parent's tree: what deletions, opaque directories and hardlinks can reach.
+fn parent_layer() -> Vec<u8> {
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut add = |kind: tar::EntryType, path: &str, link: &str, data: &[u8]| {
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(kind);
+        header.set_mode(if kind == tar::EntryType::Directory {
+            0o755
+        } else {
+            0o644
+        });
+        header.set_size(data.len() as u64);
+        if !link.is_empty() {
+            header.set_link_name(link).expect("link name");
+        }
+        tar.append_data(&mut header, path, data).expect("append");
+    };
+    add(tar::EntryType::Directory, "etc", "", b"");
+    add(
+        tar::EntryType::Regular,
+        "etc/passwd",
+        "",
+        b"root:x:0:0::/:/bin/sh\n",
+    );
+    add(tar::EntryType::Directory, "usr/bin", "", b"");
+    add(tar::EntryType::Regular, "usr/bin/tool", "", b"tool\n");
+    add(
+        tar::EntryType::Link,
+        "usr/bin/tool-link",
+        "usr/bin/tool",
+        b"",
+    );
+    add(tar::EntryType::Symlink, "bin", "usr/bin", b"");
+    add(tar::EntryType::Directory, "gone/sub", "", b"");
+    add(tar::EntryType::Regular, "gone/sub/file", "", b"x");
+    tar.into_inner().expect("parent tar")
+}
+
+/// Commits `PARENT` from [`parent_layer`] and returns its directory.
+fn make_parent(snapshotter: &Snapshots, snapshots: &Path) -> PathBuf {
+    let key = "fuzz-parent-extract";
+    snapshotter
+        .prepare(key, None, BTreeMap::new())
+        .expect("prepare parent");
+    snapshotter
+        .apply(key, &mut parent_layer().as_slice())
+        .expect("apply parent");
+    snapshotter
+        .commit(PARENT, key, None, BTreeMap::new())
+        .expect("commit parent");
+    snapshot_dir(snapshots, None)
 }
 
 fn bench() -> &'static Bench {
@@ -46,12 +119,16 @@ fn bench() -> &'static Bench {
             .create_with_backend(redb::backends::InMemoryBackend::new())
             .expect("create in-memory database");
         let root = base.join("snapshotter");
-        let overlay = Snapshots::open(Backend::Overlayfs, root.clone(), Arc::new(db))
-            .expect("open snapshotter");
+        let snapshotter =
+            Snapshots::open(backend(), root.clone(), Arc::new(db)).expect("open snapshotter");
+        let snapshots = root.join("snapshots");
+        let parent =
+            (!snapshotter.rebase()).then(|| (PARENT, make_parent(&snapshotter, &snapshots)));
         Bench {
-            snapshots: root.join("snapshots"),
+            snapshots,
             base,
-            overlay,
+            snapshotter,
+            parent,
         }
     })
 }
@@ -106,27 +183,38 @@ fn listing(base: &Path, snapshot: &Path) -> Vec<Seen> {
     seen
 }
 
-/// The directory of the only snapshot: `<snapshots>/<id>`.
-fn snapshot_dir(snapshots: &Path) -> PathBuf {
-    let dirs: Vec<PathBuf> = std::fs::read_dir(snapshots)
-        .expect("list snapshots")
-        .map(|entry| entry.expect("read snapshots entry").path())
-        .collect();
+/// The directory of the only snapshot but the parent: `<snapshots>/<id>`.
+fn snapshot_dir(snapshots: &Path, parent: Option<&Path>) -> PathBuf {
+    let dirs = others(snapshots, parent);
     assert_eq!(dirs.len(), 1, "one snapshot directory: {dirs:?}");
     dirs[0].clone()
+}
+
+/// The snapshot directories other than the parent's.
+fn others(snapshots: &Path, parent: Option<&Path>) -> Vec<PathBuf> {
+    std::fs::read_dir(snapshots)
+        .expect("list snapshots")
+        .map(|entry| entry.expect("read snapshots entry").path())
+        .filter(|path| Some(path.as_path()) != parent)
+        .collect()
 }
 
 /// One input.
 pub fn run(data: &[u8]) {
     let bench = bench();
+    let (parent, parent_dir) = bench
+        .parent
+        .as_ref()
+        .map(|(name, dir)| (*name, dir.as_path()))
+        .unzip();
     bench
-        .overlay
-        .prepare(KEY, None, BTreeMap::new())
+        .snapshotter
+        .prepare(KEY, parent, BTreeMap::new())
         .expect("prepare snapshot");
-    let snapshot = snapshot_dir(&bench.snapshots);
+    let snapshot = snapshot_dir(&bench.snapshots, parent_dir);
     let before = listing(&bench.base, &snapshot);
     let mut tar = data;
-    match bench.overlay.apply(KEY, &mut tar) {
+    match bench.snapshotter.apply(KEY, &mut tar) {
         Ok(stats) => assert!(
             stats.bytes <= data.len() as u64,
             "{} bytes of file content applied from {} bytes of tar",
@@ -143,10 +231,7 @@ pub fn run(data: &[u8]) {
             "apply changed files outside the snapshot's directory:\nbefore: {gone:#?}\nafter: {new:#?}"
         );
     }
-    bench.overlay.remove(KEY).expect("remove snapshot");
-    let left: Vec<PathBuf> = std::fs::read_dir(&bench.snapshots)
-        .expect("list snapshots")
-        .map(|entry| entry.expect("read snapshots entry").path())
-        .collect();
+    bench.snapshotter.remove(KEY).expect("remove snapshot");
+    let left = others(&bench.snapshots, parent_dir);
     assert!(left.is_empty(), "removed snapshot left {left:?}");
 }
