@@ -3,7 +3,9 @@
 
 use crate::harness::{Imaged, assert_tree, push, registry};
 use fixtures::catalog;
+use fixtures::registry::Registry;
 use fixtures::tree::Tree;
+use fixtures::volume::BtrfsVolume;
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -28,54 +30,69 @@ fn is_mountpoint(dir: &Path) -> bool {
         .any(|line| line.split(' ').nth(4) == Some(dir.to_str().unwrap()))
 }
 
+/// With every snapshotter: their mounts differ (overlay, bind of a subvolume, bind of a
+/// directory), what a user sees must not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mount_shows_the_image_read_only_or_writable_and_unmount_removes_the_snapshot() {
     let registry = registry();
-    let imaged = Imaged::start().await;
+    for backend in ["overlayfs", "native", "btrfs"] {
+        let scratch = tempfile::tempdir().unwrap();
+        let volume = (backend == "btrfs").then(|| BtrfsVolume::new(scratch.path()).unwrap());
+        let root = volume
+            .as_ref()
+            .map_or(scratch.path().to_path_buf(), |v| v.mountpoint.clone())
+            .join("root");
+        let imaged = Imaged::start_at(&root, &format!("snapshotter = {backend:?}\n")).await;
+        mount_cycle(&registry, &imaged, backend).await;
+        assert!(imaged.stop().success());
+    }
+}
+
+async fn mount_cycle(registry: &Registry, imaged: &Imaged, backend: &str) {
     let spec = catalog::whiteouts();
-    push(&registry, "fixtures/mount", "v1", &spec);
+    push(registry, "fixtures/mount", "v1", &spec);
     let image = format!("{}/fixtures/mount:v1", registry.addr());
     imaged.pull(&image).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let target = dir.path().to_str().unwrap();
 
-    let out = imaged_cli(&imaged, &["mount", &image, target]);
+    let out = imaged_cli(imaged, &["mount", &image, target]);
     assert!(out.status.success(), "{}", said(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains(target));
     assert_tree(
         &spec.expected_tree(),
         &Tree::read(dir.path()).unwrap(),
-        "mounted",
+        &format!("mounted with {backend}"),
     );
     assert!(
         std::fs::write(dir.path().join("new"), b"x").is_err(),
         "read-only"
     );
 
-    let again = imaged_cli(&imaged, &["mount", &image, target]);
+    let again = imaged_cli(imaged, &["mount", &image, target]);
     assert!(!again.status.success());
     assert!(said(&again).contains(target), "{}", said(&again));
 
-    let out = imaged_cli(&imaged, &["unmount", target]);
+    let out = imaged_cli(imaged, &["unmount", target]);
     assert!(out.status.success(), "{}", said(&out));
     assert!(!is_mountpoint(dir.path()));
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
-    let twice = imaged_cli(&imaged, &["unmount", target]);
+    let twice = imaged_cli(imaged, &["unmount", target]);
     assert!(!twice.status.success());
     assert!(said(&twice).contains(target), "{}", said(&twice));
 
-    let out = imaged_cli(&imaged, &["mount", "--rw", &image, target]);
+    let out = imaged_cli(imaged, &["mount", "--rw", &image, target]);
     assert!(out.status.success(), "{}", said(&out));
     std::fs::write(dir.path().join("new"), b"written").unwrap();
-    let out = imaged_cli(&imaged, &["unmount", target]);
+    let out = imaged_cli(imaged, &["unmount", target]);
     assert!(out.status.success(), "{}", said(&out));
-    let out = imaged_cli(&imaged, &["mount", &image, target]);
+    let out = imaged_cli(imaged, &["mount", &image, target]);
     assert!(out.status.success(), "{}", said(&out));
     assert!(
         !dir.path().join("new").exists(),
         "a writable mount's changes go with it"
     );
-    let out = imaged_cli(&imaged, &["unmount", target]);
+    let out = imaged_cli(imaged, &["unmount", target]);
     assert!(out.status.success(), "{}", said(&out));
 }
 
