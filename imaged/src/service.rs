@@ -258,7 +258,12 @@ impl ImageService {
         .await?;
         if !present {
             tracing::info!(image = %record.id, "unpacking the image again from the content store");
-            self.puller.restore(record).await?;
+            // In a task of its own, as pulls are: a client that gives up must not leave
+            // half the layers unpacked and the other half waiting.
+            let (puller, record) = (self.puller.clone(), record.clone());
+            tokio::spawn(async move { puller.restore(&record).await }.in_current_span())
+                .await
+                .expect("restore task")?;
         }
         Ok(())
     }

@@ -14,7 +14,9 @@
 //!   hardlink to a file only in a lower layer fails. For btrfs and native the layer is
 //!   applied onto a copy of its parent, and what a whiteout hides is deleted from it, except
 //!   what this layer wrote itself (the image spec scopes whiteouts to lower layers); the
-//!   times of directories the layer changes without naming them are kept.
+//!   times of directories the layer changes without naming them are kept. What the layer
+//!   wrote is known by its names as spelled in the archive: a whiteout reaching a written
+//!   entry through a symlinked parent deletes it (it stays inside the root either way).
 //! - Metadata goes on in the order create, lchown, xattrs, chmod, times (chown clears
 //!   setuid, setgid and `security.capability`); directory times are set after the whole
 //!   layer, so children added later do not change them.
@@ -99,7 +101,8 @@ pub(crate) fn apply_layer(
             dir_times: Vec::new(),
             whiteouts,
             written: HashSet::new(),
-            kept: HashSet::new(),
+            timed: HashSet::new(),
+            opaque: HashSet::new(),
             hasher: RandomState::new(),
             buffer: vec![0; COPY_BUFFER],
             parent: None,
@@ -136,8 +139,12 @@ struct Layer {
     /// their parents), which its own whiteouts must not delete; hashes keep a layer of a
     /// million entries within a few MiB.
     written: HashSet<u64>,
-    /// With [`Whiteouts::Delete`]: hashes of the unnamed directories whose times are kept.
-    kept: HashSet<u64>,
+    /// With [`Whiteouts::Delete`]: hashes of the directories whose final times are settled,
+    /// because the layer names them or their times before the layer were kept.
+    timed: HashSet<u64>,
+    /// With [`Whiteouts::Delete`]: hashes of the directories made opaque; below them only
+    /// written paths remain, so another opaque marker there has nothing left to delete.
+    opaque: HashSet<u64>,
     hasher: RandomState,
     buffer: Vec<u8>,
     /// The previous entry's parent directory (cleaned path and descriptor), reused while
@@ -259,12 +266,13 @@ impl Layer {
     }
 
     /// With [`Whiteouts::Delete`], remembers the times of the directory at `path` before
-    /// this layer first changes it, unless the layer names it itself.
+    /// this layer first changes it, unless the layer named it before (a name that comes
+    /// later sets the times after these).
     fn keep_times(&mut self, path: &[u8], dir: &OwnedFd) -> Result<(), LayerError> {
-        if self.whiteouts != Whiteouts::Delete || path.is_empty() || self.is_written(path) {
+        if self.whiteouts != Whiteouts::Delete || path.is_empty() {
             return Ok(());
         }
-        if !self.kept.insert(self.hasher.hash_one(path)) {
+        if !self.timed.insert(self.hasher.hash_one(path)) {
             return Ok(());
         }
         let stat = rustix::fs::fstat(dir).map_err(io_error("inspect parent directory"))?;
@@ -276,11 +284,11 @@ impl Layer {
         Ok(())
     }
 
-    /// `.wh.<target>` onto a copy of the parent: deletes `target` unless this layer wrote it.
+    /// `.wh.<target>` onto a copy of the parent: deletes `target` unless this layer wrote it;
+    /// of a directory this layer wrote into, only what the parent had goes, as overlayfs
+    /// then marks it opaque.
     fn delete_hidden(&mut self, parent: &[u8], target: &[u8]) -> Result<(), LayerError> {
-        if self.is_written(&join(parent, target)) {
-            return Ok(());
-        }
+        let path = join(parent, target);
         let dir = match open_dir(&self.root, parent, Missing::Fail) {
             Ok(dir) => dir,
             Err(e) if matches!(Errno::from_io_error(&e), Some(Errno::NOENT | Errno::NOTDIR)) => {
@@ -288,6 +296,13 @@ impl Layer {
             }
             Err(e) => return Err(io_error("open parent directory")(e)),
         };
+        if self.is_written(&path) {
+            return match rustix::fs::statat(&dir, target, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(stat) if fsutil::is_dir(&stat) => self.delete_unwritten(&path),
+                Ok(_) | Err(Errno::NOENT) => Ok(()),
+                Err(e) => Err(io_error("inspect whiteout target")(e)),
+            };
+        }
         self.keep_times(parent, &dir)?;
         // The cached parent may be the deleted directory or lie below it.
         self.parent = None;
@@ -301,6 +316,10 @@ impl Layer {
     /// `.wh..wh..opq` onto a copy of the parent: deletes everything below `dir_path` that
     /// this layer did not write.
     fn delete_unwritten(&mut self, dir_path: &[u8]) -> Result<(), LayerError> {
+        if self.below_opaque(dir_path) {
+            return Ok(());
+        }
+        self.opaque.insert(self.hasher.hash_one(dir_path));
         self.parent = None;
         let mut pending = vec![dir_path.to_vec()];
         while let Some(path) = pending.pop() {
@@ -322,6 +341,20 @@ impl Layer {
             }
         }
         Ok(())
+    }
+
+    /// Whether `path` or a directory above it was made opaque already.
+    fn below_opaque(&self, path: &[u8]) -> bool {
+        let mut path = path;
+        loop {
+            if self.opaque.contains(&self.hasher.hash_one(path)) {
+                return true;
+            }
+            if path.is_empty() {
+                return false;
+            }
+            path = split_last(path).0;
+        }
     }
 
     /// Opens (or takes from the cache) the directory at the cleaned path `parent`.
@@ -457,6 +490,9 @@ impl Layer {
                 .map_err(io_error("mark directory opaque"))?;
         }
         set_metadata(dir, base, entry, EntryKind::Directory)?;
+        if self.whiteouts == Whiteouts::Delete {
+            self.timed.insert(self.hasher.hash_one(path));
+        }
         self.dir_times.push(DirTimes {
             path: path.to_vec(),
             times: timestamps(entry),

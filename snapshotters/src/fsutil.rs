@@ -134,6 +134,19 @@ pub(crate) fn remove_at(parent: BorrowedFd<'_>, name: &[u8]) -> io::Result<()> {
     Ok(rustix::fs::unlinkat(parent, name, AtFlags::REMOVEDIR)?)
 }
 
+/// Calls `f` with every directory below `top` (as its parent's descriptor and its name),
+/// deepest first, once everything below that directory has been visited.
+pub(crate) fn for_each_dir_bottom_up(
+    top: &Path,
+    f: &mut dyn FnMut(BorrowedFd<'_>, &CStr) -> io::Result<()>,
+) -> io::Result<()> {
+    let top = rustix::fs::open(top, dir_flags(), Mode::empty())?;
+    walk(top, &mut |visit| match visit {
+        Visit::Leave { parent, name } => f(parent, name),
+        Visit::Entry { .. } => Ok(()),
+    })
+}
+
 /// Removes `path` and everything below it; a missing path is not an error.
 pub(crate) fn remove_path(path: &Path) -> io::Result<()> {
     let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {

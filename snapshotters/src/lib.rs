@@ -215,7 +215,8 @@ pub trait Snapshotter: Send + Sync {
     fn apply(&self, key: &str, tar: &mut dyn Read) -> Result<ApplyStats, Error>;
 
     /// Removes on-disk directories that no metadata refers to (crash leftovers, temporary
-    /// `new-*` and `rm-*` directories).
+    /// `new-*` and `rm-*` directories). One that cannot be removed is logged and left for
+    /// the next cleanup; errors are the metadata store's.
     fn cleanup(&self) -> Result<(), Error>;
 
     /// Whether [`commit`](Snapshotter::commit) can give a parent to a snapshot prepared

@@ -152,14 +152,11 @@ impl Snapshots {
                     Ok(snapshot)
                 })
             });
-        self.filled(&temp);
-        match made {
-            Ok(snapshot) => Ok(self.layout.mounts(&self.snapshots, &snapshot)),
-            Err(e) => {
-                self.discard(&temp);
-                Err(e)
-            }
+        if made.is_err() {
+            self.discard(&temp);
         }
+        self.filled(&temp);
+        made.map(|snapshot| self.layout.mounts(&self.snapshots, &snapshot))
     }
 
     fn temp_dir(&self) -> Result<PathBuf, Error> {
@@ -251,13 +248,16 @@ impl Snapshotter for Snapshots {
         parent: Option<&str>,
         labels: BTreeMap<String, String>,
     ) -> Result<(), Error> {
+        // Measured before the transaction: a btrfs or native tree is the whole image, and
+        // the database has one writer. Nothing writes into a snapshot being committed.
+        let record = self.store.read(key, |r| r.get(key))?;
+        let usage = match record.kind {
+            Kind::Active => self.measure(record.id)?,
+            Kind::View | Kind::Committed => Usage::default(),
+        };
         self.store.write(key, |tx| {
             let record = tx.get(key)?;
             self.check_rebase(key, &record, parent)?;
-            let usage = match record.kind {
-                Kind::Active => self.measure(record.id)?,
-                Kind::View | Kind::Committed => Usage::default(),
-            };
             let snapshot = tx.commit(key, name, parent, labels, usage)?;
             self.layout.committed(&self.snapshots, &record, &snapshot)
         })
@@ -350,11 +350,12 @@ impl Snapshotter for Snapshots {
             }
             Ok(garbage)
         })?;
+        // One directory that cannot go must not keep the others, or the daemon, from going on.
         for path in garbage {
             tracing::info!(path = %path.display(), "removing unreferenced snapshot directory");
-            self.layout
-                .remove(&path)
-                .map_err(Error::io("remove", &path))?;
+            if let Err(error) = self.layout.remove(&path) {
+                tracing::warn!(path = %path.display(), %error, "removing unreferenced snapshot directory failed");
+            }
         }
         Ok(())
     }

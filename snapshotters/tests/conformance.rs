@@ -64,6 +64,8 @@ conformance!(
         many_small_files_land_in_archive_order,
         rebase_commit_where_offered_and_refused_elsewhere,
         cleanup_removes_crash_leftovers,
+        whiteouts_through_a_hostile_parent_stay_inside,
+        a_whiteout_after_entries_of_its_directory_hides_only_the_lower_ones,
         three_parents_stack_nearest_first,
         views_are_read_only,
         parent_chains_of_depth_1_2_and_130,
@@ -1015,9 +1017,65 @@ pub fn cleanup_removes_crash_leftovers(new: Constructor) {
     assert_eq!(names(&snapshots), Vec::<String>::new());
 
     // The sequence moved on, so a new snapshot never lands in a leftover's directory.
-    fs::create_dir_all(snapshots.join("4/fs/stale")).unwrap();
+    fs::create_dir_all(snapshots.join("3/fs/stale")).unwrap();
     let mounts = env.sn.prepare("c", None, BTreeMap::new()).unwrap();
     assert!(Mounted::new(&mounts).list("").is_empty());
+}
+
+/// Whiteouts and opaque markers aimed through a parent's symlinks that point out of the
+/// snapshot delete inside it, never outside.
+pub fn whiteouts_through_a_hostile_parent_stay_inside(new: Constructor) {
+    let env = Env::new(new);
+    let outside = env.outside();
+    fs::write(outside.join("f"), b"outside").unwrap();
+    fs::write(outside.join("g"), b"outside").unwrap();
+    let first = Tar::new()
+        .symlink("l", outside.to_str().unwrap())
+        .symlink("up", "../../../../../..")
+        .dir("d/", 0o755)
+        .file("d/kept", b"kept", 0o644)
+        .build();
+    env.layer("1", None, &first);
+    let second = Tar::new()
+        .file("l/.wh.f", b"", 0o644)
+        .file("up/.wh..wh..opq", b"", 0o644)
+        .file("up/.wh.g", b"", 0o644)
+        .file("l/.wh..wh..opq", b"", 0o644)
+        .file(".wh.l", b"", 0o644)
+        .build();
+    env.layer("2", Some("1"), &second);
+    let mut left: Vec<String> = fs::read_dir(&outside)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["f", "g"]);
+    assert_eq!(fs::read(outside.join("f")).unwrap(), b"outside");
+    assert_eq!(env.view("1").read("d/kept"), "kept");
+}
+
+/// A whiteout of a directory the same layer wrote into hides what lower layers had there
+/// and keeps what the layer wrote, whichever came first.
+pub fn a_whiteout_after_entries_of_its_directory_hides_only_the_lower_ones(new: Constructor) {
+    let env = Env::new(new);
+    let first = Tar::new()
+        .dir("d/", 0o755)
+        .file("d/old", b"old", 0o644)
+        .dir("e/", 0o755)
+        .file("e/old", b"old", 0o644)
+        .build();
+    env.layer("1", None, &first);
+    let second = Tar::new()
+        .file("d/new", b"new", 0o644)
+        .file(".wh.d", b"", 0o644)
+        .dir("e/", 0o755)
+        .file("e/new", b"new", 0o644)
+        .file(".wh.e", b"", 0o644)
+        .build();
+    env.layer("2", Some("1"), &second);
+    let view = env.view("2");
+    assert_eq!(view.list("d"), ["new"]);
+    assert_eq!(view.list("e"), ["new"]);
 }
 
 pub fn three_parents_stack_nearest_first(new: Constructor) {

@@ -32,6 +32,7 @@ use std::io;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::task::JoinSet;
 use tracing::Instrument as _;
 
 /// Keys of the Active snapshots that layers are unpacked into, as containerd names them:
@@ -494,7 +495,9 @@ impl Puller {
         if let Some(rest) = order.get_mut(1..) {
             rest.sort_by_key(|&p| Reverse(layers[missing[p]].size));
         }
-        let mut tasks = Vec::with_capacity(order.len());
+        // Dropped (this pull cancelled), the set aborts every task; each task's Outcome then
+        // tells the layers waiting above it.
+        let mut tasks = JoinSet::new();
         for position in order {
             let i = missing[position];
             let step = Step {
@@ -507,26 +510,53 @@ impl Puller {
                     .expect("semaphore open"),
                 watch: watch.clone(),
             };
-            let (this, report, job) = (self.clone(), report.clone(), job(i));
-            let task = tokio::spawn(
+            let (this, job) = (self.clone(), job(i));
+            let outcome = Outcome {
+                report: report.clone(),
+                position,
+                committed: false,
+            };
+            tasks.spawn(
                 async move {
+                    let mut outcome = outcome;
                     let result = this.unpack_onto_parent(job, step).await;
-                    report.send_modify(|chained| chained.record(position, result.is_ok()));
-                    result
+                    outcome.committed = result.is_ok();
+                    (position, result)
                 }
                 .in_current_span(),
             );
-            tasks.push((position, task));
         }
-        tasks.sort_by_key(|(position, _)| *position);
         // The lowest failure is the cause: the layers above it only gave up.
-        let mut failure = None;
-        for (_, task) in tasks {
-            if let Err(e) = task.await.expect("layer task") {
-                failure = failure.or(Some(e));
+        let mut failure: Option<(usize, PullError)> = None;
+        let mut committed = Vec::new();
+        while let Some(joined) = tasks.join_next().await {
+            match joined.expect("layer task") {
+                (position, Ok(())) => committed.push(position),
+                (position, Err(e)) => {
+                    if failure
+                        .as_ref()
+                        .is_none_or(|(lowest, _)| position < *lowest)
+                    {
+                        failure = Some((position, e));
+                    }
+                }
             }
         }
-        failure.map_or(Ok(()), Err)
+        let Some((_, error)) = failure else {
+            return Ok(());
+        };
+        // As with overlayfs, a failed pull leaves none of its layers: top first, since a
+        // committed snapshot with children cannot go.
+        committed.sort_unstable_by_key(|&position| Reverse(position));
+        let chains: Vec<String> = committed
+            .iter()
+            .map(|&position| layers[missing[position]].chain_id.to_string())
+            .collect();
+        let snapshotter = self.snapshotter.clone();
+        tokio::task::spawn_blocking(move || remove_all(snapshotter.as_ref(), &chains))
+            .await
+            .expect("removal task");
+        Err(error)
     }
 
     async fn unpack_onto_parent(
@@ -541,17 +571,29 @@ impl Puller {
             mut watch,
         } = step;
         let layer = job.layer.clone();
-        if watch.borrow().parent_of(position) != ParentState::Committed {
-            self.download(&job).await?;
+        let below_failed = || PullError::BelowFailed {
+            digest: layer.digest.clone(),
+        };
+        let state = watch.borrow().parent_of(position);
+        if state == ParentState::Failed {
+            return Err(below_failed());
+        }
+        if state == ParentState::Pending {
+            // A failure below ends the wait for the download too; what was already received
+            // goes on into the content store in the background.
+            tokio::select! {
+                stored = self.download(&job) => stored?,
+                _ = watch.wait_for(|chained| chained.parent_of(position) == ParentState::Failed) => {
+                    return Err(below_failed());
+                }
+            }
             drop(permit);
             let state = watch
                 .wait_for(|chained| chained.parent_of(position) != ParentState::Pending)
                 .await
                 .map(|chained| chained.parent_of(position));
             if !matches!(state, Ok(ParentState::Committed)) {
-                return Err(PullError::BelowFailed {
-                    digest: layer.digest,
-                });
+                return Err(below_failed());
             }
         }
         let key = self.clone().unpack_layer(job, parent).await?;
@@ -774,6 +816,22 @@ struct Step {
     /// A download slot, held until the blob is stored.
     permit: OwnedSemaphorePermit,
     watch: watch::Receiver<Chained>,
+}
+
+/// Reports a layer task's end to the layers waiting above it, also when the task panics or
+/// is aborted.
+struct Outcome {
+    report: Arc<watch::Sender<Chained>>,
+    position: usize,
+    committed: bool,
+}
+
+impl Drop for Outcome {
+    fn drop(&mut self) {
+        let (position, committed) = (self.position, self.committed);
+        self.report
+            .send_modify(|chained| chained.record(position, committed));
+    }
 }
 
 /// How far [`Puller::unpack_on_parents`] has come: missing layers commit base first, so a

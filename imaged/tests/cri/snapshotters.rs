@@ -5,7 +5,7 @@
 
 use crate::harness::{Imaged, assert_tree, gets_of, push, registry};
 use fixtures::catalog;
-use fixtures::image::{Built, Compression, ImageSpec};
+use fixtures::image::{Built, Compression, Entry, ImageSpec, Layer};
 use fixtures::registry::Registry;
 use fixtures::volume::BtrfsVolume;
 use std::time::Duration;
@@ -187,4 +187,44 @@ async fn a_btrfs_snapshotter_on_another_filesystem_is_refused() {
             && stderr.contains("needs its root on btrfs"),
         "{stderr}"
     );
+}
+
+/// Layers applied base first stop at the first bad one; what the pull committed below it
+/// goes too, and the error names the bad layer, not one that only gave up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_middle_layer_fails_the_pull_and_leaves_no_snapshot() {
+    let registry = registry();
+    let spec = ImageSpec::new(
+        (0..5)
+            .map(|n| Layer::new(vec![Entry::file(&format!("layer-{n}"), 0o644, "x")]))
+            .collect(),
+    );
+    let built = spec.build().unwrap();
+    let mut diff_ids: Vec<String> = built.layers.iter().map(|l| l.diff_id.clone()).collect();
+    diff_ids[1] = fixtures::tree::sha256_digest(b"not the layer");
+    let bad_layer = built.layers[1].blob.digest.clone();
+    let bad = Built::assemble(spec.format, spec.config(&diff_ids), built.layers);
+    registry
+        .pusher()
+        .push_image("hostile/middle", &bad, &["v1"])
+        .unwrap();
+    let image = format!("{}/hostile/middle:v1", registry.addr());
+    for backend in ["native", "overlayfs"] {
+        let imaged = Imaged::start_with(&format!("snapshotter = {backend:?}\n")).await;
+        let before = imaged.store_files();
+        let err = imaged.pull(&image).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::DataLoss, "{backend}: {err:?}");
+        assert!(
+            err.message().contains("diff_id") && err.message().contains(bad_layer.as_str()),
+            "{backend}: {err:?}"
+        );
+        let left: Vec<String> = imaged
+            .store_files()
+            .difference(&before)
+            .filter(|f| !f.starts_with("content/blobs/"))
+            .cloned()
+            .collect();
+        assert!(left.is_empty(), "{backend}: left behind {left:?}");
+        assert_eq!(imaged.status(&image).await, None);
+    }
 }

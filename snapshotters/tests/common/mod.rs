@@ -163,10 +163,10 @@ impl Drop for Mounted {
 /// A snapshotter in a temporary directory (on its own btrfs volume for btrfs).
 pub struct Env {
     pub sn: Snapshots,
+    /// Unmounted after the snapshotter is gone and before its directory is removed.
+    _volume: Option<BtrfsVolume>,
     pub tmp: TempDir,
     views: AtomicU64,
-    /// Unmounted after the snapshotter is gone.
-    _volume: Option<BtrfsVolume>,
 }
 
 impl Env {
@@ -180,9 +180,9 @@ impl Env {
         let (sn, volume) = new(tmp.path());
         Env {
             sn: configure(sn),
+            _volume: volume,
             tmp,
             views: AtomicU64::new(0),
-            _volume: volume,
         }
     }
 

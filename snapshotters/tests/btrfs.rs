@@ -1,0 +1,126 @@
+//! The btrfs snapshotter's own form: every snapshot a subvolume, committed ones read-only,
+//! a child a snapshot of its parent; subvolumes that a container makes inside its rootfs, and
+//! leftover subvolumes of a crash, do not stop removal or cleanup; a root elsewhere than on
+//! btrfs is refused.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+
+use common::*;
+use snapshotters::{Backend, Error, Snapshots, Snapshotter};
+
+/// btrfs-progs, for making subvolumes the way something other than imaged would.
+fn subvolume(args: &[&str], path: &Path) {
+    let out = Command::new("btrfs")
+        .arg("subvolume")
+        .args(args)
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn is_subvolume(path: &Path) -> bool {
+    fs::symlink_metadata(path).unwrap().ino() == 256
+}
+
+#[test]
+fn snapshots_are_subvolumes_and_committed_ones_are_read_only() {
+    let env = Env::new(btrfs);
+    let snapshots = env.snapshots();
+    env.layer("base", None, &Tar::new().file("f", b"base", 0o644).build());
+    let base = snapshots.join("1/fs");
+    assert!(is_subvolume(&base));
+    let denied = fs::write(base.join("g"), b"no").unwrap_err();
+    assert_eq!(
+        denied.raw_os_error(),
+        Some(rustix::io::Errno::ROFS.raw_os_error())
+    );
+
+    let mounts = env
+        .sn
+        .prepare("child", Some("base"), BTreeMap::new())
+        .unwrap();
+    let child = snapshots.join("2/fs");
+    assert!(is_subvolume(&child));
+    assert_eq!(mounts[0].kind, "bind");
+    assert_eq!(mounts[0].source, child.display().to_string());
+    fs::write(child.join("f"), b"changed").unwrap();
+    assert_eq!(fs::read(base.join("f")).unwrap(), b"base");
+    assert!(!snapshots.join("1/implicit-dirs").exists());
+}
+
+#[test]
+fn a_subvolume_made_inside_a_container_does_not_stop_its_removal() {
+    let env = Env::new(btrfs);
+    env.layer("base", None, &Tar::new().dir("var/", 0o755).build());
+    env.sn
+        .prepare("container", Some("base"), BTreeMap::new())
+        .unwrap();
+    let fs = env.snapshots().join("2/fs");
+    subvolume(&["create"], &fs.join("var/machines"));
+    subvolume(&["create"], &fs.join("var/machines/inner"));
+    subvolume(
+        &["snapshot", "-r", fs.join("var/machines").to_str().unwrap()],
+        &fs.join("ro"),
+    );
+    env.sn.remove("container").unwrap();
+    assert!(!env.snapshots().join("2").exists());
+    assert!(!env.snapshots().join("rm-2").exists());
+}
+
+#[test]
+fn cleanup_destroys_leftover_subvolumes_read_only_ones_too() {
+    let env = Env::new(btrfs);
+    let snapshots = env.snapshots();
+    env.layer("base", None, &Tar::new().file("f", b"x", 0o644).build());
+    for leftover in ["new-crashed", "77", "rm-5"] {
+        fs::create_dir(snapshots.join(leftover)).unwrap();
+    }
+    subvolume(&["create"], &snapshots.join("new-crashed/fs"));
+    subvolume(
+        &["snapshot", "-r", snapshots.join("1/fs").to_str().unwrap()],
+        &snapshots.join("77/fs"),
+    );
+    subvolume(&["create"], &snapshots.join("rm-5/fs"));
+    subvolume(&["create"], &snapshots.join("rm-5/fs/nested"));
+    env.sn.cleanup().unwrap();
+    let mut left: Vec<String> = fs::read_dir(&snapshots)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["1"]);
+    assert_eq!(env.view("base").read("f"), "x");
+}
+
+#[test]
+fn a_root_not_on_btrfs_is_refused_naming_it_and_its_filesystem() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = redb::Database::create(dir.path().join("meta.redb")).unwrap();
+    let root = dir.path().join("btrfs");
+    let err = Snapshots::open(Backend::Btrfs, root.clone(), Arc::new(db))
+        .err()
+        .expect("refused");
+    match err {
+        Error::InvalidArgument { key, reason } => {
+            assert_eq!(key, root.display().to_string());
+            assert!(
+                reason.contains("needs its root on btrfs, this one is on "),
+                "{reason}"
+            );
+            assert!(!reason.ends_with("on "), "{reason}");
+        }
+        other => panic!("expected InvalidArgument, got {other}"),
+    }
+}
