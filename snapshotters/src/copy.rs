@@ -263,8 +263,10 @@ fn create(src: &OwnedFd, dst: &OwnedFd, name: &CStr, stat: &Stat) -> Result<(), 
 }
 
 fn copy_file(src: &OwnedFd, dst: &OwnedFd, name: &CStr, stat: &Stat) -> Result<(), Failed> {
-    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    let from = rustix::fs::openat(src, name, flags, Mode::empty()).op("open file")?;
+    // Non-blocking, should a FIFO ever take the file's place; no atime updates on parents.
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOATIME;
+    let from =
+        rustix::fs::openat(src, name, flags | OFlags::CLOEXEC, Mode::empty()).op("open file")?;
     let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     let to = rustix::fs::openat(dst, name, flags, Mode::from_raw_mode(0o600)).op("create file")?;
     let (from, to) = (File::from(from), File::from(to));
