@@ -278,7 +278,7 @@ impl Layer {
         let stat = rustix::fs::fstat(dir).map_err(io_error("inspect parent directory"))?;
         self.dir_times.push(DirTimes {
             path: path.to_vec(),
-            times: stat_times(&stat),
+            times: fsutil::stat_times(&stat),
             named: false,
         });
         Ok(())
@@ -697,14 +697,11 @@ fn list_dir(dir: &OwnedFd) -> rustix::io::Result<Vec<Vec<u8>>> {
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
         Mode::empty(),
     )?;
-    let mut names = Vec::new();
-    for entry in rustix::fs::Dir::read_from(&listing)? {
-        let name = entry?.file_name().to_bytes().to_vec();
-        if name != b"." && name != b".." {
-            names.push(name);
-        }
-    }
-    Ok(names)
+    let names = fsutil::read_names(&listing)?;
+    Ok(names
+        .into_iter()
+        .map(std::ffi::CString::into_bytes)
+        .collect())
 }
 
 /// Splits a cleaned, non-empty path into its parent (empty for the root) and base name.
@@ -837,19 +834,6 @@ fn timestamps(entry: &Entry) -> Timestamps {
     Timestamps {
         last_access: timespec(atime),
         last_modification: timespec(entry.mtime),
-    }
-}
-
-fn stat_times(stat: &Stat) -> Timestamps {
-    Timestamps {
-        last_access: Timespec {
-            tv_sec: stat.st_atime,
-            tv_nsec: stat.st_atime_nsec as _,
-        },
-        last_modification: Timespec {
-            tv_sec: stat.st_mtime,
-            tv_nsec: stat.st_mtime_nsec as _,
-        },
     }
 }
 

@@ -17,10 +17,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use rustix::fs::{
-    AtFlags, CWD, Dir, FileType, Gid, Mode, OFlags, SeekFrom, Stat, Timespec, Timestamps, Uid,
-    XattrFlags,
-};
+use rustix::fs::{AtFlags, CWD, FileType, Gid, Mode, OFlags, SeekFrom, Stat, Uid, XattrFlags};
 use rustix::io::Errno;
 
 use crate::Error;
@@ -113,7 +110,7 @@ impl Copier<'_> {
         dst: &OwnedFd,
     ) -> Result<Vec<(CString, Stat)>, Error> {
         // Read completely first, so that no directory stream stays open below this level.
-        let names = read_names(src)
+        let names = fsutil::read_names(src)
             .op("read directory")
             .map_err(|f| f.at(self.path(None)))?;
         let mut subdirs = Vec::new();
@@ -228,18 +225,6 @@ fn climb(src: &OwnedFd, dst: &OwnedFd) -> Result<(OwnedFd, OwnedFd), Failed> {
     Ok((src, dst))
 }
 
-fn read_names(dir: &OwnedFd) -> rustix::io::Result<Vec<CString>> {
-    let mut names = Vec::new();
-    for entry in Dir::read_from(dir)? {
-        let entry = entry?;
-        let name = entry.file_name();
-        if name != c"." && name != c".." {
-            names.push(name.to_owned());
-        }
-    }
-    Ok(names)
-}
-
 /// Creates the copy of a non-directory, with its content but none of its metadata.
 fn create(src: &OwnedFd, dst: &OwnedFd, name: &CStr, stat: &Stat) -> Result<(), Failed> {
     match FileType::from_raw_mode(stat.st_mode) {
@@ -343,17 +328,7 @@ fn set_metadata(src: &OwnedFd, dst: &OwnedFd, name: &CStr, stat: &Stat) -> Resul
         let mode = Mode::from_raw_mode(stat.st_mode & 0o7777);
         rustix::fs::chmodat(dst, name, mode, AtFlags::empty()).op("copy mode")?;
     }
-    // Nanoseconds are below 10⁹, whatever the type of their field.
-    let times = Timestamps {
-        last_access: Timespec {
-            tv_sec: stat.st_atime,
-            tv_nsec: stat.st_atime_nsec as i64,
-        },
-        last_modification: Timespec {
-            tv_sec: stat.st_mtime,
-            tv_nsec: stat.st_mtime_nsec as i64,
-        },
-    };
+    let times = fsutil::stat_times(stat);
     rustix::fs::utimensat(dst, name, &times, AtFlags::SYMLINK_NOFOLLOW).op("copy times")
 }
 
@@ -410,6 +385,7 @@ mod tests {
     use std::fs;
     use std::os::unix::fs::{MetadataExt, PermissionsExt, chown, lchown, symlink};
 
+    use rustix::fs::{Timespec, Timestamps};
     use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
 
     /// More levels than the descriptor limit the copy runs under, and a path longer than

@@ -11,7 +11,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 
-use rustix::fs::{AtFlags, CWD, Dir, FileType, Mode, OFlags, Stat};
+use rustix::fs::{AtFlags, CWD, Dir, FileType, Mode, OFlags, Stat, Timespec, Timestamps};
 use rustix::io::Errno;
 
 use crate::Usage;
@@ -74,14 +74,7 @@ fn scan(
     dir: &OwnedFd,
     visit: &mut dyn FnMut(Visit<'_>) -> io::Result<()>,
 ) -> io::Result<Vec<CString>> {
-    let mut names = Vec::new();
-    for entry in Dir::read_from(dir)? {
-        let entry = entry?;
-        let name = entry.file_name();
-        if name != c"." && name != c".." {
-            names.push(name.to_owned());
-        }
-    }
+    let names = read_names(dir)?;
     let mut subdirs = Vec::new();
     for name in names {
         let stat = match rustix::fs::statat(dir, &name, AtFlags::SYMLINK_NOFOLLOW) {
@@ -99,6 +92,34 @@ fn scan(
         }
     }
     Ok(subdirs)
+}
+
+/// The names in the directory `dir` (open for reading), `.` and `..` left out.
+pub(crate) fn read_names(dir: &OwnedFd) -> rustix::io::Result<Vec<CString>> {
+    let mut names = Vec::new();
+    for entry in Dir::read_from(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name != c"." && name != c".." {
+            names.push(name.to_owned());
+        }
+    }
+    Ok(names)
+}
+
+/// The access and modification times of `stat`, to give another file.
+pub(crate) fn stat_times(stat: &Stat) -> Timestamps {
+    // Nanoseconds are below 10⁹, whatever the type of their field.
+    Timestamps {
+        last_access: Timespec {
+            tv_sec: stat.st_atime,
+            tv_nsec: stat.st_atime_nsec as _,
+        },
+        last_modification: Timespec {
+            tv_sec: stat.st_mtime,
+            tv_nsec: stat.st_mtime_nsec as _,
+        },
+    }
 }
 
 fn dir_flags() -> OFlags {

@@ -12,7 +12,7 @@
 
 mod pipeline;
 
-use crate::content::{ContentError, ContentStore};
+use crate::content::{ContentError, ContentStore, Writer};
 use crate::digest::{Digest, chain_ids};
 use crate::gc::Leases;
 use crate::images::{ImageRecord, ImageStore, LayerRecord};
@@ -616,10 +616,22 @@ impl Puller {
     /// Stores a layer's blob in the content store (digest and size checked), unless it is
     /// there already.
     async fn download(&self, job: &LayerJob) -> Result<(), PullError> {
-        let layer = &job.layer;
-        if self.content.contains(&layer.digest) {
+        if self.content.contains(&job.layer.digest) {
             return Ok(());
         }
+        let (rx, writer) = self.fetch(job).await?;
+        let layer = job.layer.clone();
+        tokio::task::spawn_blocking(move || pipeline::store(rx, writer, &layer))
+            .await
+            .expect("download task")
+    }
+
+    /// Starts a layer's download: the body's chunks, and the content store's writer for them.
+    async fn fetch(
+        &self,
+        job: &LayerJob,
+    ) -> Result<(mpsc::Receiver<io::Result<Bytes>>, Writer), PullError> {
+        let layer = &job.layer;
         let Some(session) = &job.session else {
             return Err(PullError::BlobGone {
                 digest: layer.digest.clone(),
@@ -633,11 +645,7 @@ impl Puller {
                 digest: layer.digest.clone(),
                 source,
             })?;
-        let rx = pump(response, layer.clone(), job.progress.clone());
-        let layer = layer.clone();
-        tokio::task::spawn_blocking(move || pipeline::store(rx, writer, &layer))
-            .await
-            .expect("download task")
+        Ok((pump(response, layer.clone(), job.progress.clone()), writer))
     }
 
     /// Layers unpacked earlier are not fetched again, but an encrypted one still needs a key
@@ -770,23 +778,8 @@ impl Puller {
             send_layer(&job.progress, layer, layer.size, true);
             Source::Local(file)
         } else {
-            let Some(session) = &job.session else {
-                return Err(PullError::BlobGone {
-                    digest: layer.digest.clone(),
-                });
-            };
-            let response = session.blob(&layer.digest).await?;
-            let writer = self
-                .content
-                .writer(&layer.digest, layer.size)
-                .map_err(|source| PullError::Blob {
-                    digest: layer.digest.clone(),
-                    source,
-                })?;
-            Source::Remote {
-                rx: pump(response, layer.clone(), job.progress.clone()),
-                writer,
-            }
+            let (rx, writer) = self.fetch(job).await?;
+            Source::Remote { rx, writer }
         };
         let snapshotter = self.snapshotter.clone();
         let processors = self.processors.clone();
