@@ -48,6 +48,7 @@ struct RawConfig {
     snapshotter: Option<Backend>,
     max_concurrent_downloads: Option<usize>,
     image_pull_progress_timeout: Option<String>,
+    garbage_collection_interval: Option<String>,
     image_pull_with_sync_fs: Option<bool>,
     discard_unpacked_layers: Option<bool>,
     pinned_images: Option<Vec<String>>,
@@ -87,6 +88,10 @@ pub struct Config {
     /// A registry connection that delivers no byte for this long is abandoned (the next
     /// host is tried); a Go duration, `"0"` turns it off.
     pub image_pull_progress_timeout: String,
+    /// Besides the collection after each RemoveImage, blobs and snapshots that nothing
+    /// references and no pull holds (such as the manifest and config of a pull that failed)
+    /// are removed this often; a Go duration, `"0"` turns it off.
+    pub garbage_collection_interval: String,
     /// Each unpacked layer's filesystem is synced (one syncfs) before the layer is committed,
     /// as containerd's setting of the same name; off by default, as there.
     pub image_pull_with_sync_fs: bool,
@@ -149,14 +154,25 @@ impl Config {
                 message: "must be at least 1".into(),
             });
         }
-        if let Some(text) = &raw.image_pull_progress_timeout
-            && plumbing::go_duration(text).is_none()
-        {
-            return Err(ConfigError::Invalid {
-                path: path.to_path_buf(),
-                key: "image_pull_progress_timeout",
-                message: format!("{text:?} is not a duration like \"5m\" or \"30s\""),
-            });
+        for (key, value) in [
+            (
+                "image_pull_progress_timeout",
+                &raw.image_pull_progress_timeout,
+            ),
+            (
+                "garbage_collection_interval",
+                &raw.garbage_collection_interval,
+            ),
+        ] {
+            if let Some(text) = value
+                && plumbing::go_duration(text).is_none()
+            {
+                return Err(ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    key,
+                    message: format!("{text:?} is not a duration like \"5m\" or \"30s\""),
+                });
+            }
         }
         if let Some(model) = raw
             .image_decryption
@@ -205,6 +221,9 @@ impl Config {
             image_pull_progress_timeout: raw
                 .image_pull_progress_timeout
                 .unwrap_or_else(|| "5m".into()),
+            garbage_collection_interval: raw
+                .garbage_collection_interval
+                .unwrap_or_else(|| "30m".into()),
             image_pull_with_sync_fs: raw.image_pull_with_sync_fs.unwrap_or(false),
             discard_unpacked_layers: raw.discard_unpacked_layers.unwrap_or(false),
             pinned_images: raw
@@ -246,6 +265,11 @@ impl Config {
     /// The stall timeout, `None` when turned off (`"0"`).
     pub fn progress_timeout(&self) -> Option<std::time::Duration> {
         plumbing::go_duration(&self.image_pull_progress_timeout).filter(|d| !d.is_zero())
+    }
+
+    /// How often garbage is collected, `None` when turned off (`"0"`).
+    pub fn gc_interval(&self) -> Option<std::time::Duration> {
+        plumbing::go_duration(&self.garbage_collection_interval).filter(|d| !d.is_zero())
     }
 
     /// The full default configuration as TOML.
@@ -325,6 +349,24 @@ mod tests {
         std::fs::write(&file, "image_pull_progress_timeout = \"5 minutes\"\n").unwrap();
         let err = Config::load(Some(&file)).unwrap_err().to_string();
         assert!(err.contains("image_pull_progress_timeout"), "{err}");
+    }
+
+    #[test]
+    fn gc_interval_is_a_go_duration_and_zero_turns_it_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        assert_eq!(
+            Config::default().gc_interval(),
+            Some(std::time::Duration::from_secs(1800))
+        );
+        std::fs::write(&file, "garbage_collection_interval = \"0\"\n").unwrap();
+        assert_eq!(Config::load(Some(&file)).unwrap().gc_interval(), None);
+        std::fs::write(&file, "garbage_collection_interval = \"hourly\"\n").unwrap();
+        let err = Config::load(Some(&file)).unwrap_err().to_string();
+        assert!(
+            err.contains("garbage_collection_interval") && err.contains("hourly"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -62,6 +62,7 @@ pub enum StartError {
 pub struct Daemon {
     service: Arc<ImageService>,
     address: PathBuf,
+    gc_interval: Option<std::time::Duration>,
 }
 
 impl Daemon {
@@ -110,6 +111,7 @@ impl Daemon {
         Ok(Self {
             service,
             address: config.address.clone(),
+            gc_interval: config.gc_interval(),
         })
     }
 
@@ -120,6 +122,9 @@ impl Daemon {
             source,
         })?;
         tracing::info!(socket = %self.address.display(), "serving CRI image service");
+        let collector = self
+            .gc_interval
+            .map(|every| tokio::spawn(collect_every(self.service.clone(), every)));
         let internal = InternalApi::new(self.service.clone());
         let result = tonic::transport::Server::builder()
             .layer(plumbing::grpc::RpcSpans::new(rpc_span))
@@ -130,11 +135,27 @@ impl Daemon {
             .add_service(SnapshotsServer::new(internal))
             .serve_with_incoming_shutdown(plumbing::grpc::incoming(listener), shutdown)
             .await;
+        if let Some(collector) = collector {
+            collector.abort();
+        }
         let _ = std::fs::remove_file(&self.address);
         result.map_err(|e| StartError::Serve {
             path: self.address.clone(),
             message: plumbing::error_chain(&e),
         })
+    }
+}
+
+/// Collects garbage every `every`, for what no RemoveImage leads to: the documents of pulls
+/// that failed, snapshots a runtime let go of.
+async fn collect_every(service: Arc<ImageService>, every: std::time::Duration) {
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        if let Err(e) = service.collect_garbage().await {
+            tracing::warn!(error = %e, "periodic garbage collection failed");
+        }
     }
 }
 

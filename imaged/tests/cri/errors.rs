@@ -202,3 +202,40 @@ async fn blobs_that_do_not_match_their_digest_are_refused() {
             .exists()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documents_of_a_failed_pull_go_with_the_next_periodic_collection() {
+    let registry = registry();
+    let imaged = Imaged::start_with("garbage_collection_interval = \"3s\"\n").await;
+    let kept = push(&registry, "fixtures/simple", "v1", &catalog::simple("kept"));
+    let kept_image = format!("{}/fixtures/simple:v1", registry.addr());
+    imaged.pull(&kept_image).await.unwrap();
+    let hostile = catalog::hostile_diff_id().unwrap();
+    push_built(&registry, "hostile/diff-id", &hostile);
+    let failed = format!("{}/hostile/diff-id:v1", registry.addr());
+    imaged.pull(&failed).await.unwrap_err();
+
+    let blob = |digest: &str| {
+        format!(
+            "content/blobs/sha256/{}",
+            digest.trim_start_matches("sha256:")
+        )
+    };
+    let documents = [blob(&hostile.manifest.digest), blob(&hostile.config.digest)];
+    assert!(
+        documents.iter().all(|d| imaged.store_files().contains(d)),
+        "the failed pull's manifest and config are stored"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while documents.iter().any(|d| imaged.store_files().contains(d)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not collected: {documents:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    for kept_blob in kept.blobs() {
+        assert!(imaged.store_files().contains(&blob(&kept_blob.digest)));
+    }
+    assert_eq!(imaged.status(&kept_image).await.unwrap().id, kept.id());
+}
