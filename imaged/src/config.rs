@@ -45,6 +45,7 @@ struct RawConfig {
     root: Option<PathBuf>,
     state: Option<PathBuf>,
     address: Option<PathBuf>,
+    socket_group: Option<String>,
     snapshotter: Option<Backend>,
     max_concurrent_downloads: Option<usize>,
     image_pull_progress_timeout: Option<String>,
@@ -79,6 +80,10 @@ pub struct Config {
     pub state: PathBuf,
     /// The unix socket the daemon listens on.
     pub address: PathBuf,
+    /// The group the socket is given (a name from /etc/group or a number), so its members
+    /// can reach the daemon; by default the daemon's own group.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub socket_group: Option<String>,
     /// Where layers are unpacked: `overlayfs` (the default), `btrfs` (the root must be on
     /// btrfs) or `native` (plain copies, any filesystem). Images are shared; each
     /// snapshotter keeps its own snapshots under `<root>/snapshots/<name>`.
@@ -198,6 +203,13 @@ impl Config {
             }
         }
         let config = Self::resolve(raw);
+        config
+            .socket_gid()
+            .map_err(|message| ConfigError::Invalid {
+                path: path.to_path_buf(),
+                key: "socket_group",
+                message,
+            })?;
         config.processors().map_err(|e| ConfigError::Invalid {
             path: path.to_path_buf(),
             key: "stream_processors",
@@ -216,6 +228,7 @@ impl Config {
             root,
             state,
             address,
+            socket_group: raw.socket_group,
             snapshotter: raw.snapshotter.unwrap_or(Backend::Overlayfs),
             max_concurrent_downloads: raw.max_concurrent_downloads.unwrap_or(3),
             image_pull_progress_timeout: raw
@@ -265,6 +278,29 @@ impl Config {
     /// The stall timeout, `None` when turned off (`"0"`).
     pub fn progress_timeout(&self) -> Option<std::time::Duration> {
         plumbing::go_duration(&self.image_pull_progress_timeout).filter(|d| !d.is_zero())
+    }
+
+    /// The socket's group id, if one is configured: a number, or a name looked up in
+    /// /etc/group (read by hand: a colon-separated file needs no crate).
+    pub fn socket_gid(&self) -> Result<Option<u32>, String> {
+        let Some(group) = &self.socket_group else {
+            return Ok(None);
+        };
+        if let Ok(gid) = group.parse::<u32>() {
+            return Ok(Some(gid));
+        }
+        let groups = std::fs::read_to_string("/etc/group")
+            .map_err(|e| format!("reading /etc/group to find {group:?}: {e}"))?;
+        groups
+            .lines()
+            .filter_map(|line| {
+                let mut fields = line.split(':');
+                Some((fields.next()?, fields.nth(1)?))
+            })
+            .find(|(name, _)| name == group)
+            .and_then(|(_, gid)| gid.parse().ok())
+            .map(Some)
+            .ok_or_else(|| format!("no group {group:?} in /etc/group"))
     }
 
     /// How often garbage is collected, `None` when turned off (`"0"`).
@@ -367,6 +403,26 @@ mod tests {
             err.contains("garbage_collection_interval") && err.contains("hourly"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn socket_group_is_a_number_or_a_known_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "socket_group = \"123\"\n").unwrap();
+        assert_eq!(
+            Config::load(Some(&file)).unwrap().socket_gid(),
+            Ok(Some(123))
+        );
+        std::fs::write(&file, "socket_group = \"root\"\n").unwrap();
+        assert_eq!(Config::load(Some(&file)).unwrap().socket_gid(), Ok(Some(0)));
+        std::fs::write(&file, "socket_group = \"no-such-group\"\n").unwrap();
+        let err = Config::load(Some(&file)).unwrap_err().to_string();
+        assert!(
+            err.contains("socket_group") && err.contains("no-such-group"),
+            "{err}"
+        );
+        assert_eq!(Config::default().socket_gid(), Ok(None));
     }
 
     #[test]

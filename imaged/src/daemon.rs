@@ -14,6 +14,7 @@ use proto::cri::image_service_server::ImageServiceServer;
 use proto::imaged::images_server::ImagesServer;
 use proto::imaged::snapshots_server::SnapshotsServer;
 use snapshotters::{Backend, Kind, Snapshots, Snapshotter};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -62,6 +63,7 @@ pub enum StartError {
 pub struct Daemon {
     service: Arc<ImageService>,
     address: PathBuf,
+    socket_gid: Option<u32>,
     gc_interval: Option<std::time::Duration>,
 }
 
@@ -69,7 +71,10 @@ impl Daemon {
     /// Opens the stores under `config.root` and recovers from an earlier crash.
     pub async fn open(config: &Config) -> Result<Self, StartError> {
         let root = &config.root;
-        create_dir(root)?;
+        // Both are imaged's own. Nothing but imaged reads the store; the state directory
+        // can be passed through (0711) to reach the socket, whose group decides who may.
+        own_dir(root, 0o700)?;
+        own_dir(&config.state, 0o711)?;
         let db_path = root.join("meta.redb");
         let db = redb::Database::create(&db_path).map_err(|e| StartError::Database {
             path: db_path.clone(),
@@ -111,6 +116,10 @@ impl Daemon {
         Ok(Self {
             service,
             address: config.address.clone(),
+            socket_gid: config.socket_gid().map_err(|message| StartError::Io {
+                path: config.address.clone(),
+                source: std::io::Error::other(message),
+            })?,
             gc_interval: config.gc_interval(),
         })
     }
@@ -121,6 +130,14 @@ impl Daemon {
             path: self.address.clone(),
             source,
         })?;
+        if let Some(gid) = self.socket_gid {
+            std::os::unix::fs::chown(&self.address, None, Some(gid)).map_err(|source| {
+                StartError::Io {
+                    path: self.address.clone(),
+                    source,
+                }
+            })?;
+        }
         tracing::info!(socket = %self.address.display(), "serving CRI image service");
         let collector = self
             .gc_interval
@@ -164,11 +181,14 @@ fn rpc_span(method: &str) -> tracing::Span {
     tracing::info_span!("rpc", method, image = tracing::field::Empty)
 }
 
-fn create_dir(path: &Path) -> Result<(), StartError> {
-    std::fs::create_dir_all(path).map_err(|source| StartError::Io {
+/// Creates `path` if needed and gives it `mode`.
+fn own_dir(path: &Path, mode: u32) -> Result<(), StartError> {
+    let io = |source| StartError::Io {
         path: path.to_path_buf(),
         source,
-    })
+    };
+    std::fs::create_dir_all(path).map_err(io)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io)
 }
 
 /// Snapshots of layers that were being unpacked when an earlier process stopped.

@@ -4,6 +4,7 @@
 mod auth;
 mod encrypted;
 mod errors;
+mod files;
 mod harness;
 mod internal;
 mod mirrors;
