@@ -96,6 +96,18 @@ if [ "${BENCH_LOOPFS:-1}" != 0 ]; then
   mount "$loop_device" "$work"
 fi
 
+# wipe DIR...: removes each DIR; btrfs subvolumes in it (read-only ones too, which rm cannot
+# empty) are deleted first, deepest first.
+wipe() {
+  local dir
+  for dir in "$@"; do
+    if [ "$snapshotter" = btrfs ] && [ -d "$dir" ]; then
+      find "$dir" -depth -type d -inum 256 -exec btrfs subvolume delete -c {} + >/dev/null
+    fi
+    rm -rf "$dir"
+  done
+}
+
 # elapsed SINCE: seconds from SINCE ($EPOCHREALTIME) to now.
 elapsed() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.3f", b - a }'; }
 
@@ -197,7 +209,7 @@ TOML
 containerd_version=$(containerd --version | awk '{ print $3 }')
 
 start_containerd() {
-  rm -rf "$ctrd/root" "$ctrd/state"
+  wipe "$ctrd/root" "$ctrd/state"
   containerd --config "$ctrd/config.toml" >"$ctrd/containerd.log" 2>&1 &
   containerd_pid=$!
   for _ in $(seq 1 300); do
@@ -213,18 +225,18 @@ stop_containerd() {
   stop_pid "$containerd_pid"
   containerd_pid=
   { grep -o " $ctrd/[^ ]*" /proc/mounts || true; } | sort -r | while read -r mount; do umount -l "$mount" || true; done
-  rm -rf "$ctrd/root" "$ctrd/state"
+  wipe "$ctrd/root" "$ctrd/state"
 }
 
 # fresh_imaged: imaged (release) with an empty root.
 fresh_imaged() {
-  rm -rf "$work/root" "$work/state"
+  wipe "$work/root" "$work/state"
   start_imaged
 }
 
 stop_imaged() {
   stop_pid "$imaged_pid"
-  rm -rf "$work/root" "$work/state"
+  wipe "$work/root" "$work/state"
 }
 
 # Cold-pull results per "tool variant": space-separated values of each run.
