@@ -1,6 +1,6 @@
 //! Registries that want credentials: HTTP basic and bearer tokens.
 
-use crate::harness::{Imaged, push};
+use crate::harness::{Imaged, assert_not_on_disk, push};
 use base64::Engine as _;
 use fixtures::catalog;
 use fixtures::registry::{Registry, RegistryAuth, RegistryOptions, TokenOptions};
@@ -54,6 +54,14 @@ async fn check_auth(registry: &Registry) {
     });
     let err = imaged.pull_with(&image, elsewhere).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    imaged
+        .pull_with(&image, creds("alice", "s3cret"))
+        .await
+        .unwrap();
+    let encoded = base64::engine::general_purpose::STANDARD.encode("alice:s3cret");
+    for needle in ["s3cret", encoded.as_str()] {
+        assert_not_on_disk(imaged.dir.path(), needle.as_bytes());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

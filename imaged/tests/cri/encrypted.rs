@@ -2,7 +2,7 @@
 //! registry, pulled through CRI with the keys in imaged's keys directory. openssl, skopeo
 //! and zstd must be installed: the tests fail, never skip, without them.
 
-use crate::harness::{Imaged, assert_tree, registry};
+use crate::harness::{Imaged, assert_not_on_disk, assert_tree, registry};
 use fixtures::catalog;
 use fixtures::image::{Blob, Compression, Entry, ImageSpec, Layer, OCI_MANIFEST};
 use fixtures::keys::{self, KeyPair};
@@ -276,6 +276,10 @@ async fn jwe_images_pull_with_rsa_and_ec_keys() {
         fs::write(keys.join("README"), "node keys\n").unwrap();
         std::os::unix::fs::symlink(&pair.private, keys.join("link.pem")).unwrap();
         expect_pull(&imaged, &pushed, &spec).await;
+        // The key is read where it lies, never copied into the store, the state or the log.
+        let pem = fs::read_to_string(&key).unwrap();
+        let body = pem.lines().nth(1).unwrap();
+        assert_not_on_disk(imaged.dir.path(), body.as_bytes());
     }
 }
 

@@ -300,3 +300,21 @@ pub fn assert_tree(expected: &Tree, actual: &Tree, what: &str) {
         diff.join("\n")
     );
 }
+
+/// No file below `dir` (store, state, configuration, log) holds `needle`.
+pub fn assert_not_on_disk(dir: &std::path::Path, needle: &[u8]) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        if meta.is_dir() {
+            assert_not_on_disk(&path, needle);
+        } else if meta.is_file() {
+            let bytes = std::fs::read(&path).unwrap();
+            assert!(
+                !bytes.windows(needle.len()).any(|w| w == needle),
+                "a credential was written to {}",
+                path.display()
+            );
+        }
+    }
+}
