@@ -299,6 +299,21 @@ for variant in gzip zstd; do
   done
 done
 
+# cold_medians VARIANT: sets imaged_s, cri_s, ctr_s, raw_s, rss_mb, cpu_s and cri_rss_mb to the
+# medians of VARIANT's cold pulls.
+cold_medians() {
+  # shellcheck disable=SC2086 # the values are space-separated on purpose
+  {
+    imaged_s=$(median ${seconds["imaged $1"]})
+    cri_s=$(median ${seconds["cri $1"]})
+    ctr_s=$(median ${seconds["ctr $1"]})
+    raw_s=$(median ${seconds["raw $1"]})
+    rss_mb=$(median ${rss[$1]})
+    cpu_s=$(median ${cpu[$1]})
+    cri_rss_mb=$(median ${rss["cri $1"]})
+  }
+}
+
 if [ "$snapshotter" != overlayfs ]; then
   mkdir -p "$out_dir"
   json=$out_dir/pull-$snapshotter.json
@@ -309,17 +324,9 @@ if [ "$snapshotter" != overlayfs ]; then
     variant imaged_s overlayfs_s cri_s ctr_s raw_s imaged/cri imaged/overlayfs imaged/raw rss_MB cpu_s cri_rss_MB
   first=1
   for variant in gzip zstd; do
+    cold_medians "$variant"
     # shellcheck disable=SC2086 # the values are space-separated on purpose
-    {
-      imaged_s=$(median ${seconds["imaged $variant"]})
-      overlay_s=$(median ${seconds["overlayfs $variant"]})
-      cri_s=$(median ${seconds["cri $variant"]})
-      ctr_s=$(median ${seconds["ctr $variant"]})
-      raw_s=$(median ${seconds["raw $variant"]})
-      rss_mb=$(median ${rss[$variant]})
-      cpu_s=$(median ${cpu[$variant]})
-      cri_rss_mb=$(median ${rss["cri $variant"]})
-    }
+    overlay_s=$(median ${seconds["overlayfs $variant"]})
     printf '%-6s %10s %12s %8s %8s %8s %10s %16s %10s %9s %7s %11s\n' "$variant" "$imaged_s" "$overlay_s" \
       "$cri_s" "$ctr_s" "$raw_s" "$(ratio "$imaged_s" "$cri_s")" "$(ratio "$imaged_s" "$overlay_s")" \
       "$(ratio "$imaged_s" "$raw_s")" "$rss_mb" "$cpu_s" "$cri_rss_mb"
@@ -431,15 +438,9 @@ printf '\n%-6s %8s %8s %12s %8s %8s %8s %10s %10s %10s %9s %7s %10s %10s\n' \
   variant MB_tar MB_blob imaged_s cri_s ctr_s raw_s imaged/cri imaged/ctr imaged/raw rss_MB cpu_s x2_s x2_rss_MB
 first=1
 for variant in gzip zstd; do
+  cold_medians "$variant"
   # shellcheck disable=SC2086 # the values are space-separated on purpose
   {
-    imaged_s=$(median ${seconds["imaged $variant"]})
-    cri_s=$(median ${seconds["cri $variant"]})
-    ctr_s=$(median ${seconds["ctr $variant"]})
-    raw_s=$(median ${seconds["raw $variant"]})
-    rss_mb=$(median ${rss[$variant]})
-    cpu_s=$(median ${cpu[$variant]})
-    cri_rss_mb=$(median ${rss["cri $variant"]})
     x2_s=$(median ${double_seconds[$variant]})
     x2_rss_mb=$(median ${double_rss[$variant]})
   }

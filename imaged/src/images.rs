@@ -92,6 +92,13 @@ impl ImageRecord {
             .chain(self.layers.iter().map(|l| &l.digest))
     }
 
+    /// The layer blobs and chain IDs an unpack of this image holds from the collector.
+    pub fn layer_leases(&self) -> impl Iterator<Item = Digest> + '_ {
+        self.layers
+            .iter()
+            .flat_map(|l| [l.digest.clone(), l.chain_id.clone()])
+    }
+
     /// The top snapshot: the chain ID of the last layer.
     pub fn top_chain(&self) -> Option<&Digest> {
         self.layers.last().map(|l| &l.chain_id)

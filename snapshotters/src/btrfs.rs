@@ -8,9 +8,9 @@
 
 use std::ffi::OsStr;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use rustix::fs::{AtFlags, Mode, OFlags};
 use rustix::io::Errno;
@@ -105,33 +105,28 @@ fn destroy_fs(parent: &OwnedFd) -> io::Result<()> {
     }
     match ioctl::destroy_subvolume(parent.as_fd(), OsStr::new(FS)) {
         Err(e) if e.raw_os_error() == Some(Errno::NOTEMPTY.raw_os_error()) => {
-            destroy_nested(&parent_path(parent).join(FS))?;
+            destroy_nested(parent)?;
             ioctl::destroy_subvolume(parent.as_fd(), OsStr::new(FS))
         }
         destroyed => destroyed,
     }
 }
 
-/// Destroys the subvolumes inside `fs`, deepest first: any process in a container can
-/// create one in its rootfs (systemd does, for `/var/lib/machines`), and a subvolume that
-/// holds another cannot be destroyed.
-fn destroy_nested(fs: &Path) -> io::Result<()> {
-    fsutil::for_each_dir_bottom_up(fs, &mut |parent, name| match rustix::fs::statat(
-        parent,
-        name,
-        AtFlags::SYMLINK_NOFOLLOW,
-    ) {
-        Ok(stat) if ioctl::is_subvolume(&stat) => {
-            ioctl::destroy_subvolume(parent, OsStr::from_bytes(name.to_bytes()))
-        }
-        Ok(_) | Err(Errno::NOENT) => Ok(()),
-        Err(e) => Err(e.into()),
-    })
-}
-
-/// The path of an open directory, through `/proc`.
-fn parent_path(dir: &OwnedFd) -> PathBuf {
-    PathBuf::from(format!("/proc/thread-self/fd/{}", dir.as_raw_fd()))
+/// Destroys the subvolumes inside `parent`'s `fs`, deepest first: any process in a
+/// container can create one in its rootfs (systemd does, for `/var/lib/machines`), and a
+/// subvolume that holds another cannot be destroyed.
+fn destroy_nested(parent: &OwnedFd) -> io::Result<()> {
+    fsutil::for_each_dir_bottom_up(
+        parent.as_fd(),
+        FS,
+        &mut |parent, name| match rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(stat) if ioctl::is_subvolume(&stat) => {
+                ioctl::destroy_subvolume(parent, OsStr::from_bytes(name.to_bytes()))
+            }
+            Ok(_) | Err(Errno::NOENT) => Ok(()),
+            Err(e) => Err(e.into()),
+        },
+    )
 }
 
 fn open(path: &Path, flags: OFlags) -> Result<OwnedFd, Error> {

@@ -155,13 +155,14 @@ pub(crate) fn remove_at(parent: BorrowedFd<'_>, name: &[u8]) -> io::Result<()> {
     Ok(rustix::fs::unlinkat(parent, name, AtFlags::REMOVEDIR)?)
 }
 
-/// Calls `f` with every directory below `top` (as its parent's descriptor and its name),
-/// deepest first, once everything below that directory has been visited.
+/// Calls `f` with every directory below `name` in `parent` (as its own parent's descriptor
+/// and its name), deepest first, once everything below that directory has been visited.
 pub(crate) fn for_each_dir_bottom_up(
-    top: &Path,
+    parent: BorrowedFd<'_>,
+    name: &str,
     f: &mut dyn FnMut(BorrowedFd<'_>, &CStr) -> io::Result<()>,
 ) -> io::Result<()> {
-    let top = rustix::fs::open(top, dir_flags(), Mode::empty())?;
+    let top = rustix::fs::openat(parent, name, dir_flags(), Mode::empty())?;
     walk(top, &mut |visit| match visit {
         Visit::Leave { parent, name } => f(parent, name),
         Visit::Entry { .. } => Ok(()),

@@ -235,12 +235,7 @@ impl Puller {
         self.store_documents(&resolution)?;
         let config = self.fetch_config(&session, &resolution.manifest).await?;
         let record = self.record(&resolution, &config);
-        held.extend(
-            record
-                .layers
-                .iter()
-                .flat_map(|l| [l.digest.clone(), l.chain_id.clone()]),
-        );
+        held.extend(record.layer_leases());
         let _layers = self.leases.acquire(held).await;
         let resolved = Resolved {
             reference: reference.to_string(),
@@ -368,12 +363,7 @@ impl Puller {
     /// Unpacks an image's layers whose snapshots are missing from its blobs in the content
     /// store, as after a switch to another snapshotter; nothing is downloaded.
     pub async fn restore(self: &Arc<Self>, record: &ImageRecord) -> Result<(), PullError> {
-        let held = record
-            .layers
-            .iter()
-            .flat_map(|l| [l.digest.clone(), l.chain_id.clone()])
-            .collect();
-        let _layers = self.leases.acquire(held).await;
+        let _layers = self.leases.acquire(record.layer_leases().collect()).await;
         let resolved = Resolved {
             reference: record.id.to_string(),
             manifest_digest: record.manifest.to_string(),

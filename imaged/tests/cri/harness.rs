@@ -3,6 +3,7 @@
 use fixtures::image::{Built, ImageSpec};
 use fixtures::registry::{Registry, RegistryOptions};
 use fixtures::tree::Tree;
+use fixtures::volume::BtrfsVolume;
 use proto::cri;
 use proto::cri::image_service_client::ImageServiceClient;
 use proto::imaged::snapshots_client::SnapshotsClient;
@@ -316,5 +317,28 @@ pub fn assert_not_on_disk(dir: &std::path::Path, needle: &[u8]) {
                 path.display()
             );
         }
+    }
+}
+
+/// A directory for imaged's root that suits a snapshotter: on a loop-mounted btrfs for
+/// btrfs, else on the test machine's disk. Declare it before the daemon using it, so the
+/// daemon goes first.
+pub struct Disk {
+    pub root: PathBuf,
+    _volume: Option<BtrfsVolume>,
+    _dir: tempfile::TempDir,
+}
+
+pub fn disk_for(backend: &str) -> Disk {
+    let dir = tempfile::tempdir().unwrap();
+    let volume = (backend == "btrfs").then(|| BtrfsVolume::new(dir.path()).unwrap());
+    let root = volume
+        .as_ref()
+        .map_or(dir.path().to_path_buf(), |v| v.mountpoint.clone())
+        .join("root");
+    Disk {
+        root,
+        _volume: volume,
+        _dir: dir,
     }
 }

@@ -1,11 +1,10 @@
 //! `imaged mount` and `imaged unmount`, run as a user runs them, against a daemon holding a
 //! pulled fixture.
 
-use crate::harness::{Imaged, assert_tree, push, registry};
+use crate::harness::{Imaged, assert_tree, disk_for, push, registry};
 use fixtures::catalog;
 use fixtures::registry::Registry;
 use fixtures::tree::Tree;
-use fixtures::volume::BtrfsVolume;
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -36,13 +35,8 @@ fn is_mountpoint(dir: &Path) -> bool {
 async fn mount_shows_the_image_read_only_or_writable_and_unmount_removes_the_snapshot() {
     let registry = registry();
     for backend in ["overlayfs", "native", "btrfs"] {
-        let scratch = tempfile::tempdir().unwrap();
-        let volume = (backend == "btrfs").then(|| BtrfsVolume::new(scratch.path()).unwrap());
-        let root = volume
-            .as_ref()
-            .map_or(scratch.path().to_path_buf(), |v| v.mountpoint.clone())
-            .join("root");
-        let imaged = Imaged::start_at(&root, &format!("snapshotter = {backend:?}\n")).await;
+        let disk = disk_for(backend);
+        let imaged = Imaged::start_at(&disk.root, &format!("snapshotter = {backend:?}\n")).await;
         mount_cycle(&registry, &imaged, backend).await;
         assert!(imaged.stop().success());
     }

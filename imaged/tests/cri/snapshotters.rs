@@ -3,11 +3,10 @@
 //! switch of snapshotter unpacks images again from the content store, and a btrfs
 //! snapshotter on another filesystem is refused at start-up.
 
-use crate::harness::{Imaged, assert_tree, gets_of, push, registry};
+use crate::harness::{Imaged, assert_tree, disk_for, gets_of, push, registry};
 use fixtures::catalog;
 use fixtures::image::{Built, Compression, Entry, ImageSpec, Layer};
 use fixtures::registry::Registry;
-use fixtures::volume::BtrfsVolume;
 use std::time::Duration;
 
 const BACKENDS: [&str; 3] = ["overlayfs", "native", "btrfs"];
@@ -51,13 +50,8 @@ async fn every_snapshotter_unpacks_the_fixtures_to_the_same_tree() {
         })
         .collect();
     for backend in BACKENDS {
-        let scratch = tempfile::tempdir().unwrap();
-        let volume = (backend == "btrfs").then(|| BtrfsVolume::new(scratch.path()).unwrap());
-        let root = volume
-            .as_ref()
-            .map_or(scratch.path().to_path_buf(), |v| v.mountpoint.clone())
-            .join("root");
-        let imaged = Imaged::start_at(&root, &format!("snapshotter = {backend:?}\n")).await;
+        let disk = disk_for(backend);
+        let imaged = Imaged::start_at(&disk.root, &format!("snapshotter = {backend:?}\n")).await;
         for (image, spec, built) in &images {
             let before = gets_per_blob(&registry, built);
             let id = imaged.pull(image).await.unwrap();
