@@ -12,7 +12,9 @@
 //! `native`); btrfs needs `TMPDIR` on a btrfs filesystem. The snapshotters that apply a
 //! layer onto a copy of its parent get a committed parent holding a small tree (directories,
 //! files, a hardlink, a symlinked directory), so that deletions and links reach lower
-//! content; the parent is part of the listing, so the copy must leave it unchanged.
+//! content; the parent is part of the listing, so the copy must leave it unchanged. The
+//! snapshot is prepared with the unpack label, as the puller prepares, so native links the
+//! parent's files into it and a change made through such a link shows in the listing.
 //!
 //! Needs root: the applier creates device nodes (mknod, whiteouts included), changes owners
 //! (lchown) and sets `trusted.*` xattrs, as imaged does in production.
@@ -199,6 +201,12 @@ fn others(snapshots: &Path, parent: Option<&Path>) -> Vec<PathBuf> {
         .collect()
 }
 
+/// Prepared as the puller prepares: native then links the parent's files into the snapshot,
+/// and the listing shows whether the layer changed any of them through the links.
+fn unpack_labels() -> BTreeMap<String, String> {
+    BTreeMap::from([(snapshotters::UNPACK_LABEL.to_owned(), KEY.to_owned())])
+}
+
 /// One input.
 pub fn run(data: &[u8]) {
     let bench = bench();
@@ -209,7 +217,7 @@ pub fn run(data: &[u8]) {
         .unzip();
     bench
         .snapshotter
-        .prepare(KEY, parent, BTreeMap::new())
+        .prepare(KEY, parent, unpack_labels())
         .expect("prepare snapshot");
     let snapshot = snapshot_dir(&bench.snapshots, parent_dir);
     let before = listing(&bench.base, &snapshot);

@@ -42,8 +42,8 @@ use rustix::fs::{
 };
 use rustix::io::Errno;
 
-use crate::fsutil;
 use crate::{ApplyStats, Error, LayerError};
+use crate::{copy, fsutil};
 use files::{Handoff, Job};
 use resolve::{Missing, open_dir};
 use stream::{Entry, TarStream, Time};
@@ -70,6 +70,17 @@ pub(crate) enum Whiteouts {
     Delete,
 }
 
+/// Whether the files of the tree a layer applies to are its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Inodes {
+    /// Nothing else refers to them.
+    Own,
+    /// Non-directories from the parent are hardlinks to the parent's inodes: an entry that
+    /// would change one in place (a hardlink entry, which takes on its header's owner, mode
+    /// and times) first gives it a copy of its own.
+    SharedWithParent,
+}
+
 const OPAQUE_XATTR: &[u8] = b"trusted.overlay.opaque";
 
 /// Regular file data is copied through a buffer this large, with no fsync per file.
@@ -83,6 +94,7 @@ pub(crate) fn apply_layer(
     tar: &mut dyn Read,
     limits: &ApplyLimits,
     whiteouts: Whiteouts,
+    inodes: Inodes,
 ) -> Result<(ApplyStats, Vec<Vec<u8>>), Error> {
     let root_fd = rustix::fs::open(
         root,
@@ -100,6 +112,8 @@ pub(crate) fn apply_layer(
             stats: ApplyStats::default(),
             dir_times: Vec::new(),
             whiteouts,
+            inodes,
+            privatized: HashSet::new(),
             written: HashSet::new(),
             timed: HashSet::new(),
             opaque: HashSet::new(),
@@ -135,6 +149,10 @@ struct Layer {
     /// Directory times to set at the end, in archive order.
     dir_times: Vec<DirTimes>,
     whiteouts: Whiteouts,
+    inodes: Inodes,
+    /// With [`Inodes::SharedWithParent`]: hashes of the hardlink targets given an inode of
+    /// their own, which later links must join rather than copy again.
+    privatized: HashSet<u64>,
     /// With [`Whiteouts::Delete`]: hashes of the cleaned paths this layer wrote (and of
     /// their parents), which its own whiteouts must not delete; hashes keep a layer of a
     /// million entries within a few MiB.
@@ -562,6 +580,7 @@ impl Layer {
             .map_err(io_error("open hard link target directory"))?;
         // The target's own header may still be on its way onto the inode.
         self.files.wait();
+        self.own_inode(&target_dir, &target, target_base)?;
         // Flags 0: a final symlink is linked itself, never followed.
         self.create(dir, base, "hard link", || {
             rustix::fs::linkat(&target_dir, target_base, dir, base, AtFlags::empty())
@@ -574,6 +593,19 @@ impl Layer {
         };
         set_metadata(dir, base, entry, kind)?;
         set_times(dir, base, entry)
+    }
+
+    /// Before a hardlink entry changes its target: a target from the parent gets an inode
+    /// of its own, unless this layer wrote it.
+    fn own_inode(&mut self, dir: &OwnedFd, target: &[u8], base: &[u8]) -> Result<(), LayerError> {
+        if self.inodes == Inodes::Own || self.is_written(target) {
+            return Ok(());
+        }
+        if self.privatized.insert(self.hasher.hash_one(target)) {
+            let base = std::ffi::CString::new(base).map_err(io_error("copy hard link target"))?;
+            copy::privatize(dir, &base).map_err(io_error("copy hard link target"))?;
+        }
+        Ok(())
     }
 
     fn node(

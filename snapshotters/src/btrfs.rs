@@ -6,6 +6,7 @@
 //! committed snapshot cannot change under its children. Layers delete what their whiteouts
 //! hide.
 
+use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -42,7 +43,13 @@ impl BtrfsLayout {
 }
 
 impl Layout for BtrfsLayout {
-    fn populate(&self, temp: &Path, kind: Kind, parent: Option<&Path>) -> Result<(), Error> {
+    fn populate(
+        &self,
+        temp: &Path,
+        kind: Kind,
+        parent: Option<&Path>,
+        _: &BTreeMap<String, String>,
+    ) -> Result<(), Error> {
         // btrfs ioctls need descriptors that are open for reading, not O_PATH ones.
         let dir = open(temp, OFlags::RDONLY)?;
         let fs = temp.join(FS);

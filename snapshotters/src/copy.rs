@@ -1,5 +1,7 @@
-//! Copies of snapshot trees, for snapshotters whose snapshots start as a full copy of their
-//! parent.
+//! Copies of snapshot trees, for snapshotters whose snapshots start as a copy of their
+//! parent: a full copy ([`copy_tree`]) for a snapshot anything may write into, or one that
+//! shares the parent's files ([`link_tree`]) for a snapshot only the layer applier writes,
+//! which replaces what it changes rather than changing it in place ([`privatize`]).
 //!
 //! Like the removal in `fsutil`, the copy never recurses and holds a fixed number of
 //! descriptors: a hostile layer can nest directories thousands of levels deep, so each tree is
@@ -30,6 +32,19 @@ use crate::fsutil;
 /// file system can reflink), and a name that already exists in `to` is an error rather than
 /// merged.
 pub(crate) fn copy_tree(from: &Path, to: &Path) -> Result<(), Error> {
+    tree(from, to, false)
+}
+
+/// Like [`copy_tree`], except that every entry other than a directory is a new hardlink to
+/// the inode in `from` rather than a copy of it: directories are the tree's own, files are
+/// shared. An inode that cannot take another link (`EMLINK`, or `EPERM` under
+/// `fs.protected_hardlinks` without the capability) is copied instead, its other names
+/// linked to that copy.
+pub(crate) fn link_tree(from: &Path, to: &Path) -> Result<(), Error> {
+    tree(from, to, true)
+}
+
+fn tree(from: &Path, to: &Path, share: bool) -> Result<(), Error> {
     let src = open_dir(CWD, from)
         .op("open directory")
         .map_err(|f| f.at(from))?;
@@ -49,9 +64,10 @@ pub(crate) fn copy_tree(from: &Path, to: &Path) -> Result<(), Error> {
         dst_root,
         rel: PathBuf::new(),
         links: HashMap::new(),
+        share,
     };
     let (src, dst) = copier.walk(src, dst)?;
-    set_metadata(&src, &dst, c".", &stat).map_err(|f| f.at(from))
+    set_metadata(&src, c".", &dst, c".", &stat).map_err(|f| f.at(from))
 }
 
 /// One copy in progress.
@@ -61,9 +77,11 @@ struct Copier<'a> {
     dst_root: OwnedFd,
     /// Path of the directory being copied, relative to both tops.
     rel: PathBuf,
-    /// `(st_dev, st_ino)` of each source inode with several names → directory (relative) and
-    /// name of its first copy.
+    /// `(st_dev, st_ino)` of each copied source inode with several names → directory
+    /// (relative) and name of its first copy.
     links: HashMap<(u64, u64), (PathBuf, CString)>,
+    /// Whether entries other than directories are linked to the source rather than copied.
+    share: bool,
 }
 
 /// A directory entered by the walk, with the subdirectories of its parent still to copy.
@@ -96,7 +114,7 @@ impl Copier<'_> {
             self.rel.pop();
             // Only now: creating the entries would change its times, and its default ACL would
             // otherwise be inherited by copies that bring their own.
-            set_metadata(&src, &dst, &frame.name, &frame.stat)
+            set_metadata(&src, &frame.name, &dst, &frame.name, &frame.stat)
                 .map_err(|f| f.at(self.path(Some(&frame.name))))?;
             subdirs = frame.rest;
         }
@@ -142,8 +160,16 @@ impl Copier<'_> {
             self.link(dir, first, dst, name).op("link")?;
             return Ok(None);
         }
-        create(src, dst, name, &stat)?;
-        set_metadata(src, dst, name, &stat)?;
+        if self.share {
+            // Flags 0: a symlink is linked itself.
+            match rustix::fs::linkat(src, name, dst, name, AtFlags::empty()) {
+                Ok(()) => return Ok(None),
+                Err(Errno::MLINK | Errno::PERM) => {}
+                Err(e) => return Err(e).op("link"),
+            }
+        }
+        create(src, name, dst, name, &stat)?;
+        set_metadata(src, name, dst, name, &stat)?;
         if stat.st_nlink > 1 {
             self.links
                 .insert(inode, (self.rel.clone(), name.to_owned()));
@@ -179,6 +205,41 @@ impl Copier<'_> {
         }
         path
     }
+}
+
+/// Gives the non-directory `name` in `dir` an inode of its own: a copy with its content,
+/// owner, xattrs, mode and times replaces it, so that changing it afterwards leaves the inode
+/// it shared alone. Other names of the old inode keep it, as overlayfs's copy-up does without
+/// its index. A missing name and a directory are left for the caller's link to refuse.
+pub(crate) fn privatize(dir: &OwnedFd, name: &CStr) -> io::Result<()> {
+    let stat = match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(stat) if !fsutil::is_dir(&stat) => stat,
+        Ok(_) | Err(Errno::NOENT) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut attempt = 0u32;
+    let temp = loop {
+        let temp = CString::new(format!(".imaged-copy-{}-{attempt}", std::process::id()))
+            .expect("no NUL in a formatted name");
+        match create(dir, name, dir, &temp, &stat) {
+            Ok(()) => break temp,
+            // Left by an earlier attempt, or the layer's own: another name.
+            Err(Failed { source, .. })
+                if source.kind() == io::ErrorKind::AlreadyExists && attempt < 100 =>
+            {
+                attempt += 1;
+            }
+            Err(failed) => return Err(failed.source),
+        }
+    };
+    let replaced = set_metadata(dir, name, dir, &temp, &stat)
+        .map_err(|f| f.source)
+        .and_then(|()| Ok(rustix::fs::renameat(dir, &temp, dir, name)?));
+    if replaced.is_err() {
+        // Best effort: the failed layer's snapshot, temp included, is removed as a whole.
+        let _ = rustix::fs::unlinkat(dir, &temp, AtFlags::empty());
+    }
+    replaced
 }
 
 /// A failed step; [`Failed::at`] names the entry it was about.
@@ -225,19 +286,20 @@ fn climb(src: &OwnedFd, dst: &OwnedFd) -> Result<(OwnedFd, OwnedFd), Failed> {
     Ok((src, dst))
 }
 
-/// Creates the copy of a non-directory, with its content but none of its metadata.
-fn create(src: &OwnedFd, dst: &OwnedFd, name: &CStr, stat: &Stat) -> Result<(), Failed> {
+/// Creates `to` in `dst` as a copy of the non-directory `from` in `src`, with its content but
+/// none of its metadata.
+fn create(src: &OwnedFd, from: &CStr, dst: &OwnedFd, to: &CStr, stat: &Stat) -> Result<(), Failed> {
     match FileType::from_raw_mode(stat.st_mode) {
-        FileType::RegularFile => copy_file(src, dst, name, stat),
+        FileType::RegularFile => copy_file(src, from, dst, to, stat),
         FileType::Symlink => {
-            let target = rustix::fs::readlinkat(src, name, Vec::new()).op("read symlink")?;
-            rustix::fs::symlinkat(&target, dst, name).op("create symlink")
+            let target = rustix::fs::readlinkat(src, from, Vec::new()).op("read symlink")?;
+            rustix::fs::symlinkat(&target, dst, to).op("create symlink")
         }
         kind @ (FileType::CharacterDevice
         | FileType::BlockDevice
         | FileType::Fifo
         | FileType::Socket) => {
-            rustix::fs::mknodat(dst, name, kind, Mode::empty(), stat.st_rdev).op("create node")
+            rustix::fs::mknodat(dst, to, kind, Mode::empty(), stat.st_rdev).op("create node")
         }
         _ => Err(io::Error::new(
             io::ErrorKind::Unsupported,
@@ -247,13 +309,19 @@ fn create(src: &OwnedFd, dst: &OwnedFd, name: &CStr, stat: &Stat) -> Result<(), 
     }
 }
 
-fn copy_file(src: &OwnedFd, dst: &OwnedFd, name: &CStr, stat: &Stat) -> Result<(), Failed> {
+fn copy_file(
+    src: &OwnedFd,
+    from: &CStr,
+    dst: &OwnedFd,
+    to: &CStr,
+    stat: &Stat,
+) -> Result<(), Failed> {
     // Non-blocking, should a FIFO ever take the file's place; no atime updates on parents.
     let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOATIME;
     let from =
-        rustix::fs::openat(src, name, flags | OFlags::CLOEXEC, Mode::empty()).op("open file")?;
+        rustix::fs::openat(src, from, flags | OFlags::CLOEXEC, Mode::empty()).op("open file")?;
     let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    let to = rustix::fs::openat(dst, name, flags, Mode::from_raw_mode(0o600)).op("create file")?;
+    let to = rustix::fs::openat(dst, to, flags, Mode::from_raw_mode(0o600)).op("create file")?;
     let (from, to) = (File::from(from), File::from(to));
     match rustix::fs::ioctl_ficlone(&to, &from) {
         Ok(()) => Ok(()),
@@ -315,29 +383,41 @@ fn write_segment(from: &File, to: &File, mut offset: u64, end: u64) -> io::Resul
     Ok(())
 }
 
-/// Gives the copy `name` in `dst` the owner, xattrs, mode and times of `name` in `src`, in
+/// Gives the copy `to` in `dst` the owner, xattrs, mode and times of `from` in `src`, in
 /// this order: a change of owner clears setuid, setgid and `security.capability`.
-fn set_metadata(src: &OwnedFd, dst: &OwnedFd, name: &CStr, stat: &Stat) -> Result<(), Failed> {
+fn set_metadata(
+    src: &OwnedFd,
+    from: &CStr,
+    dst: &OwnedFd,
+    to: &CStr,
+    stat: &Stat,
+) -> Result<(), Failed> {
     let kind = FileType::from_raw_mode(stat.st_mode);
     let (uid, gid) = (Uid::from_raw(stat.st_uid), Gid::from_raw(stat.st_gid));
-    rustix::fs::chownat(dst, name, Some(uid), Some(gid), AtFlags::SYMLINK_NOFOLLOW)
+    rustix::fs::chownat(dst, to, Some(uid), Some(gid), AtFlags::SYMLINK_NOFOLLOW)
         .op("copy owner")?;
-    copy_xattrs(src, dst, name, kind)?;
+    copy_xattrs(src, from, dst, to, kind)?;
     // A symlink has no mode of its own.
     if kind != FileType::Symlink {
         let mode = Mode::from_raw_mode(stat.st_mode & 0o7777);
-        rustix::fs::chmodat(dst, name, mode, AtFlags::empty()).op("copy mode")?;
+        rustix::fs::chmodat(dst, to, mode, AtFlags::empty()).op("copy mode")?;
     }
     let times = fsutil::stat_times(stat);
-    rustix::fs::utimensat(dst, name, &times, AtFlags::SYMLINK_NOFOLLOW).op("copy times")
+    rustix::fs::utimensat(dst, to, &times, AtFlags::SYMLINK_NOFOLLOW).op("copy times")
 }
 
 /// The largest xattr value, and the largest list of xattr names, that Linux allows.
 const XATTR_MAX: usize = 64 * 1024;
 
 /// Copies every xattr, `security.*` and `trusted.*` included.
-fn copy_xattrs(src: &OwnedFd, dst: &OwnedFd, name: &CStr, kind: FileType) -> Result<(), Failed> {
-    let from = proc_path(src, name);
+fn copy_xattrs(
+    src: &OwnedFd,
+    from: &CStr,
+    dst: &OwnedFd,
+    to: &CStr,
+    kind: FileType,
+) -> Result<(), Failed> {
+    let from = proc_path(src, from);
     // Buffers of the largest size rather than a size query: rustix 1.1.6 answers an empty
     // buffer with 0 instead of the size, and no xattr can then grow between query and read.
     let mut list = [MaybeUninit::uninit(); XATTR_MAX];
@@ -347,7 +427,7 @@ fn copy_xattrs(src: &OwnedFd, dst: &OwnedFd, name: &CStr, kind: FileType) -> Res
         Err(Errno::OPNOTSUPP) => return Ok(()),
         Err(e) => return Err(e).op("list xattrs"),
     };
-    let to = proc_path(dst, name);
+    let to = proc_path(dst, to);
     let mut buf = [MaybeUninit::uninit(); XATTR_MAX];
     for attr in attrs.split(|b| *b == 0).filter(|attr| !attr.is_empty()) {
         let (value, _) = rustix::fs::lgetxattr(&from, attr, &mut buf).op("read xattr")?;

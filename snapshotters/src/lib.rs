@@ -39,6 +39,12 @@ pub use fsutil::disk_usage;
 pub use plumbing::mount::Mount;
 pub use snapshots::Snapshots;
 
+/// The label of the Active snapshots that layers are unpacked into (containerd's, naming
+/// the chain ID the snapshot will be committed as). Only [`Snapshotter::apply`] may write
+/// into a snapshot prepared with it, never anything through its mounts: native then shares
+/// the parent's files with it instead of copying them.
+pub const UNPACK_LABEL: &str = "containerd.io/snapshot.ref";
+
 /// The snapshotters there are, by the names containerd and the config use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -5,6 +5,7 @@
 //! straight into `fs`, with whiteouts in overlay's own on-disk form, so nothing is mounted
 //! during an unpack and layers can be applied in parallel and rebased at commit.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -37,7 +38,13 @@ impl OverlayLayout {
 impl Layout for OverlayLayout {
     /// With a parent, `fs` takes the owner of the parent's `fs` so the merged root keeps
     /// the image root's owner.
-    fn populate(&self, temp: &Path, kind: Kind, parent: Option<&Path>) -> Result<(), Error> {
+    fn populate(
+        &self,
+        temp: &Path,
+        kind: Kind,
+        parent: Option<&Path>,
+        _: &BTreeMap<String, String>,
+    ) -> Result<(), Error> {
         let fs = temp.join("fs");
         make_dir(&fs, 0o755)?;
         if kind == Kind::Active {

@@ -18,15 +18,26 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use redb::Database;
 
-use crate::apply::{self, ApplyLimits, Whiteouts};
+use crate::apply::{self, ApplyLimits, Inodes, Whiteouts};
 use crate::metastore::{MetaStore, Record, Snapshot};
 use crate::{ApplyStats, Backend, Error, Info, Kind, Mount, Snapshotter, Usage, fsutil};
 
 /// What one backend decides.
 pub(crate) trait Layout: Send + Sync {
     /// Fills `temp`, the directory of a snapshot being created, with at least `fs`.
-    /// `parent` is the parent's `fs`.
-    fn populate(&self, temp: &Path, kind: Kind, parent: Option<&Path>) -> Result<(), Error>;
+    /// `parent` is the parent's `fs`; `labels` are the new snapshot's.
+    fn populate(
+        &self,
+        temp: &Path,
+        kind: Kind,
+        parent: Option<&Path>,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(), Error>;
+
+    /// Whether the files in `dir/fs`, an Active snapshot's, are its own or its parent's.
+    fn inodes(&self, _dir: &Path) -> Result<Inodes, Error> {
+        Ok(Inodes::Own)
+    }
 
     /// The mounts of an Active or View snapshot; `snapshots` holds the id directories.
     fn mounts(&self, snapshots: &Path, snapshot: &Snapshot) -> Vec<Mount>;
@@ -138,7 +149,7 @@ impl Snapshots {
         let parent_fs = parent_id.map(|id| self.fs_dir(id));
         let made = self
             .layout
-            .populate(&temp, kind, parent_fs.as_deref())
+            .populate(&temp, kind, parent_fs.as_deref(), &labels)
             .and_then(|()| {
                 self.store.write(key, |tx| {
                     let snapshot = tx.create(key, kind, parent, labels)?;
@@ -318,7 +329,9 @@ impl Snapshotter for Snapshots {
             });
         }
         let fs = self.fs_dir(record.id);
-        let (stats, named) = apply::apply_layer(&fs, tar, &self.limits, self.layout.whiteouts())?;
+        let inodes = self.layout.inodes(&self.dir(record.id))?;
+        let (stats, named) =
+            apply::apply_layer(&fs, tar, &self.limits, self.layout.whiteouts(), inodes)?;
         self.layout.applied(&self.dir(record.id), &named)?;
         if self.sync_fs {
             let dir = fs::File::open(&fs).map_err(Error::io("open", &fs))?;

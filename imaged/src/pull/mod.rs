@@ -43,7 +43,7 @@ pub const EXTRACT_KEY_PREFIX: &str = "extract-";
 /// `containerd.io/snapshot.ref`, naming the chain ID the snapshot is (or will be).
 fn snapshot_labels(layer: &LayerRecord) -> BTreeMap<String, String> {
     BTreeMap::from([(
-        "containerd.io/snapshot.ref".to_string(),
+        snapshotters::UNPACK_LABEL.to_string(),
         layer.chain_id.to_string(),
     )])
 }

@@ -203,12 +203,14 @@ impl Env {
         self.sn.apply(key, &mut reader)
     }
 
-    /// Unpacks one layer as the pull path does: prepare, apply, commit.
+    /// Unpacks one layer as the pull path does: prepare with the unpack label, apply,
+    /// commit.
     pub fn layer(&self, name: &str, parent: Option<&str>, tar: &[u8]) {
         let key = format!("extract {name}");
-        self.sn.prepare(&key, parent, BTreeMap::new()).unwrap();
+        let unpack = labels(&[(snapshotters::UNPACK_LABEL, name)]);
+        self.sn.prepare(&key, parent, unpack.clone()).unwrap();
         self.apply(&key, tar).unwrap();
-        self.sn.commit(name, &key, None, BTreeMap::new()).unwrap();
+        self.sn.commit(name, &key, None, unpack).unwrap();
     }
 
     /// Applies one layer into a fresh Active snapshot with no parent and returns the error.

@@ -1,0 +1,152 @@
+//! The native snapshotter's own form: a snapshot a layer is unpacked into shares its parent's
+//! files through hardlinks, a hardlink entry that changes such a file gets a copy of its own
+//! first, an inode that can take no more links is copied, and everything else (a container's
+//! rootfs) is a full copy that writes never reach the parent through.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+
+use common::*;
+use fixtures::volume::BtrfsVolume;
+use snapshotters::{Backend, Snapshots, Snapshotter, UNPACK_LABEL};
+use tar::EntryType;
+
+/// btrfs caps an inode's links at 65,535 (BTRFS_LINK_MAX), a cap a test can reach.
+const LINK_MAX: u64 = 65_535;
+
+fn native_on_btrfs(dir: &Path) -> (Snapshots, Option<BtrfsVolume>) {
+    let volume = BtrfsVolume::new(dir).unwrap();
+    (open(Backend::Native, &volume.mountpoint), Some(volume))
+}
+
+fn unpack(name: &str) -> BTreeMap<String, String> {
+    labels(&[(UNPACK_LABEL, name)])
+}
+
+#[test]
+fn unpack_snapshots_link_the_parents_files_and_containers_copy_them() {
+    let env = Env::new(native);
+    let first = Tar::new()
+        .dir("d/", 0o755)
+        .file("d/f", b"base", 0o644)
+        .symlink("s", "d/f")
+        .build();
+    env.layer("1", None, &first);
+    let parent = env.view("1");
+
+    let child = Mounted::new(&env.sn.prepare("extract 2", Some("1"), unpack("2")).unwrap());
+    assert_eq!(child.meta("d/f").ino(), parent.meta("d/f").ino());
+    assert_eq!(child.meta("s").ino(), parent.meta("s").ino());
+    assert_ne!(
+        child.meta("d").ino(),
+        parent.meta("d").ino(),
+        "directories are its own"
+    );
+
+    let container = Mounted::new(
+        &env.sn
+            .prepare("container", Some("1"), BTreeMap::new())
+            .unwrap(),
+    );
+    assert_ne!(container.meta("d/f").ino(), parent.meta("d/f").ino());
+    fs::write(container.path("d/f"), b"changed by the container").unwrap();
+    assert_eq!(parent.read("d/f"), "base");
+    assert_eq!(child.read("d/f"), "base");
+}
+
+/// A header of `kind` for `name` with the given mode, owner and mtime.
+fn owned(kind: EntryType, name: &str, mode: u32, uid: u64, mtime: u64) -> tar::Header {
+    let mut header = Tar::header(kind, name, mode);
+    header.set_uid(uid);
+    header.set_mtime(mtime);
+    header
+}
+
+#[test]
+fn a_hardlink_entry_changes_its_own_copy_of_a_lower_file() {
+    let env = Env::new(native);
+    let lower_link = owned(EntryType::Link, "t2", 0o640, 1, 1_500_000_000);
+    let first = Tar::new()
+        .entry(
+            owned(EntryType::Regular, "t", 0o640, 1, 1_500_000_000),
+            b"lower",
+        )
+        .entry(Tar::with_link(lower_link, "t"), b"")
+        .file("u", b"untouched", 0o644)
+        .build();
+    env.layer("1", None, &first);
+    let link = |name| Tar::with_link(owned(EntryType::Link, name, 0o600, 5, 1_700_000_000), "t");
+    let second = Tar::new()
+        .entry(link("l"), b"")
+        .entry(link("l2"), b"")
+        .build();
+    env.layer("2", Some("1"), &second);
+
+    let upper = env.view("2");
+    let t = upper.meta("t");
+    assert_eq!(
+        (t.mode() & 0o7777, t.uid(), t.mtime()),
+        (0o600, 5, 1_700_000_000)
+    );
+    assert_eq!(upper.meta("l").ino(), t.ino());
+    assert_eq!(
+        upper.meta("l2").ino(),
+        t.ino(),
+        "a second link joins the same copy"
+    );
+    assert_eq!(upper.read("l"), "lower");
+    // As with overlayfs's copy-up without its index, the lower name the layer did not name
+    // keeps the lower inode.
+    assert_ne!(upper.meta("t2").ino(), t.ino());
+    assert_eq!(upper.meta("t2").mode() & 0o7777, 0o640);
+
+    let lower = env.view("1");
+    let t = lower.meta("t");
+    assert_eq!(
+        (t.mode() & 0o7777, t.uid(), t.mtime()),
+        (0o640, 1, 1_500_000_000)
+    );
+    assert_eq!(lower.meta("t2").ino(), t.ino());
+    assert_eq!(lower.meta("u").ino(), upper.meta("u").ino());
+    let leftovers: Vec<_> = fs::read_dir(upper.path(""))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|name| name.starts_with(".imaged"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn an_inode_at_its_link_limit_is_copied_once_for_all_its_names() {
+    let env = Env::new(native_on_btrfs);
+    let mut first = Tar::new()
+        .dir("many/", 0o755)
+        .file("many/0", b"linked", 0o644);
+    for i in 1..LINK_MAX {
+        first = first.link(&format!("many/{i}"), "many/0");
+    }
+    env.layer("1", None, &first.build());
+    assert_eq!(env.view("1").meta("many/0").nlink(), LINK_MAX);
+
+    env.layer(
+        "2",
+        Some("1"),
+        &Tar::new().file("top", b"top", 0o644).build(),
+    );
+    let upper = env.view("2");
+    let copy = upper.meta("many/0");
+    assert_eq!(copy.nlink(), LINK_MAX);
+    assert_eq!(copy.permissions().mode() & 0o7777, 0o644);
+    assert_eq!(
+        upper.meta(&format!("many/{}", LINK_MAX - 1)).ino(),
+        copy.ino()
+    );
+    assert_eq!(upper.read("many/12345"), "linked");
+    let lower = env.view("1");
+    assert_ne!(lower.meta("many/0").ino(), copy.ino());
+    assert_eq!(lower.meta("many/0").nlink(), LINK_MAX);
+}
