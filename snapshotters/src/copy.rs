@@ -128,12 +128,18 @@ impl Copier<'_> {
         dst: &OwnedFd,
     ) -> Result<Vec<(CString, Stat)>, Error> {
         // Read completely first, so that no directory stream stays open below this level.
-        let names = fsutil::read_names(src)
+        let entries = fsutil::read_entries(src)
             .op("read directory")
             .map_err(|f| f.at(self.path(None)))?;
         let mut subdirs = Vec::new();
-        for name in names {
-            match self.copy_entry(src, dst, &name) {
+        for (name, kind) in entries {
+            // Linking needs no lstat, unless the directory listing leaves the type open.
+            let linked = self.share && !matches!(kind, FileType::Directory | FileType::Unknown);
+            let copied = match linked {
+                true => self.link_entry(src, dst, &name).map(|()| None),
+                false => self.copy_entry(src, dst, &name),
+            };
+            match copied {
                 Ok(Some(stat)) => subdirs.push((name, stat)),
                 Ok(None) => {}
                 Err(f) => return Err(f.at(self.path(Some(&name)))),
@@ -142,7 +148,8 @@ impl Copier<'_> {
         Ok(subdirs)
     }
 
-    /// Copies one entry that is not a directory; for a directory, returns its `lstat` instead.
+    /// Copies (or links) one entry that is not a directory; for a directory, returns its
+    /// `lstat` instead.
     fn copy_entry(
         &mut self,
         src: &OwnedFd,
@@ -153,28 +160,50 @@ impl Copier<'_> {
         if fsutil::is_dir(&stat) {
             return Ok(Some(stat));
         }
+        if self.share {
+            self.link_entry(src, dst, name)?;
+        } else {
+            self.copy_file_entry(src, dst, name, &stat)?;
+        }
+        Ok(None)
+    }
+
+    /// Links `name` in `dst` to the inode of `name` in `src`, not a directory; an inode that
+    /// can take no more links is copied once, its other names linked to the copy.
+    fn link_entry(&mut self, src: &OwnedFd, dst: &OwnedFd, name: &CStr) -> Result<(), Failed> {
+        // Flags 0: a symlink is linked itself.
+        match rustix::fs::linkat(src, name, dst, name, AtFlags::empty()) {
+            Ok(()) => Ok(()),
+            Err(Errno::MLINK | Errno::PERM) => {
+                let stat =
+                    rustix::fs::statat(src, name, AtFlags::SYMLINK_NOFOLLOW).op("inspect")?;
+                self.copy_file_entry(src, dst, name, &stat)
+            }
+            Err(e) => Err(e).op("link"),
+        }
+    }
+
+    /// Copies the non-directory `name`, or links it to the copy already made of its inode.
+    fn copy_file_entry(
+        &mut self,
+        src: &OwnedFd,
+        dst: &OwnedFd,
+        name: &CStr,
+        stat: &Stat,
+    ) -> Result<(), Failed> {
         let inode = (stat.st_dev, stat.st_ino);
         if stat.st_nlink > 1
             && let Some((dir, first)) = self.links.get(&inode)
         {
-            self.link(dir, first, dst, name).op("link")?;
-            return Ok(None);
+            return self.link(dir, first, dst, name).op("link");
         }
-        if self.share {
-            // Flags 0: a symlink is linked itself.
-            match rustix::fs::linkat(src, name, dst, name, AtFlags::empty()) {
-                Ok(()) => return Ok(None),
-                Err(Errno::MLINK | Errno::PERM) => {}
-                Err(e) => return Err(e).op("link"),
-            }
-        }
-        create(src, name, dst, name, &stat)?;
-        set_metadata(src, name, dst, name, &stat)?;
+        create(src, name, dst, name, stat)?;
+        set_metadata(src, name, dst, name, stat)?;
         if stat.st_nlink > 1 {
             self.links
                 .insert(inode, (self.rel.clone(), name.to_owned()));
         }
-        Ok(None)
+        Ok(())
     }
 
     /// Links `name` in `dst` to the copy `first` in directory `dir` of the destination.

@@ -107,6 +107,20 @@ pub(crate) fn read_names(dir: &OwnedFd) -> rustix::io::Result<Vec<CString>> {
     Ok(names)
 }
 
+/// The names in the directory `dir` (open for reading) with the types the directory lists
+/// (`Unknown` where the filesystem does not say), `.` and `..` left out.
+pub(crate) fn read_entries(dir: &OwnedFd) -> rustix::io::Result<Vec<(CString, FileType)>> {
+    let mut entries = Vec::new();
+    for entry in Dir::read_from(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name != c"." && name != c".." {
+            entries.push((name.to_owned(), entry.file_type()));
+        }
+    }
+    Ok(entries)
+}
+
 /// The access and modification times of `stat`, to give another file.
 pub(crate) fn stat_times(stat: &Stat) -> Timestamps {
     // Nanoseconds are below 10⁹, whatever the type of their field.

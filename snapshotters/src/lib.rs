@@ -153,7 +153,7 @@ pub struct ApplyStats {
 /// - [`view`](Snapshotter::view) creates a **View**: read-only mounts of the parent, never
 ///   committed.
 /// - [`commit`](Snapshotter::commit) turns an Active key into a **Committed** name: the key
-///   disappears, the content is frozen and its usage recorded, and it can now be a parent.
+///   disappears, the content is frozen, and it can now be a parent.
 ///
 /// Methods return mounts and never mount anything themselves (except that
 /// [`apply`](Snapshotter::apply) writes into the snapshot's own directory). Labels are never
@@ -207,8 +207,9 @@ pub trait Snapshotter: Send + Sync {
     /// Recomputes the mounts of an Active or View snapshot; Committed → FailedPrecondition.
     fn mounts(&self, key: &str) -> Result<Vec<Mount>, Error>;
 
-    /// Usage of the snapshot alone: measured now for Active and View, frozen at commit for
-    /// Committed.
+    /// Usage of the snapshot alone: measured now for Active and View; for Committed,
+    /// measured at the first call and kept, since a committed snapshot never changes (and a
+    /// commit stays cheap on the pull path, where a btrfs or native tree is the whole image).
     fn usage(&self, key: &str) -> Result<Usage, Error>;
 
     /// Calls `f` for every snapshot, in key order.

@@ -34,7 +34,7 @@ pub(crate) struct Record {
     pub(crate) labels: BTreeMap<String, String>,
     pub(crate) created: SystemTime,
     pub(crate) updated: SystemTime,
-    /// Frozen at commit; `None` while Active or View.
+    /// Of a Committed snapshot, once measured; `None` before, and while Active or View.
     pub(crate) usage: Option<Usage>,
 }
 
@@ -240,8 +240,7 @@ impl Writer<'_> {
         snapshot(&self.records, key)
     }
 
-    /// Turns Active `key` into Committed `name` with `labels` and frozen `usage`, keeping its
-    /// id. `parent` rebases a snapshot prepared without a parent; giving its existing parent
+    /// Turns Active `key` into Committed `name` with `labels`, keeping its id. `parent` rebases a snapshot prepared without a parent; giving its existing parent
     /// again is accepted.
     pub(crate) fn commit(
         &mut self,
@@ -249,7 +248,6 @@ impl Writer<'_> {
         name: &str,
         parent: Option<&str>,
         labels: BTreeMap<String, String>,
-        usage: Usage,
     ) -> Result<Snapshot, Error> {
         let mut record = self.get(key)?;
         if record.kind != Kind::Active {
@@ -299,9 +297,18 @@ impl Writer<'_> {
         record.parent = parent;
         record.labels = labels;
         record.updated = SystemTime::now();
-        record.usage = Some(usage);
         self.put(name, &record)?;
         snapshot(&self.records, name)
+    }
+
+    /// Keeps `usage`, measured, as the usage of Committed `key`, which never changes.
+    pub(crate) fn freeze_usage(&mut self, key: &str, usage: Usage) -> Result<(), Error> {
+        let mut record = self.get(key)?;
+        if record.kind == Kind::Committed {
+            record.usage = Some(usage);
+            self.put(key, &record)?;
+        }
+        Ok(())
     }
 
     /// Removes `key`, refusing while it has children; returns what was removed.
@@ -513,7 +520,7 @@ mod tests {
         parent: Option<&str>,
     ) -> Result<Snapshot, Error> {
         store.write(key, |tx| {
-            tx.commit(key, name, parent, BTreeMap::new(), Usage::default())
+            tx.commit(key, name, parent, BTreeMap::new())
         })
     }
 
@@ -565,7 +572,7 @@ mod tests {
     }
 
     #[test]
-    fn commit_keeps_the_id_takes_new_labels_and_freezes_usage() {
+    fn commit_keeps_the_id_takes_new_labels_and_usage_is_frozen_once_measured() {
         let (_tmp, store) = store();
         store
             .write("k", |tx| {
@@ -576,16 +583,22 @@ mod tests {
             size: 4096,
             inodes: 3,
         };
+        store
+            .write("k", |tx| tx.freeze_usage("k", usage))
+            .unwrap();
+        assert_eq!(store.read("k", |r| r.get("k")).unwrap().usage, None);
         let committed = store
-            .write("k", |tx| {
-                tx.commit("k", "n", None, labels(&[("new", "2")]), usage)
-            })
+            .write("k", |tx| tx.commit("k", "n", None, labels(&[("new", "2")])))
             .unwrap();
         assert_eq!(committed.id, 1);
         let record = store.read("n", |r| r.get("n")).unwrap();
         assert_eq!(record.kind, Kind::Committed);
         assert_eq!(record.labels, labels(&[("new", "2")]));
-        assert_eq!(record.usage, Some(usage));
+        assert_eq!(record.usage, None);
+        store
+            .write("n", |tx| tx.freeze_usage("n", usage))
+            .unwrap();
+        assert_eq!(store.read("n", |r| r.get("n")).unwrap().usage, Some(usage));
         assert!(matches!(
             store.read("k", |r| r.get("k")),
             Err(Error::NotFound { .. })

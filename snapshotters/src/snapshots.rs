@@ -259,17 +259,10 @@ impl Snapshotter for Snapshots {
         parent: Option<&str>,
         labels: BTreeMap<String, String>,
     ) -> Result<(), Error> {
-        // Measured before the transaction: a btrfs or native tree is the whole image, and
-        // the database has one writer. Nothing writes into a snapshot being committed.
-        let record = self.store.read(key, |r| r.get(key))?;
-        let usage = match record.kind {
-            Kind::Active => self.measure(record.id)?,
-            Kind::View | Kind::Committed => Usage::default(),
-        };
         self.store.write(key, |tx| {
             let record = tx.get(key)?;
             self.check_rebase(key, &record, parent)?;
-            let snapshot = tx.commit(key, name, parent, labels, usage)?;
+            let snapshot = tx.commit(key, name, parent, labels)?;
             self.layout.committed(&self.snapshots, &record, &snapshot)
         })
     }
@@ -304,10 +297,16 @@ impl Snapshotter for Snapshots {
 
     fn usage(&self, key: &str) -> Result<Usage, Error> {
         let record = self.store.read(key, |r| r.get(key))?;
-        match record.usage {
-            Some(usage) => Ok(usage),
-            None => self.measure(record.id),
+        if let Some(usage) = record.usage {
+            return Ok(usage);
         }
+        // Measured outside any transaction: a btrfs or native tree is the whole image, and
+        // the database has one writer.
+        let usage = self.measure(record.id)?;
+        if record.kind == Kind::Committed {
+            self.store.write(key, |tx| tx.freeze_usage(key, usage))?;
+        }
+        Ok(usage)
     }
 
     fn walk(&self, f: &mut dyn FnMut(&Info)) -> Result<(), Error> {
