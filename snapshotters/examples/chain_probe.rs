@@ -1,9 +1,9 @@
+use snapshotters::{Backend, Snapshots, Snapshotter, UNPACK_LABEL};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::BufReader;
 use std::sync::Arc;
 use std::time::Instant;
-use snapshotters::{Backend, Snapshots, Snapshotter, UNPACK_LABEL};
 
 fn main() {
     let dir = std::env::args().nth(1).unwrap();
@@ -26,7 +26,12 @@ fn main() {
         let name = format!("layer{i}");
         sn.commit(&name, &key, None, labels).unwrap();
         let t3 = Instant::now();
-        println!("{i}: prepare {:?} apply {:?} commit {:?}", t1 - t0, t2 - t1, t3 - t2);
+        println!(
+            "{i}: prepare {:?} apply {:?} commit {:?}",
+            t1 - t0,
+            t2 - t1,
+            t3 - t2
+        );
         parent = Some(name);
     }
     println!("total {:?}", start.elapsed());

@@ -20,7 +20,7 @@ use crate::apply::Whiteouts;
 use crate::btrfs_ioctl as ioctl;
 use crate::metastore::{Record, Snapshot};
 use crate::snapshots::{Layout, bind};
-use crate::{Error, Kind, Mount, fsutil};
+use crate::{Error, Kind, Mount, Usage, fsutil};
 
 const FS: &str = "fs";
 
@@ -91,6 +91,21 @@ impl Layout for BtrfsLayout {
         let fs = snapshots.join(snapshot.id.to_string()).join(FS);
         let subvolume = open(&fs, OFlags::RDONLY)?;
         ioctl::set_readonly(subvolume.as_fd(), true).map_err(Error::io("make read-only", &fs))
+    }
+
+    /// With quotas on, an Active snapshot's size is its subvolume's exclusive bytes: what a
+    /// container wrote, not the image it shares with its parent. The counters change when a
+    /// transaction commits, so they may lag by one commit interval, which saves a sync per
+    /// stats request. A committed snapshot keeps the walk: its exclusive bytes shrink as its
+    /// children come to share them. Inodes are always counted by the walk.
+    fn usage(&self, fs: &Path, kind: Kind) -> io::Result<Usage> {
+        let mut usage = fsutil::disk_usage(fs)?;
+        if kind == Kind::Active
+            && let Some(exclusive) = ioctl::exclusive_bytes(open_io(fs, OFlags::RDONLY)?.as_fd())?
+        {
+            usage.size = exclusive;
+        }
+        Ok(usage)
     }
 
     /// A subvolume cannot be unlinked like a directory: it is destroyed first.

@@ -4,8 +4,11 @@
 //! fresh subvolume (`BTRFS_IOC_SUBVOL_CREATE`); a child is a writable snapshot of its parent's
 //! subvolume (`BTRFS_IOC_SNAP_CREATE_V2`); commit sets the subvolume's read-only flag
 //! (`BTRFS_IOC_SUBVOL_SETFLAGS`, read back with `BTRFS_IOC_SUBVOL_GETFLAGS`) so committed
-//! snapshots are immutable; removal is `BTRFS_IOC_SNAP_DESTROY`. The tests also read flags
-//! and subvolume ids back (`BTRFS_IOC_INO_LOOKUP`) to check what the kernel did.
+//! snapshots are immutable; removal is `BTRFS_IOC_SNAP_DESTROY`. Where quotas are enabled, a
+//! subvolume's exclusive bytes come from its level-0 qgroup in the quota tree
+//! (`BTRFS_IOC_TREE_SEARCH`, after `BTRFS_IOC_INO_LOOKUP` gives the subvolume id): a walk
+//! would count the data a snapshot shares with its parent as its own. The tests also read
+//! flags back to check what the kernel did.
 //!
 //! These are ioctls rather than the `btrfs` command because the pull path makes a snapshot
 //! per layer: a process per snapshot is slow, and its failures come back as stderr text
@@ -24,9 +27,19 @@ use std::path::Path;
 
 use rustix::fs::Stat;
 use rustix::io::Errno;
-#[cfg(test)]
-use rustix::ioctl::Updater;
-use rustix::ioctl::{Getter, Opcode, Setter, ioctl, opcode};
+use rustix::ioctl::{Getter, Opcode, Setter, Updater, ioctl, opcode};
+
+/// `BTRFS_QUOTA_TREE_OBJECTID`.
+const QUOTA_TREE: u64 = 8;
+/// `BTRFS_QGROUP_STATUS_KEY`: the quota tree's one status item, at (0, 240, 0).
+const QGROUP_STATUS_KEY: u32 = 240;
+/// `BTRFS_QGROUP_INFO_KEY`: a qgroup's counters, at (0, 242, qgroup id); a level-0 qgroup's
+/// id is its subvolume's.
+const QGROUP_INFO_KEY: u32 = 242;
+/// `BTRFS_QGROUP_STATUS_FLAG_ON`, `_RESCAN` and `_INCONSISTENT`.
+const QGROUP_ON: u64 = 1 << 0;
+const QGROUP_RESCAN: u64 = 1 << 1;
+const QGROUP_INCONSISTENT: u64 = 1 << 2;
 
 /// `BTRFS_IOCTL_MAGIC`.
 const MAGIC: u8 = 0x94;
@@ -42,7 +55,6 @@ const VOL_NAME_LEN: usize = 4088;
 /// `BTRFS_SUBVOL_NAME_MAX + 1`.
 const SUBVOL_NAME_LEN: usize = 4040;
 /// `BTRFS_INO_LOOKUP_PATH_MAX`.
-#[cfg(test)]
 const INO_LOOKUP_PATH_LEN: usize = 4080;
 
 /// `struct btrfs_ioctl_vol_args`.
@@ -64,7 +76,6 @@ struct VolArgsV2 {
 }
 
 /// `struct btrfs_ioctl_ino_lookup_args`.
-#[cfg(test)]
 #[repr(C)]
 struct InoLookupArgs {
     treeid: u64,
@@ -72,19 +83,49 @@ struct InoLookupArgs {
     name: [u8; INO_LOOKUP_PATH_LEN],
 }
 
+/// `struct btrfs_ioctl_search_key`: the range of keys to return from one tree.
+#[repr(C)]
+#[derive(Default)]
+struct SearchKey {
+    tree_id: u64,
+    min_objectid: u64,
+    max_objectid: u64,
+    min_offset: u64,
+    max_offset: u64,
+    min_transid: u64,
+    max_transid: u64,
+    min_type: u32,
+    max_type: u32,
+    nr_items: u32,
+    unused: u32,
+    unused_more: [u64; 4],
+}
+
+/// `struct btrfs_ioctl_search_args`: the key range, then the items found, each after a
+/// `struct btrfs_ioctl_search_header` of [`SEARCH_HEADER`] bytes.
+#[repr(C)]
+struct SearchArgs {
+    key: SearchKey,
+    buf: [u8; 4096 - size_of::<SearchKey>()],
+}
+
+/// The size of `struct btrfs_ioctl_search_header`: transid, objectid and offset (`__u64`),
+/// then type and len (`__u32`), in host byte order.
+const SEARCH_HEADER: usize = 32;
+
 // The sizes are encoded in the opcodes, so a wrong layout would be a different (unknown)
 // ioctl; the values are those of <linux/btrfs.h>.
 const _: () = assert!(size_of::<VolArgs>() == 4096 && offset_of!(VolArgs, name) == 8);
 const _: () = assert!(size_of::<VolArgsV2>() == 4096 && offset_of!(VolArgsV2, flags) == 16);
 const _: () = assert!(offset_of!(VolArgsV2, name) == 56);
-#[cfg(test)]
 const _: () = assert!(size_of::<InoLookupArgs>() == 4096);
-#[cfg(test)]
 const _: () = assert!(offset_of!(InoLookupArgs, name) == 16);
+const _: () = assert!(size_of::<SearchKey>() == 104 && size_of::<SearchArgs>() == 4096);
+const _: () = assert!(offset_of!(SearchKey, min_type) == 56);
 
 const SUBVOL_CREATE: Opcode = opcode::write::<VolArgs>(MAGIC, 14);
 const SNAP_DESTROY: Opcode = opcode::write::<VolArgs>(MAGIC, 15);
-#[cfg(test)]
+const TREE_SEARCH: Opcode = opcode::read_write::<SearchArgs>(MAGIC, 17);
 const INO_LOOKUP: Opcode = opcode::read_write::<InoLookupArgs>(MAGIC, 18);
 const SNAP_CREATE_V2: Opcode = opcode::write::<VolArgsV2>(MAGIC, 23);
 const SUBVOL_GETFLAGS: Opcode = opcode::read::<u64>(MAGIC, 25);
@@ -212,7 +253,6 @@ pub(crate) fn is_subvolume(stat: &Stat) -> bool {
 }
 
 /// The id of the subvolume containing `subvolume` (5 for the top-level subvolume).
-#[cfg(test)]
 pub(crate) fn subvolume_id(subvolume: BorrowedFd<'_>) -> io::Result<u64> {
     // Tree 0 means the fd's own subvolume, and looking up its root directory returns before
     // the path search, which is the part that needs CAP_SYS_ADMIN.
@@ -230,6 +270,66 @@ pub(crate) fn subvolume_id(subvolume: BorrowedFd<'_>) -> io::Result<u64> {
         )
     }?;
     Ok(args.treeid)
+}
+
+/// The bytes only the subvolume containing `subvolume` holds, from its qgroup; `None` when
+/// quotas are off, or their numbers are being rescanned or known to be inconsistent. The
+/// counters change when a transaction commits.
+pub(crate) fn exclusive_bytes(subvolume: BorrowedFd<'_>) -> io::Result<Option<u64>> {
+    let status = match search_item(subvolume, QGROUP_STATUS_KEY, 0) {
+        Ok(Some(status)) => status,
+        // No quota tree at all: quotas were never enabled.
+        Ok(None) | Err(Errno::NOENT) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    // `struct btrfs_qgroup_status_item`: version, generation, flags, ...
+    let flags = le_u64(&status, 16).ok_or(Errno::IO)?;
+    if flags & QGROUP_ON == 0 || flags & (QGROUP_RESCAN | QGROUP_INCONSISTENT) != 0 {
+        return Ok(None);
+    }
+    let id = subvolume_id(subvolume)?;
+    // `struct btrfs_qgroup_info_item`: generation, rfer, rfer_cmpr, excl, excl_cmpr.
+    match search_item(subvolume, QGROUP_INFO_KEY, id)? {
+        Some(info) => Ok(Some(le_u64(&info, 24).ok_or(Errno::IO)?)),
+        None => Ok(None),
+    }
+}
+
+/// The data of the quota tree's item (0, `kind`, `offset`), if there is one.
+fn search_item(fd: BorrowedFd<'_>, kind: u32, offset: u64) -> rustix::io::Result<Option<Vec<u8>>> {
+    let mut args = SearchArgs {
+        key: SearchKey {
+            tree_id: QUOTA_TREE,
+            min_offset: offset,
+            max_offset: offset,
+            max_transid: u64::MAX,
+            min_type: kind,
+            max_type: kind,
+            nr_items: 1,
+            ..SearchKey::default()
+        },
+        buf: [0; 4096 - size_of::<SearchKey>()],
+    };
+    // SAFETY: TREE_SEARCH reads and writes a `btrfs_ioctl_search_args`, which `SearchArgs`
+    // mirrors (layout asserted above), through the exclusive borrow.
+    unsafe { ioctl(fd, Updater::<TREE_SEARCH, SearchArgs>::new(&mut args)) }?;
+    if args.key.nr_items == 0 {
+        return Ok(None);
+    }
+    let buf = &args.buf;
+    let word = |at: usize| u32::from_ne_bytes(buf[at..at + 4].try_into().expect("four bytes"));
+    let long = |at: usize| u64::from_ne_bytes(buf[at..at + 8].try_into().expect("eight bytes"));
+    let len = word(28) as usize;
+    if (long(8), long(16), word(24)) != (0, offset, kind) || SEARCH_HEADER + len > buf.len() {
+        return Err(Errno::IO);
+    }
+    Ok(Some(buf[SEARCH_HEADER..SEARCH_HEADER + len].to_vec()))
+}
+
+/// The little-endian `u64` at `at` in `bytes`, if it is all there.
+fn le_u64(bytes: &[u8], at: usize) -> Option<u64> {
+    let field = bytes.get(at..at + 8)?;
+    Some(u64::from_le_bytes(field.try_into().ok()?))
 }
 
 #[cfg(test)]

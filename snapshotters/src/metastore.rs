@@ -519,9 +519,7 @@ mod tests {
         name: &str,
         parent: Option<&str>,
     ) -> Result<Snapshot, Error> {
-        store.write(key, |tx| {
-            tx.commit(key, name, parent, BTreeMap::new())
-        })
+        store.write(key, |tx| tx.commit(key, name, parent, BTreeMap::new()))
     }
 
     fn chain(store: &MetaStore) {
@@ -583,9 +581,7 @@ mod tests {
             size: 4096,
             inodes: 3,
         };
-        store
-            .write("k", |tx| tx.freeze_usage("k", usage))
-            .unwrap();
+        store.write("k", |tx| tx.freeze_usage("k", usage)).unwrap();
         assert_eq!(store.read("k", |r| r.get("k")).unwrap().usage, None);
         let committed = store
             .write("k", |tx| tx.commit("k", "n", None, labels(&[("new", "2")])))
@@ -595,9 +591,7 @@ mod tests {
         assert_eq!(record.kind, Kind::Committed);
         assert_eq!(record.labels, labels(&[("new", "2")]));
         assert_eq!(record.usage, None);
-        store
-            .write("n", |tx| tx.freeze_usage("n", usage))
-            .unwrap();
+        store.write("n", |tx| tx.freeze_usage("n", usage)).unwrap();
         assert_eq!(store.read("n", |r| r.get("n")).unwrap().usage, Some(usage));
         assert!(matches!(
             store.read("k", |r| r.get("k")),

@@ -63,6 +63,11 @@ pub(crate) trait Layout: Send + Sync {
         snapshot: &Snapshot,
     ) -> Result<(), Error>;
 
+    /// The usage of the snapshot whose tree is `fs`; a walk unless the filesystem knows.
+    fn usage(&self, fs: &Path, _kind: Kind) -> io::Result<Usage> {
+        fsutil::disk_usage(fs)
+    }
+
     /// Removes a snapshot's directory, or a leftover one, with everything in it.
     fn remove(&self, dir: &Path) -> io::Result<()> {
         fsutil::remove_path(dir)
@@ -214,9 +219,11 @@ impl Snapshots {
         }
     }
 
-    fn measure(&self, id: u64) -> Result<Usage, Error> {
+    fn measure(&self, id: u64, kind: Kind) -> Result<Usage, Error> {
         let fs = self.fs_dir(id);
-        fsutil::disk_usage(&fs).map_err(Error::io("measure disk usage of", &fs))
+        self.layout
+            .usage(&fs, kind)
+            .map_err(Error::io("measure disk usage of", &fs))
     }
 
     fn check_rebase(&self, key: &str, record: &Record, parent: Option<&str>) -> Result<(), Error> {
@@ -302,7 +309,7 @@ impl Snapshotter for Snapshots {
         }
         // Measured outside any transaction: a btrfs or native tree is the whole image, and
         // the database has one writer.
-        let usage = self.measure(record.id)?;
+        let usage = self.measure(record.id, record.kind)?;
         if record.kind == Kind::Committed {
             self.store.write(key, |tx| tx.freeze_usage(key, usage))?;
         }

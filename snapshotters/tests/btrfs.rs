@@ -15,10 +15,11 @@ use std::sync::Arc;
 use common::*;
 use snapshotters::{Backend, Error, Snapshots, Snapshotter};
 
-/// btrfs-progs, for making subvolumes the way something other than imaged would.
-fn subvolume(args: &[&str], path: &Path) {
+/// btrfs-progs (`btrfs subvolume …`, `btrfs quota …`), for doing what something other than
+/// imaged would.
+fn progs(group: &str, args: &[&str], path: &Path) {
     let out = Command::new("btrfs")
-        .arg("subvolume")
+        .arg(group)
         .args(args)
         .arg(path)
         .output()
@@ -68,9 +69,10 @@ fn a_subvolume_made_inside_a_container_does_not_stop_its_removal() {
         .prepare("container", Some("base"), BTreeMap::new())
         .unwrap();
     let fs = env.snapshots().join("2/fs");
-    subvolume(&["create"], &fs.join("var/machines"));
-    subvolume(&["create"], &fs.join("var/machines/inner"));
-    subvolume(
+    progs("subvolume", &["create"], &fs.join("var/machines"));
+    progs("subvolume", &["create"], &fs.join("var/machines/inner"));
+    progs(
+        "subvolume",
         &["snapshot", "-r", fs.join("var/machines").to_str().unwrap()],
         &fs.join("ro"),
     );
@@ -87,13 +89,14 @@ fn cleanup_destroys_leftover_subvolumes_read_only_ones_too() {
     for leftover in ["new-crashed", "77", "rm-5"] {
         fs::create_dir(snapshots.join(leftover)).unwrap();
     }
-    subvolume(&["create"], &snapshots.join("new-crashed/fs"));
-    subvolume(
+    progs("subvolume", &["create"], &snapshots.join("new-crashed/fs"));
+    progs(
+        "subvolume",
         &["snapshot", "-r", snapshots.join("1/fs").to_str().unwrap()],
         &snapshots.join("77/fs"),
     );
-    subvolume(&["create"], &snapshots.join("rm-5/fs"));
-    subvolume(&["create"], &snapshots.join("rm-5/fs/nested"));
+    progs("subvolume", &["create"], &snapshots.join("rm-5/fs"));
+    progs("subvolume", &["create"], &snapshots.join("rm-5/fs/nested"));
     env.sn.cleanup().unwrap();
     let mut left: Vec<String> = fs::read_dir(&snapshots)
         .unwrap()
@@ -123,4 +126,44 @@ fn a_root_not_on_btrfs_is_refused_naming_it_and_its_filesystem() {
         }
         other => panic!("expected InvalidArgument, got {other}"),
     }
+}
+
+/// With quotas on, a container's usage is what it wrote (its subvolume's exclusive bytes), not
+/// the image it shares with its parent; without them, and for committed snapshots, the walk's.
+#[test]
+fn with_quotas_a_containers_usage_is_what_it_wrote() {
+    let image = vec![0x5a; 4 << 20];
+    let written = vec![0xa5; 256 << 10];
+    let usage_of_container = |quotas: bool| {
+        let env = Env::new(btrfs);
+        if quotas {
+            progs("quota", &["enable"], env.sn.root());
+            progs("quota", &["rescan", "-w"], env.sn.root());
+        }
+        env.layer(
+            "base",
+            None,
+            &Tar::new().file("image", &image, 0o644).build(),
+        );
+        let mounts = env
+            .sn
+            .prepare("container", Some("base"), BTreeMap::new())
+            .unwrap();
+        fs::write(Path::new(&mounts[0].source).join("written"), &written).unwrap();
+        let dir = fs::File::open(&mounts[0].source).unwrap();
+        rustix::fs::syncfs(&dir).unwrap();
+        let base = env.sn.usage("base").unwrap();
+        assert!(base.size >= image.len() as u64, "{base:?}");
+        env.sn.usage("container").unwrap()
+    };
+    let counted = usage_of_container(true);
+    assert!(counted.size >= written.len() as u64, "{counted:?}");
+    assert!(counted.size < image.len() as u64, "{counted:?}");
+    assert_eq!(counted.inodes, 3);
+    let walked = usage_of_container(false);
+    assert!(
+        walked.size >= (image.len() + written.len()) as u64,
+        "{walked:?}"
+    );
+    assert_eq!(walked.inodes, 3);
 }
