@@ -3,8 +3,10 @@
 //!
 //! - ingest: writes the compressed blob into the content store while hashing it, and
 //!   forwards each chunk;
-//! - decode: runs the processor chain (decrypt, decompress) into plain tar chunks, hashing
-//!   them (the diff_id);
+//! - decode: runs the processor chain (decrypt, decompress) into plain tar chunks;
+//! - hash: hashes them (the diff_id) on their way on, so that inflating, the slowest stage on
+//!   a fast network, does nothing else: for snapshotters that apply layers one after another
+//!   it sets the pace of the whole pull;
 //! - apply (the calling thread): writes the files.
 //!
 //! Chunks travel through bounded channels of fixed-size chunks, so the memory a layer takes
@@ -30,6 +32,10 @@ const CHUNK: usize = 256 * 1024;
 
 /// Chunks each channel holds before its sender waits.
 const QUEUE: usize = 2;
+
+/// Tar chunks of one layer: as many as the two channels between decoder, hasher and applier
+/// hold, and one in the hands of each of the three, so no stage waits for a free chunk.
+const TAR_CHUNKS: usize = 2 * QUEUE + 3;
 
 /// Where a layer blob comes from. One lives per layer being unpacked, so the size of the
 /// variants does not matter.
@@ -121,14 +127,15 @@ pub(super) fn apply_blob(
                 (blob, None)
             }
         };
+        let (plain_tx, plain_rx) = sync_channel(QUEUE);
         let (tar_tx, tar_rx) = sync_channel(QUEUE);
-        // The tar chunks circulate: one more than the queue holds, so the decoder can fill
-        // one while the applier reads another.
-        let (free_tx, free_rx) = sync_channel(QUEUE + 2);
-        for _ in 0..QUEUE + 2 {
+        // The tar chunks circulate, back to the decoder once the applier has read them.
+        let (free_tx, free_rx) = sync_channel(TAR_CHUNKS);
+        for _ in 0..TAR_CHUNKS {
             free_tx.send(vec![0; CHUNK]).expect("room for every chunk");
         }
-        let decode = scope.spawn(move || decode(processors, layer, blob, tar_tx, free_rx));
+        let decode = scope.spawn(move || decode(processors, layer, blob, plain_tx, free_rx));
+        let hash = scope.spawn(move || hash(plain_rx, tar_tx));
         let applied = apply_tar(
             snapshotter,
             key,
@@ -136,8 +143,10 @@ pub(super) fn apply_blob(
             ChunkReader::new(tar_rx, Some(free_tx)),
         );
         // The applier reads the tar stream to its end unless it fails, so on success the
-        // decoder has hashed all of it.
+        // hasher has seen all of it.
         let decoded = decode.join().expect("decode thread");
+        let hashed = hash.join().expect("hash thread");
+        let decoded = decoded.map(|()| hashed);
         let mut writer = ingest
             .map(|ingest| ingest.join().expect("ingest thread"))
             .transpose()?;
@@ -254,23 +263,20 @@ fn ingest(
     Ok(writer)
 }
 
-/// Runs the processor chain over the blob and sends the plain tar stream on in chunks;
-/// returns the digest of what it sent. Hashing here rather than in the applier splits the
-/// work of a layer more evenly between the two threads.
+/// Runs the processor chain over the blob and sends the plain tar stream on in chunks.
 fn decode(
     processors: &processors::Chain,
     layer: &LayerRecord,
     blob: processors::Stream<'_>,
     tx: SyncSender<io::Result<Vec<u8>>>,
     free: Receiver<Vec<u8>>,
-) -> Result<Digest, PullError> {
+) -> Result<(), PullError> {
     let mut tar = processors
         .open(&layer.descriptor(), blob)
         .map_err(|source| PullError::Processor {
             digest: layer.digest.clone(),
             source,
         })?;
-    let mut hasher = Sha256::new();
     // A closed channel either way means the applier stopped; its error says why.
     while let Ok(mut chunk) = free.recv() {
         chunk.resize(CHUNK, 0);
@@ -278,7 +284,6 @@ fn decode(
             Ok(0) => break,
             Ok(n) => {
                 chunk.truncate(n);
-                hasher.update(&chunk);
                 if tx.send(Ok(chunk)).is_err() {
                     break;
                 }
@@ -292,7 +297,22 @@ fn decode(
             }
         }
     }
-    Ok(Digest::from_hasher(hasher))
+    Ok(())
+}
+
+/// Hashes the plain tar chunks and passes them on, errors too; returns the digest of what
+/// it passed on.
+fn hash(rx: Receiver<io::Result<Vec<u8>>>, tx: SyncSender<io::Result<Vec<u8>>>) -> Digest {
+    let mut hasher = Sha256::new();
+    for chunk in rx {
+        if let Ok(chunk) = &chunk {
+            hasher.update(chunk);
+        }
+        if tx.send(chunk).is_err() {
+            break;
+        }
+    }
+    Digest::from_hasher(hasher)
 }
 
 /// Reads until `buf` is full or the stream ends; returns the bytes read.
