@@ -77,6 +77,7 @@ fn registry_code(error: &RegistryError) -> Code {
             FailureKind::Corrupt => Code::DataLoss,
             FailureKind::Unauthenticated => Code::Unauthenticated,
             FailureKind::Failed => Code::Unknown,
+            FailureKind::TooLarge => Code::ResourceExhausted,
         },
     }
 }
@@ -422,6 +423,7 @@ mod tests {
             (fetch(FailureKind::Corrupt), Code::DataLoss),
             (fetch(FailureKind::Unauthenticated), Code::Unauthenticated),
             (fetch(FailureKind::Failed), Code::Unknown),
+            (fetch(FailureKind::TooLarge), Code::ResourceExhausted),
             (
                 PullError::DiffId {
                     digest: digest(),

@@ -20,7 +20,7 @@ use crate::locks::KeyedLocks;
 use crate::manifest::{self, Document, HostPlatform, ImageConfig, Manifest, ManifestError};
 use crate::reference::Reference;
 use crate::registry::auth::Credentials;
-use crate::registry::{Registry, RegistryError, Session};
+use crate::registry::{CONFIG_LIMIT, Registry, RegistryError, Session};
 use bytes::Bytes;
 use pipeline::{Source, apply_blob, pump};
 use proto::imaged::pull_event::Event;
@@ -272,8 +272,9 @@ impl Puller {
                 manifest_bytes: top.bytes,
             }),
             Document::Index(index) => {
-                let chosen = self.platform.select(&index, &top.digest)?.digest.clone();
-                let fetched = session.manifest(&chosen).await?;
+                let descriptor = self.platform.select(&index, &top.digest)?;
+                let chosen = descriptor.digest.clone();
+                let fetched = session.manifest(&chosen, descriptor.size).await?;
                 let doc = manifest::parse_document(
                     fetched.content_type.as_deref(),
                     &fetched.bytes,
@@ -317,7 +318,9 @@ impl Puller {
         let bytes = match self.content.read(digest) {
             Ok(bytes) => Bytes::from(bytes),
             Err(ContentError::NotFound(_)) => {
-                let bytes = session.small_blob(digest, manifest::MAX_CONFIG).await?;
+                let bytes = session
+                    .small_blob(digest, manifest.config.size, CONFIG_LIMIT)
+                    .await?;
                 self.content.write_verified(digest, &bytes)?;
                 bytes
             }

@@ -32,6 +32,8 @@ pub enum FailureKind {
     Unauthenticated,
     /// Any other HTTP status.
     Failed,
+    /// A body beyond what imaged accepts for its kind of object.
+    TooLarge,
 }
 
 /// One host's failure.
@@ -250,23 +252,30 @@ impl Session {
     pub async fn resolve(&self) -> Result<Fetched, RegistryError> {
         let object = self.reference.object().to_string();
         let expected = self.reference.digest.clone();
-        self.fetch_document(&object, expected.as_ref(), expected.is_none())
+        // A digest in the reference comes without a size: the manifest limit bounds the read.
+        self.fetch_document(&object, expected.as_ref(), None, expected.is_none())
             .await
     }
 
-    /// Fetches a manifest by digest.
-    pub async fn manifest(&self, digest: &Digest) -> Result<Fetched, RegistryError> {
-        self.fetch_document(digest.as_str(), Some(digest), false)
+    /// Fetches a manifest by digest, of the `size` its descriptor declares.
+    pub async fn manifest(&self, digest: &Digest, size: u64) -> Result<Fetched, RegistryError> {
+        self.fetch_document(digest.as_str(), Some(digest), Some(size), false)
             .await
     }
 
-    /// Fetches a small blob (the config) whole, verifying its digest.
-    pub async fn small_blob(&self, digest: &Digest, limit: u64) -> Result<Bytes, RegistryError> {
+    /// Fetches a small blob (the config) whole, verifying its digest and the `size` its
+    /// descriptor declares; `limit` is the most imaged accepts for such a blob.
+    pub async fn small_blob(
+        &self,
+        digest: &Digest,
+        size: u64,
+        limit: Limit,
+    ) -> Result<Bytes, RegistryError> {
         let what = format!("blob {digest} of {}", self.reference);
         self.each_host(&what, false, |endpoint| async move {
             let response = self.get(&endpoint, Object::Blob(digest), None).await?;
             let url = response.url().to_string();
-            let bytes = read_limited(response, limit).await?;
+            let bytes = read_limited(response, limit, Some(size)).await?;
             verify(&bytes, digest, &url)?;
             Ok(bytes)
         })
@@ -286,6 +295,7 @@ impl Session {
         &self,
         object: &str,
         expected: Option<&Digest>,
+        size: Option<u64>,
         by_tag: bool,
     ) -> Result<Fetched, RegistryError> {
         let what = if by_tag || self.reference.digest.as_ref() == expected {
@@ -307,7 +317,7 @@ impl Session {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string);
             let url = response.url().to_string();
-            let bytes = read_limited(response, crate::manifest::MAX_MANIFEST).await?;
+            let bytes = read_limited(response, MANIFEST_LIMIT, size).await?;
             let digest = match expected {
                 Some(d) => {
                     verify(&bytes, d, &url)?;
@@ -579,7 +589,7 @@ async fn fetch_token(
             "token request to {realm}: HTTP {status}: credentials refused"
         ));
     }
-    let body = read_limited(response, 1 << 20)
+    let body = read_limited(response, TOKEN_LIMIT, None)
         .await
         .map_err(|a| format!("token response from {realm}: {}", a.detail))?;
     #[derive(serde::Deserialize)]
@@ -602,7 +612,9 @@ async fn status_failure(status: StatusCode, url: &reqwest::Url, response: Respon
         StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => FailureKind::Unauthenticated,
         _ => FailureKind::Failed,
     };
-    let body = read_limited(response, 4096).await.unwrap_or_default();
+    let body = read_limited(response, ERROR_BODY_LIMIT, None)
+        .await
+        .unwrap_or_default();
     let code = serde_json::from_slice::<serde_json::Value>(&body)
         .ok()
         .and_then(|v| v["errors"][0]["code"].as_str().map(str::to_string));
@@ -621,18 +633,68 @@ async fn status_failure(status: StatusCode, url: &reqwest::Url, response: Respon
     }
 }
 
-async fn read_limited(mut response: Response, limit: u64) -> Result<Bytes, Attempt> {
+/// The most imaged reads of a body of some kind, named for messages.
+#[derive(Debug, Clone, Copy)]
+pub struct Limit {
+    /// Bytes.
+    pub bytes: u64,
+    /// What the limit is for, as messages name it.
+    pub of: &'static str,
+}
+
+/// Manifests and indexes, by tag or digest (containerd's bound).
+const MANIFEST_LIMIT: Limit = Limit {
+    bytes: crate::manifest::MAX_MANIFEST,
+    of: "manifests and indexes",
+};
+/// Image configs, which a manifest's descriptor sizes as well.
+pub const CONFIG_LIMIT: Limit = Limit {
+    bytes: crate::manifest::MAX_CONFIG,
+    of: "image configs",
+};
+const TOKEN_LIMIT: Limit = Limit {
+    bytes: 1 << 20,
+    of: "token responses",
+};
+const ERROR_BODY_LIMIT: Limit = Limit {
+    bytes: 4096,
+    of: "error bodies",
+};
+
+/// Reads a whole body of at most `limit` bytes and, when a descriptor declares its size,
+/// exactly `declared` bytes: reading stops as soon as the body is longer than either, so a
+/// body that never ends costs no more than that.
+async fn read_limited(
+    mut response: Response,
+    limit: Limit,
+    declared: Option<u64>,
+) -> Result<Bytes, Attempt> {
     let url = response.url().to_string();
     let fail = |kind, detail| Attempt {
         url: url.clone(),
         kind,
         detail,
     };
-    if response.content_length().is_some_and(|n| n > limit) {
-        return Err(fail(
-            FailureKind::Failed,
-            format!("response larger than {limit} bytes"),
-        ));
+    let too_large = |what: String| {
+        let detail = format!(
+            "{what}, beyond the limit of {} bytes for {}",
+            limit.bytes, limit.of
+        );
+        fail(FailureKind::TooLarge, detail)
+    };
+    let longer = |size: u64| {
+        let detail = format!("the body is longer than the {size} bytes its descriptor declares");
+        fail(FailureKind::Corrupt, detail)
+    };
+    match (declared, response.content_length()) {
+        (Some(size), _) if size > limit.bytes => {
+            return Err(too_large(format!("its descriptor declares {size} bytes")));
+        }
+        (Some(size), Some(length)) if length > size => return Err(longer(size)),
+        (_, Some(length)) if length > limit.bytes => {
+            return Err(too_large(format!("the body has {length} bytes")));
+        }
+        _ => {}
     }
     let mut body = Vec::new();
     while let Some(chunk) = response
@@ -640,15 +702,27 @@ async fn read_limited(mut response: Response, limit: u64) -> Result<Bytes, Attem
         .await
         .map_err(|e| fail(FailureKind::Unavailable, plumbing::error_chain(&e)))?
     {
-        if (body.len() + chunk.len()) as u64 > limit {
-            return Err(fail(
-                FailureKind::Failed,
-                format!("response larger than {limit} bytes"),
-            ));
-        }
         body.extend_from_slice(&chunk);
+        let read = body.len() as u64;
+        match declared {
+            Some(size) if read > size => return Err(longer(size)),
+            _ if read > limit.bytes => {
+                let what = format!("the body has more than {} bytes", limit.bytes);
+                return Err(too_large(what));
+            }
+            _ => {}
+        }
     }
-    Ok(body.into())
+    match declared {
+        Some(size) if (body.len() as u64) < size => {
+            let detail = format!(
+                "the body ended after {} of the {size} bytes its descriptor declares",
+                body.len()
+            );
+            Err(fail(FailureKind::Corrupt, detail))
+        }
+        _ => Ok(body.into()),
+    }
 }
 
 fn verify(bytes: &[u8], expected: &Digest, url: &str) -> Result<(), Attempt> {

@@ -161,11 +161,88 @@ async fn tar_entries_never_escape_the_snapshot() {
     }
 }
 
+/// A body is read up to imaged's limit for its kind, or the size its descriptor declares,
+/// and no further: beyond the limit is ResourceExhausted naming it, longer or shorter than
+/// declared is DataLoss naming the declared size, each naming the host and the object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_stop_at_their_limit_or_their_declared_size() {
+    let built = catalog::simple("bounded bodies").build().unwrap();
+    let config_sized = |size: u64| {
+        let mut manifest: serde_json::Value =
+            serde_json::from_slice(&built.manifest.bytes).unwrap();
+        manifest["config"]["size"] = size.into();
+        serde_json::to_vec(&manifest).unwrap()
+    };
+    let real = built.config.bytes.len() as u64;
+    let oversized = vec![b' '; (4 << 20) + 1];
+    let mut routes = vec![Route::manifest(
+        "big/manifest",
+        "v1",
+        OCI_MANIFEST,
+        &oversized,
+    )];
+    for (repo, size) in [
+        ("config/longer", real - 1),
+        ("config/shorter", real + 10),
+        ("config/huge", 64 << 20),
+    ] {
+        routes.push(Route::manifest(
+            repo,
+            "v1",
+            OCI_MANIFEST,
+            &config_sized(size),
+        ));
+        routes.push(Route::blob(repo, &built.config));
+    }
+    let fake = StaticRegistry::start(routes).unwrap();
+    let imaged = Imaged::start().await;
+    let addr = fake.addr();
+    let config = &built.config.digest;
+    let cases = [
+        (
+            "big/manifest",
+            Code::ResourceExhausted,
+            vec![
+                format!("{addr}/v2/big/manifest/manifests/v1"),
+                "4194304".into(),
+            ],
+        ),
+        (
+            "config/longer",
+            Code::DataLoss,
+            vec![
+                format!("{addr}/v2/config/longer/blobs/{config}"),
+                format!("longer than the {} bytes its descriptor declares", real - 1),
+            ],
+        ),
+        (
+            "config/shorter",
+            Code::DataLoss,
+            vec![format!("ended after {real} of the {} bytes", real + 10)],
+        ),
+        (
+            "config/huge",
+            Code::ResourceExhausted,
+            vec![
+                config.clone(),
+                "declares 67108864 bytes".into(),
+                "33554432".into(),
+            ],
+        ),
+    ];
+    for (repo, code, needles) in cases {
+        let needles: Vec<&str> = needles.iter().map(String::as_str).collect();
+        expect_failure(&imaged, &format!("{addr}/{repo}:v1"), code, &needles).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blobs_that_do_not_match_their_digest_are_refused() {
     let built = catalog::simple("lying blobs").build().unwrap();
     let mut lying_config = built.config.clone();
+    // Of the declared size, so that only the digest tells it apart.
     lying_config.bytes = b"{\"rootfs\":{\"type\":\"layers\",\"diff_ids\":[]}}".to_vec();
+    lying_config.bytes.resize(built.config.bytes.len(), b' ');
     let layer = &built.layers[0].blob;
     let mut lying_layer = layer.clone();
     lying_layer.bytes = vec![0u8; layer.bytes.len()];
