@@ -52,6 +52,8 @@ struct RawConfig {
     garbage_collection_interval: Option<String>,
     image_pull_with_sync_fs: Option<bool>,
     discard_unpacked_layers: Option<bool>,
+    max_layer_unpacked_size: Option<u64>,
+    max_layer_compression_ratio: Option<u64>,
     pinned_images: Option<Vec<String>>,
     registry: Option<RawRegistry>,
     image_decryption: Option<RawDecryption>,
@@ -104,6 +106,13 @@ pub struct Config {
     /// content store, as containerd's setting of the same name; off by default, as there.
     /// A later pull sharing the layer needs only its snapshot.
     pub discard_unpacked_layers: bool,
+    /// A layer that unpacks to more bytes of tar than this fails as soon as it does
+    /// (ResourceExhausted), before it fills the disk; `0` turns the cap off.
+    pub max_layer_unpacked_size: u64,
+    /// A layer that unpacks to more than this many bytes of tar per byte of blob fails as
+    /// soon as it does, once past 64 MiB: a decompression bomb (real layers stay far below;
+    /// gzip cannot exceed about 1,030); `0` turns the cap off.
+    pub max_layer_compression_ratio: u64,
     /// Images reported as pinned (kubelet's image GC leaves them alone).
     pub pinned_images: Vec<String>,
     /// Registry settings.
@@ -239,6 +248,8 @@ impl Config {
                 .unwrap_or_else(|| "30m".into()),
             image_pull_with_sync_fs: raw.image_pull_with_sync_fs.unwrap_or(false),
             discard_unpacked_layers: raw.discard_unpacked_layers.unwrap_or(false),
+            max_layer_unpacked_size: raw.max_layer_unpacked_size.unwrap_or(256 << 30),
+            max_layer_compression_ratio: raw.max_layer_compression_ratio.unwrap_or(500),
             pinned_images: raw
                 .pinned_images
                 .unwrap_or_else(|| vec!["registry.k8s.io/pause:3.10".into()]),
@@ -306,6 +317,15 @@ impl Config {
     /// How often garbage is collected, `None` when turned off (`"0"`).
     pub fn gc_interval(&self) -> Option<std::time::Duration> {
         plumbing::go_duration(&self.garbage_collection_interval).filter(|d| !d.is_zero())
+    }
+
+    /// The caps on what one layer may unpack to; `0` in the file is no cap.
+    pub fn unpack_limits(&self) -> crate::pull::UnpackLimits {
+        let cap = |value: u64| (value > 0).then_some(value);
+        crate::pull::UnpackLimits {
+            max_size: cap(self.max_layer_unpacked_size),
+            max_ratio: cap(self.max_layer_compression_ratio),
+        }
     }
 
     /// The full default configuration as TOML.

@@ -101,6 +101,7 @@ impl Daemon {
             max_concurrent_downloads: config.max_concurrent_downloads,
             discard_unpacked_layers: config.discard_unpacked_layers,
             platform: HostPlatform::current(),
+            unpack_limits: config.unpack_limits(),
         };
         let service = Arc::new(ImageService::new(
             content,

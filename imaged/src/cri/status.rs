@@ -42,6 +42,7 @@ fn pull_code(error: &PullError) -> Code {
         PullError::DiffId { .. } => Code::DataLoss,
         PullError::Processor { source, .. } => processor_code(source),
         PullError::Stream { .. } => Code::Unavailable,
+        PullError::Expansion { .. } => Code::ResourceExhausted,
         PullError::Decode { source, .. } => {
             processors::Error::from_io(source).map_or(Code::InvalidArgument, processor_code)
         }

@@ -22,7 +22,7 @@ use crate::reference::Reference;
 use crate::registry::auth::Credentials;
 use crate::registry::{CONFIG_LIMIT, Registry, RegistryError, Session};
 use bytes::Bytes;
-use pipeline::{Source, apply_blob, pump};
+use pipeline::{Source, Stages, apply_blob, pump};
 use proto::imaged::pull_event::Event;
 use proto::imaged::{Done, Layer, LayerProgress, Resolved};
 use snapshotters::Snapshotter;
@@ -98,6 +98,14 @@ pub enum PullError {
         /// Cause; carries a [`processors::Error`] when a processor reported it.
         source: io::Error,
     },
+    /// The layer unpacked to more than a limit allows.
+    #[error("layer {digest}: {detail}")]
+    Expansion {
+        /// Layer blob.
+        digest: Digest,
+        /// The limit crossed, and by what.
+        detail: String,
+    },
     /// The download broke off.
     #[error("layer {digest}: download interrupted: {detail}")]
     Stream {
@@ -165,6 +173,20 @@ pub struct PullSettings {
     pub discard_unpacked_layers: bool,
     /// The platform picked from indexes.
     pub platform: HostPlatform,
+    /// What one layer may unpack to.
+    pub unpack_limits: UnpackLimits,
+}
+
+/// Caps on what one layer may unpack to, against decompression bombs: a few MiB of gzip can
+/// hold gigabytes of zeros, which would otherwise be written out in full before the diff_id
+/// check fails them. `None` is no cap.
+#[derive(Debug, Clone, Copy)]
+pub struct UnpackLimits {
+    /// Most bytes of tar one layer may unpack to.
+    pub max_size: Option<u64>,
+    /// Most bytes of tar per byte of blob, counted once a layer has unpacked to more than
+    /// 64 MiB: small layers of highly compressible text are common.
+    pub max_ratio: Option<u64>,
 }
 
 /// Everything a pull needs; one per daemon. The stores are the service's, shared.
@@ -178,6 +200,7 @@ pub struct Puller {
     processors: processors::Chain,
     max_concurrent_downloads: usize,
     discard_unpacked_layers: bool,
+    unpack_limits: UnpackLimits,
     /// One lock per chain ID (and per config digest), so a layer is unpacked once however
     /// many pulls want it.
     locks: KeyedLocks,
@@ -211,6 +234,7 @@ impl Puller {
             processors: settings.processors,
             max_concurrent_downloads: settings.max_concurrent_downloads,
             discard_unpacked_layers: settings.discard_unpacked_layers,
+            unpack_limits: settings.unpack_limits,
             locks: KeyedLocks::default(),
             platform: settings.platform,
         }
@@ -778,8 +802,14 @@ impl Puller {
         let processors = self.processors.clone();
         let layer = layer.clone();
         let key = key.to_string();
+        let limits = self.unpack_limits;
         tokio::task::spawn_blocking(move || {
-            apply_blob(snapshotter.as_ref(), &processors, &key, &layer, source)
+            let stages = Stages {
+                snapshotter: snapshotter.as_ref(),
+                processors: &processors,
+                limits,
+            };
+            apply_blob(&stages, &key, &layer, source)
         })
         .await
         .expect("apply task")

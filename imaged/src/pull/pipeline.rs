@@ -12,7 +12,7 @@
 //! Chunks travel through bounded channels of fixed-size chunks, so the memory a layer takes
 //! does not depend on its size, and the slowest stage sets the pace for the others.
 
-use super::{Progress, PullError, send_layer};
+use super::{Progress, PullError, UnpackLimits, send_layer};
 use crate::content::{ContentError, Writer};
 use crate::digest::Digest;
 use crate::images::LayerRecord;
@@ -22,6 +22,8 @@ use sha2::{Digest as _, Sha256};
 use snapshotters::Snapshotter;
 use std::fs::File;
 use std::io::{self, Read, Seek};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread;
 use tokio::sync::mpsc;
@@ -32,6 +34,9 @@ const CHUNK: usize = 256 * 1024;
 
 /// Chunks each channel holds before its sender waits.
 const QUEUE: usize = 2;
+
+/// A layer's ratio of tar to blob bytes counts once it has unpacked to more than this.
+pub const RATIO_FLOOR: u64 = 64 << 20;
 
 /// Tar chunks of one layer: as many as the two channels between decoder, hasher and applier
 /// hold, and one in the hands of each of the three, so no stage waits for a free chunk.
@@ -100,15 +105,22 @@ pub(super) fn pump(
     rx
 }
 
+/// What the stages of a layer work with.
+pub(super) struct Stages<'a> {
+    pub(super) snapshotter: &'a dyn Snapshotter,
+    pub(super) processors: &'a processors::Chain,
+    pub(super) limits: UnpackLimits,
+}
+
 /// Decodes, hashes and applies one layer into the snapshot `key`, then checks the blob and
 /// the diff_id. A remote blob is committed to the content store only when both match.
 pub(super) fn apply_blob(
-    snapshotter: &dyn Snapshotter,
-    processors: &processors::Chain,
+    stages: &Stages<'_>,
     key: &str,
     layer: &LayerRecord,
     source: Source,
 ) -> Result<(), PullError> {
+    let (snapshotter, processors) = (stages.snapshotter, stages.processors);
     let replay = match &source {
         Source::Local(file) => file.try_clone().ok(),
         Source::Remote { .. } => None,
@@ -134,7 +146,14 @@ pub(super) fn apply_blob(
         for _ in 0..TAR_CHUNKS {
             free_tx.send(vec![0; CHUNK]).expect("room for every chunk");
         }
-        let decode = scope.spawn(move || decode(processors, layer, blob, plain_tx, free_rx));
+        let limits = stages.limits;
+        let decode = scope.spawn(move || {
+            let counted = Counted::new(blob);
+            let read = counted.read.clone();
+            let blob: processors::Stream<'_> = Box::new(counted);
+            let limits = Limits { limits, read };
+            decode(processors, layer, blob, &limits, plain_tx, free_rx)
+        });
         let hash = scope.spawn(move || hash(plain_rx, tar_tx));
         let applied = apply_tar(
             snapshotter,
@@ -263,11 +282,13 @@ fn ingest(
     Ok(writer)
 }
 
-/// Runs the processor chain over the blob and sends the plain tar stream on in chunks.
+/// Runs the processor chain over the blob and sends the plain tar stream on in chunks,
+/// stopping as soon as the layer unpacks to more than `limits` allow.
 fn decode(
     processors: &processors::Chain,
     layer: &LayerRecord,
     blob: processors::Stream<'_>,
+    limits: &Limits,
     tx: SyncSender<io::Result<Vec<u8>>>,
     free: Receiver<Vec<u8>>,
 ) -> Result<(), PullError> {
@@ -277,12 +298,21 @@ fn decode(
             digest: layer.digest.clone(),
             source,
         })?;
+    let mut unpacked = 0u64;
     // A closed channel either way means the applier stopped; its error says why.
     while let Ok(mut chunk) = free.recv() {
         chunk.resize(CHUNK, 0);
         match read_full(&mut tar, &mut chunk) {
             Ok(0) => break,
             Ok(n) => {
+                unpacked += n as u64;
+                if let Some(detail) = limits.crossed(unpacked) {
+                    let _ = tx.send(Err(io::Error::other(detail.clone())));
+                    return Err(PullError::Expansion {
+                        digest: layer.digest.clone(),
+                        detail,
+                    });
+                }
                 chunk.truncate(n);
                 if tx.send(Ok(chunk)).is_err() {
                     break;
@@ -298,6 +328,55 @@ fn decode(
         }
     }
     Ok(())
+}
+
+/// [`UnpackLimits`] with the count of blob bytes the decoder has read.
+struct Limits {
+    limits: UnpackLimits,
+    read: Arc<AtomicU64>,
+}
+
+impl Limits {
+    /// What `unpacked` bytes of tar cross, if anything.
+    fn crossed(&self, unpacked: u64) -> Option<String> {
+        if let Some(max) = self.limits.max_size.filter(|max| unpacked > *max) {
+            return Some(format!(
+                "unpacks to more than {max} bytes (max_layer_unpacked_size)"
+            ));
+        }
+        let read = self.read.load(Ordering::Relaxed).max(1);
+        let ratio = self.limits.max_ratio?;
+        (unpacked > RATIO_FLOOR && unpacked / read > ratio).then(|| {
+            format!(
+                "unpacks to {unpacked} bytes from {read} bytes of blob, more than {ratio} times \
+                 as many (max_layer_compression_ratio): a decompression bomb"
+            )
+        })
+    }
+}
+
+/// A blob reader counting the bytes read through it, for the decoder to compare with what
+/// they unpack to.
+struct Counted<'a> {
+    inner: processors::Stream<'a>,
+    read: Arc<AtomicU64>,
+}
+
+impl<'a> Counted<'a> {
+    fn new(inner: processors::Stream<'a>) -> Self {
+        Self {
+            inner,
+            read: Arc::default(),
+        }
+    }
+}
+
+impl Read for Counted<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
 }
 
 /// Hashes the plain tar chunks and passes them on, errors too; returns the digest of what

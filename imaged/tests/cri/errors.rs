@@ -3,7 +3,7 @@
 
 use crate::harness::{Imaged, push, registry};
 use fixtures::catalog;
-use fixtures::image::{Built, OCI_MANIFEST};
+use fixtures::image::{Built, Compression, Entry, ImageSpec, Layer, OCI_MANIFEST};
 use fixtures::registry::{Route, StaticRegistry};
 use tonic::Code;
 
@@ -234,6 +234,76 @@ async fn bodies_stop_at_their_limit_or_their_declared_size() {
         let needles: Vec<&str> = needles.iter().map(String::as_str).collect();
         expect_failure(&imaged, &format!("{addr}/{repo}:v1"), code, &needles).await;
     }
+}
+
+/// A layer that unpacks to more than a cap allows fails as soon as it crosses it:
+/// ResourceExhausted naming the layer and the cap, long before the rest would be written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decompression_bombs_stop_where_they_cross_a_cap() {
+    let registry = registry();
+    let one_file = |content: Vec<u8>| {
+        ImageSpec::new(vec![
+            Layer::new(vec![Entry::file("f", 0o644, content)]).compressed(Compression::Zstd),
+        ])
+    };
+    let bomb = push(
+        &registry,
+        "hostile/bomb",
+        "v1",
+        &one_file(vec![0; 192 << 20]),
+    );
+    let noise: Vec<u8> = (0..2u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let large = push(&registry, "fixtures/large", "v1", &one_file(noise));
+    push(
+        &registry,
+        "fixtures/simple",
+        "v1",
+        &catalog::simple("beside bombs"),
+    );
+    let imaged = Imaged::start().await;
+    let addr = registry.addr();
+
+    let layer = &bomb.layers[0].blob.digest;
+    let image = format!("{addr}/hostile/bomb:v1");
+    let needles = [
+        layer.as_str(),
+        "more than 500 times",
+        "max_layer_compression_ratio",
+    ];
+    expect_failure(&imaged, &image, Code::ResourceExhausted, &needles).await;
+    let err = imaged.pull(&image).await.unwrap_err();
+    let unpacked: u64 = err
+        .message()
+        .split("unpacks to ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(unpacked < 128 << 20, "stopped after {unpacked} of 192 MiB");
+    imaged
+        .pull(&format!("{addr}/fixtures/simple:v1"))
+        .await
+        .unwrap();
+
+    let imaged = Imaged::start_with("max_layer_unpacked_size = 1048576\n").await;
+
+    let layer = &large.layers[0].blob.digest;
+    let needles = [
+        layer.as_str(),
+        "more than 1048576 bytes",
+        "max_layer_unpacked_size",
+    ];
+    let image = format!("{addr}/fixtures/large:v1");
+    expect_failure(&imaged, &image, Code::ResourceExhausted, &needles).await;
+    imaged
+        .pull(&format!("{addr}/fixtures/simple:v1"))
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
