@@ -99,6 +99,10 @@ state = "/run/imaged"
 address = "/run/imaged/imaged.sock"
 max_concurrent_downloads = 3
 image_pull_progress_timeout = "5m"
+image_pull_request_timeout = "30s"
+image_pull_min_rate = 1024
+image_pull_min_rate_window = "1m"
+max_image_layers = 500
 [registry]
 config_path = "/etc/imaged/certs.d:/etc/containerd/certs.d"
 [image_decryption]
@@ -107,6 +111,7 @@ keys_dir = "/etc/imaged/keys"
 TOML
 printf 'max_concurrent_downloads = 0\n' | seed config_file zero-downloads
 printf 'image_pull_progress_timeout = "soon"\n' | seed config_file bad-duration
+printf 'image_pull_min_rate_window = "0"\n' | seed config_file zero-rate-window
 printf 'unknown_key = 1\n[registry]\nconfig_path = 7\n' | seed config_file unknown-and-mistyped
 
 # layer_tar: layers tar writes in each format, whiteouts, links, a fifo, and escape attempts.

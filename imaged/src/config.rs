@@ -1,6 +1,7 @@
 //! Daemon configuration: a raw TOML file where every key is optional, resolved into a
 //! [`Config`] with defaults filled in and paths checked.
 
+use crate::registry::{Deadlines, MinRate};
 use processors::{Chain, Decryption, ExternalProcessor, Keyring};
 use serde::{Deserialize, Serialize};
 use snapshotters::Backend;
@@ -49,11 +50,15 @@ struct RawConfig {
     snapshotter: Option<Backend>,
     max_concurrent_downloads: Option<usize>,
     image_pull_progress_timeout: Option<String>,
+    image_pull_request_timeout: Option<String>,
+    image_pull_min_rate: Option<u64>,
+    image_pull_min_rate_window: Option<String>,
     garbage_collection_interval: Option<String>,
     image_pull_with_sync_fs: Option<bool>,
     discard_unpacked_layers: Option<bool>,
     max_layer_unpacked_size: Option<u64>,
     max_layer_compression_ratio: Option<u64>,
+    max_image_layers: Option<usize>,
     pinned_images: Option<Vec<String>>,
     registry: Option<RawRegistry>,
     image_decryption: Option<RawDecryption>,
@@ -95,6 +100,15 @@ pub struct Config {
     /// A registry connection that delivers no byte for this long is abandoned (the next
     /// host is tried); a Go duration, `"0"` turns it off.
     pub image_pull_progress_timeout: String,
+    /// A manifest, index, config or token exchange, and a layer's response head, must be
+    /// complete within this, however steadily the registry dribbles; a Go duration, `"0"`
+    /// turns it off.
+    pub image_pull_request_timeout: String,
+    /// A layer download that receives fewer bytes per second than this over a window of
+    /// `image_pull_min_rate_window` spent waiting for the network fails; `0` turns it off.
+    pub image_pull_min_rate: u64,
+    /// The span over which `image_pull_min_rate` is measured; a Go duration.
+    pub image_pull_min_rate_window: String,
     /// Besides the collection after each RemoveImage, blobs and snapshots that nothing
     /// references and no pull holds (such as the manifest and config of a pull that failed)
     /// are removed this often; a Go duration, `"0"` turns it off.
@@ -113,6 +127,10 @@ pub struct Config {
     /// soon as it does, once past 64 MiB: a decompression bomb (real layers stay far below;
     /// gzip cannot exceed about 1,030); `0` turns the cap off.
     pub max_layer_compression_ratio: u64,
+    /// An image with more layers than this is refused (ResourceExhausted) before any layer
+    /// is fetched; the default is as many as one overlay mount can stack. `0` turns the cap
+    /// off.
+    pub max_image_layers: usize,
     /// Images reported as pinned (kubelet's image GC leaves them alone).
     pub pinned_images: Vec<String>,
     /// Registry settings.
@@ -177,6 +195,14 @@ impl Config {
                 "garbage_collection_interval",
                 &raw.garbage_collection_interval,
             ),
+            (
+                "image_pull_request_timeout",
+                &raw.image_pull_request_timeout,
+            ),
+            (
+                "image_pull_min_rate_window",
+                &raw.image_pull_min_rate_window,
+            ),
         ] {
             if let Some(text) = value
                 && plumbing::go_duration(text).is_none()
@@ -198,6 +224,16 @@ impl Config {
                 path: path.to_path_buf(),
                 key: "image_decryption.key_model",
                 message: format!("{model:?} is not \"node\" or \"\""),
+            });
+        }
+        if let Some(window) = &raw.image_pull_min_rate_window
+            && plumbing::go_duration(window).is_some_and(|d| d.is_zero())
+        {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                key: "image_pull_min_rate_window",
+                message: "must be longer than 0 (image_pull_min_rate = 0 turns the check off)"
+                    .into(),
             });
         }
         for (key, value) in [("root", &raw.root), ("state", &raw.state)] {
@@ -243,6 +279,13 @@ impl Config {
             image_pull_progress_timeout: raw
                 .image_pull_progress_timeout
                 .unwrap_or_else(|| "5m".into()),
+            image_pull_request_timeout: raw
+                .image_pull_request_timeout
+                .unwrap_or_else(|| "30s".into()),
+            image_pull_min_rate: raw.image_pull_min_rate.unwrap_or(1024),
+            image_pull_min_rate_window: raw
+                .image_pull_min_rate_window
+                .unwrap_or_else(|| "1m".into()),
             garbage_collection_interval: raw
                 .garbage_collection_interval
                 .unwrap_or_else(|| "30m".into()),
@@ -250,6 +293,7 @@ impl Config {
             discard_unpacked_layers: raw.discard_unpacked_layers.unwrap_or(false),
             max_layer_unpacked_size: raw.max_layer_unpacked_size.unwrap_or(256 << 30),
             max_layer_compression_ratio: raw.max_layer_compression_ratio.unwrap_or(500),
+            max_image_layers: raw.max_image_layers.unwrap_or(500),
             pinned_images: raw
                 .pinned_images
                 .unwrap_or_else(|| vec!["registry.k8s.io/pause:3.10".into()]),
@@ -286,9 +330,20 @@ impl Config {
         Chain::new(external, decryption)
     }
 
-    /// The stall timeout, `None` when turned off (`"0"`).
-    pub fn progress_timeout(&self) -> Option<std::time::Duration> {
-        plumbing::go_duration(&self.image_pull_progress_timeout).filter(|d| !d.is_zero())
+    /// What the registry client holds registries to.
+    pub fn deadlines(&self) -> Deadlines {
+        let duration = |text: &str| plumbing::go_duration(text).filter(|d| !d.is_zero());
+        let min_rate = duration(&self.image_pull_min_rate_window)
+            .filter(|_| self.image_pull_min_rate > 0)
+            .map(|window| MinRate {
+                bytes_per_second: self.image_pull_min_rate,
+                window,
+            });
+        Deadlines {
+            stall: duration(&self.image_pull_progress_timeout),
+            request: duration(&self.image_pull_request_timeout),
+            min_rate,
+        }
     }
 
     /// The socket's group id, if one is configured: a number, or a name looked up in
@@ -337,6 +392,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn default_toml_reads_back_as_the_defaults() {
@@ -393,18 +449,47 @@ mod tests {
     }
 
     #[test]
-    fn progress_timeout_is_a_go_duration_and_zero_turns_it_off() {
+    fn deadlines_are_go_durations_and_zero_turns_each_off() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("c.toml");
+        let deadlines = Config::default().deadlines();
+        assert_eq!(deadlines.stall, Some(Duration::from_secs(300)));
+        assert_eq!(deadlines.request, Some(Duration::from_secs(30)));
+        let rate = deadlines.min_rate.unwrap();
         assert_eq!(
-            Config::default().progress_timeout(),
-            Some(std::time::Duration::from_secs(300))
+            (rate.bytes_per_second, rate.window),
+            (1024, Duration::from_secs(60))
         );
-        std::fs::write(&file, "image_pull_progress_timeout = \"0\"\n").unwrap();
-        assert_eq!(Config::load(Some(&file)).unwrap().progress_timeout(), None);
-        std::fs::write(&file, "image_pull_progress_timeout = \"5 minutes\"\n").unwrap();
-        let err = Config::load(Some(&file)).unwrap_err().to_string();
-        assert!(err.contains("image_pull_progress_timeout"), "{err}");
+        let load = |text: &str| {
+            std::fs::write(&file, text).unwrap();
+            Config::load(Some(&file))
+        };
+        let off = load(
+            "image_pull_progress_timeout = \"0\"\nimage_pull_request_timeout = \"0s\"\n\
+             image_pull_min_rate = 0\n",
+        )
+        .unwrap()
+        .deadlines();
+        assert_eq!((off.stall, off.request), (None, None));
+        assert!(off.min_rate.is_none());
+        for (text, key) in [
+            (
+                "image_pull_progress_timeout = \"5 minutes\"\n",
+                "image_pull_progress_timeout",
+            ),
+            (
+                "image_pull_request_timeout = \"soon\"\n",
+                "image_pull_request_timeout",
+            ),
+            (
+                "image_pull_min_rate_window = \"0\"\n",
+                "image_pull_min_rate_window",
+            ),
+            ("image_pull_min_rate = -1\n", "image_pull_min_rate"),
+        ] {
+            let err = load(text).unwrap_err().to_string();
+            assert!(err.contains(key), "{err}");
+        }
     }
 
     #[test]

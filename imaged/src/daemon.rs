@@ -96,12 +96,13 @@ impl Daemon {
         let retired = retired_snapshotters(&snapshots, config.snapshotter, &db);
         warn_overlapping_processors(config);
         let settings = PullSettings {
-            registry: Registry::new(&config.registry.config_path, config.progress_timeout()),
+            registry: Registry::new(&config.registry.config_path, config.deadlines()),
             processors: config.processors()?,
             max_concurrent_downloads: config.max_concurrent_downloads,
             discard_unpacked_layers: config.discard_unpacked_layers,
             platform: HostPlatform::current(),
             unpack_limits: config.unpack_limits(),
+            max_layers: (config.max_image_layers > 0).then_some(config.max_image_layers),
         };
         let service = Arc::new(ImageService::new(
             content,

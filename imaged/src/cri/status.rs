@@ -42,7 +42,7 @@ fn pull_code(error: &PullError) -> Code {
         PullError::DiffId { .. } => Code::DataLoss,
         PullError::Processor { source, .. } => processor_code(source),
         PullError::Stream { .. } => Code::Unavailable,
-        PullError::Expansion { .. } => Code::ResourceExhausted,
+        PullError::Expansion { .. } | PullError::TooManyLayers { .. } => Code::ResourceExhausted,
         PullError::Decode { source, .. } => {
             processors::Error::from_io(source).map_or(Code::InvalidArgument, processor_code)
         }
@@ -79,6 +79,7 @@ fn registry_code(error: &RegistryError) -> Code {
             FailureKind::Unauthenticated => Code::Unauthenticated,
             FailureKind::Failed => Code::Unknown,
             FailureKind::TooLarge => Code::ResourceExhausted,
+            FailureKind::TimedOut => Code::DeadlineExceeded,
         },
     }
 }
@@ -425,6 +426,7 @@ mod tests {
             (fetch(FailureKind::Unauthenticated), Code::Unauthenticated),
             (fetch(FailureKind::Failed), Code::Unknown),
             (fetch(FailureKind::TooLarge), Code::ResourceExhausted),
+            (fetch(FailureKind::TimedOut), Code::DeadlineExceeded),
             (
                 PullError::DiffId {
                     digest: digest(),

@@ -98,6 +98,20 @@ pub enum PullError {
         /// Cause; carries a [`processors::Error`] when a processor reported it.
         source: io::Error,
     },
+    /// The image has more layers than imaged accepts.
+    #[error(
+        "manifest {manifest} of {reference} has {layers} layers, more than max_image_layers ({cap})"
+    )]
+    TooManyLayers {
+        /// The reference pulled.
+        reference: String,
+        /// The manifest chosen.
+        manifest: Digest,
+        /// Its layers.
+        layers: usize,
+        /// The cap.
+        cap: usize,
+    },
     /// The layer unpacked to more than a limit allows.
     #[error("layer {digest}: {detail}")]
     Expansion {
@@ -175,6 +189,8 @@ pub struct PullSettings {
     pub platform: HostPlatform,
     /// What one layer may unpack to.
     pub unpack_limits: UnpackLimits,
+    /// Images with more layers are refused; `None` is no cap.
+    pub max_layers: Option<usize>,
 }
 
 /// Caps on what one layer may unpack to, against decompression bombs: a few MiB of gzip can
@@ -201,6 +217,7 @@ pub struct Puller {
     max_concurrent_downloads: usize,
     discard_unpacked_layers: bool,
     unpack_limits: UnpackLimits,
+    max_layers: Option<usize>,
     /// One lock per chain ID (and per config digest), so a layer is unpacked once however
     /// many pulls want it.
     locks: KeyedLocks,
@@ -235,6 +252,7 @@ impl Puller {
             max_concurrent_downloads: settings.max_concurrent_downloads,
             discard_unpacked_layers: settings.discard_unpacked_layers,
             unpack_limits: settings.unpack_limits,
+            max_layers: settings.max_layers,
             locks: KeyedLocks::default(),
             platform: settings.platform,
         }
@@ -249,6 +267,17 @@ impl Puller {
     ) -> Result<ImageRecord, PullError> {
         let session = self.registry.session(reference, credentials)?;
         let resolution = self.resolve(&session).await?;
+        let layers = resolution.manifest.layers.len();
+        if let Some(cap) = self.max_layers
+            && layers > cap
+        {
+            return Err(PullError::TooManyLayers {
+                reference: reference.to_string(),
+                manifest: resolution.manifest_digest,
+                layers,
+                cap,
+            });
+        }
         let config_digest = resolution.manifest.config.digest.clone();
         let mut held = vec![
             resolution.top.clone(),

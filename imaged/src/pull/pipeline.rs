@@ -16,8 +16,8 @@ use super::{Progress, PullError, UnpackLimits, send_layer};
 use crate::content::{ContentError, Writer};
 use crate::digest::Digest;
 use crate::images::LayerRecord;
+use crate::registry::BlobBody;
 use bytes::{Bytes, BytesMut};
-use plumbing::error_chain;
 use sha2::{Digest as _, Sha256};
 use snapshotters::Snapshotter;
 use std::fs::File;
@@ -58,7 +58,7 @@ pub(super) enum Source {
 /// Forwards the HTTP body in [`CHUNK`]-sized chunks. Copying out of hyper's buffers lets
 /// hyper reuse them at once, instead of each queued chunk pinning a whole read buffer.
 pub(super) fn pump(
-    mut response: reqwest::Response,
+    mut body: BlobBody,
     layer: LayerRecord,
     progress: Progress,
 ) -> mpsc::Receiver<io::Result<Bytes>> {
@@ -69,7 +69,7 @@ pub(super) fn pump(
         let mut reported = 0u64;
         let mut buffer = BytesMut::with_capacity(CHUNK);
         loop {
-            match response.chunk().await {
+            match body.chunk().await {
                 Ok(Some(mut chunk)) => {
                     received += chunk.len() as u64;
                     if received - reported >= REPORT_EVERY {
@@ -95,8 +95,8 @@ pub(super) fn pump(
                     send_layer(&progress, &layer, received, true);
                     return;
                 }
-                Err(e) => {
-                    let _ = tx.send(Err(io::Error::other(error_chain(&e)))).await;
+                Err(detail) => {
+                    let _ = tx.send(Err(io::Error::other(detail))).await;
                     return;
                 }
             }

@@ -18,6 +18,7 @@ use sha2::{Digest as _, Sha256};
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// The broad class of a failed registry operation, which decides the gRPC code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -34,6 +35,8 @@ pub enum FailureKind {
     Failed,
     /// A body beyond what imaged accepts for its kind of object.
     TooLarge,
+    /// A request did not complete within its deadline.
+    TimedOut,
 }
 
 /// One host's failure.
@@ -98,22 +101,44 @@ pub struct Fetched {
     pub bytes: Bytes,
 }
 
+/// How long the registry may take, each `None` when turned off.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Deadlines {
+    /// A connection that delivers nothing for this long fails (the next host is tried).
+    pub stall: Option<Duration>,
+    /// A manifest, index, config or token exchange, or a layer's response head, must be
+    /// complete within this: a registry that dribbles bytes is never silent for long.
+    pub request: Option<Duration>,
+    /// Layer bodies must keep up this rate.
+    pub min_rate: Option<MinRate>,
+}
+
+/// A rate a layer body keeps up over every window of waiting for the network; time spent
+/// while imaged itself is busy with the bytes is not counted against the registry.
+#[derive(Debug, Clone, Copy)]
+pub struct MinRate {
+    /// Bytes per second.
+    pub bytes_per_second: u64,
+    /// The span each measurement covers.
+    pub window: Duration,
+}
+
 /// Shared HTTP clients and token cache; one per daemon.
 #[derive(Debug)]
 pub struct Registry {
     config_path: String,
-    stall_timeout: Option<std::time::Duration>,
+    deadlines: Deadlines,
     clients: Mutex<HashMap<String, reqwest::Client>>,
     tokens: Mutex<HashMap<String, String>>,
 }
 
 impl Registry {
-    /// A client reading hosts.toml files under `config_path`; a connection that delivers
-    /// nothing for `stall_timeout` fails (and the next host is tried).
-    pub fn new(config_path: &str, stall_timeout: Option<std::time::Duration>) -> Arc<Self> {
+    /// A client reading hosts.toml files under `config_path`, holding registries to
+    /// `deadlines`.
+    pub fn new(config_path: &str, deadlines: Deadlines) -> Arc<Self> {
         Arc::new(Self {
             config_path: config_path.to_string(),
-            stall_timeout,
+            deadlines,
             clients: Mutex::default(),
             tokens: Mutex::default(),
         })
@@ -165,7 +190,7 @@ impl Registry {
             .user_agent(concat!("imaged/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(host.dial_timeout)
             .tls_danger_accept_invalid_certs(host.skip_verify);
-        if let Some(timeout) = self.stall_timeout {
+        if let Some(timeout) = self.deadlines.stall {
             builder = builder.read_timeout(timeout);
         }
         for (path, pem) in &tls.cas {
@@ -283,12 +308,19 @@ impl Session {
     }
 
     /// Opens a streaming GET of a blob; the caller verifies what it reads.
-    pub async fn blob(&self, digest: &Digest) -> Result<Response, RegistryError> {
+    pub async fn blob(&self, digest: &Digest) -> Result<BlobBody, RegistryError> {
         let what = format!("blob {digest} of {}", self.reference);
-        self.each_host(&what, false, |endpoint| async move {
-            self.get(&endpoint, Object::Blob(digest), None).await
+        let response = self
+            .each_host(&what, false, |endpoint| async move {
+                self.get(&endpoint, Object::Blob(digest), None).await
+            })
+            .await?;
+        let host = response.url().authority().to_string();
+        Ok(BlobBody {
+            response,
+            host,
+            pace: self.registry.deadlines.min_rate.map(Pace::new),
         })
-        .await
     }
 
     async fn fetch_document(
@@ -360,7 +392,13 @@ impl Session {
         }
         let mut attempts = Vec::new();
         for endpoint in candidates {
-            match attempt(endpoint.clone()).await {
+            let outcome = match self.registry.deadlines.request {
+                Some(deadline) => tokio::time::timeout(deadline, attempt(endpoint.clone()))
+                    .await
+                    .unwrap_or_else(|_| Err(late(&endpoint.host, deadline))),
+                None => attempt(endpoint.clone()).await,
+            };
+            match outcome {
                 Ok(value) => return Ok(value),
                 Err(failure) => {
                     tracing::debug!(url = %failure.url, detail = %failure.detail, "registry host failed");
@@ -539,6 +577,93 @@ impl Session {
                 Ok(format!("Bearer {token}"))
             }
         }
+    }
+}
+
+fn late(host: &Host, deadline: Duration) -> Attempt {
+    Attempt {
+        url: host.base.to_string(),
+        kind: FailureKind::TimedOut,
+        detail: format!(
+            "{} gave no complete answer within {deadline:?} (image_pull_request_timeout)",
+            host.authority
+        ),
+    }
+}
+
+/// A layer body as it arrives, held to the minimum rate when one is set.
+#[derive(Debug)]
+pub struct BlobBody {
+    response: Response,
+    host: String,
+    pace: Option<Pace>,
+}
+
+impl BlobBody {
+    /// The next piece of the body, `None` at its end; a failure names the host.
+    pub async fn chunk(&mut self) -> Result<Option<Bytes>, String> {
+        let Some(pace) = &mut self.pace else {
+            return self
+                .response
+                .chunk()
+                .await
+                .map_err(|e| failed(&self.host, &e));
+        };
+        loop {
+            let left = pace.rate.window.saturating_sub(pace.waited);
+            let started = Instant::now();
+            let next = tokio::time::timeout(left, self.response.chunk()).await;
+            pace.waited += started.elapsed();
+            let next = match next {
+                Ok(next) => Some(next.map_err(|e| failed(&self.host, &e))?),
+                Err(_) => None,
+            };
+            if let Some(Some(chunk)) = &next {
+                pace.received += chunk.len() as u64;
+            }
+            if pace.waited >= pace.rate.window {
+                pace.check(&self.host)?;
+            }
+            if let Some(next) = next {
+                return Ok(next);
+            }
+        }
+    }
+}
+
+fn failed(host: &str, error: &reqwest::Error) -> String {
+    format!("{host}: {}", plumbing::error_chain(error))
+}
+
+/// What a layer body delivered in the current window.
+#[derive(Debug)]
+struct Pace {
+    rate: MinRate,
+    waited: Duration,
+    received: u64,
+}
+
+impl Pace {
+    fn new(rate: MinRate) -> Self {
+        Self {
+            rate,
+            waited: Duration::ZERO,
+            received: 0,
+        }
+    }
+
+    /// Ends a window: fails if it fell short, else starts the next.
+    fn check(&mut self, host: &str) -> Result<(), String> {
+        let needed = self.rate.bytes_per_second as f64 * self.waited.as_secs_f64();
+        if (self.received as f64) < needed {
+            return Err(format!(
+                "{host} sent {} bytes in {:?}, below image_pull_min_rate of {} bytes/s",
+                self.received, self.waited, self.rate.bytes_per_second
+            ));
+        }
+        self.waited = Duration::ZERO;
+        self.received = 0;
+        Ok(())
     }
 }
 

@@ -236,6 +236,95 @@ async fn bodies_stop_at_their_limit_or_their_declared_size() {
     }
 }
 
+/// A registry that is never silent yet never done: a manifest or config that has not
+/// arrived by `image_pull_request_timeout` is DeadlineExceeded, a layer slower than
+/// `image_pull_min_rate` over a window is Unavailable, each naming the host. Each body would
+/// arrive whole after a few seconds, so a deadline that does not hold fails the test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registries_that_dribble_are_held_to_deadlines_and_a_minimum_rate() {
+    let built = catalog::simple("dribbled").build().unwrap();
+    let pace = std::time::Duration::from_millis(15);
+    let paced = |route: Route| Route {
+        response: route.response.paced(pace),
+        ..route
+    };
+    let manifest = |repo: &str| Route::manifest(repo, "v1", OCI_MANIFEST, &built.manifest.bytes);
+    let layer = &built.layers[0].blob;
+    let fake = StaticRegistry::start(vec![
+        paced(manifest("slow/manifest")),
+        manifest("slow/config"),
+        paced(Route::blob("slow/config", &built.config)),
+        manifest("slow/layer"),
+        Route::blob("slow/layer", &built.config),
+        paced(Route::blob("slow/layer", layer)),
+    ])
+    .unwrap();
+    let imaged = Imaged::start_with(
+        "image_pull_request_timeout = \"1s\"\nimage_pull_min_rate_window = \"1s\"\n",
+    )
+    .await;
+    let addr = fake.addr();
+    for repo in ["slow/manifest", "slow/config"] {
+        let needles = [addr.as_str(), "within 1s", "image_pull_request_timeout"];
+        let image = format!("{addr}/{repo}:v1");
+        expect_failure(&imaged, &image, Code::DeadlineExceeded, &needles).await;
+    }
+    let needles = [layer.digest.as_str(), addr.as_str(), "image_pull_min_rate"];
+    let image = format!("{addr}/slow/layer:v1");
+    expect_failure(&imaged, &image, Code::Unavailable, &needles).await;
+}
+
+/// An image with more layers than `max_image_layers` is refused before any layer is asked
+/// for, naming the reference, the count and the cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_beyond_the_layer_cap_are_refused_before_any_layer_is_fetched() {
+    let layers = (0..3)
+        .map(|i| Layer::new(vec![Entry::file(&format!("f{i}"), 0o644, "x")]))
+        .collect();
+    let built = ImageSpec::new(layers).build().unwrap();
+    let mut routes = vec![
+        Route::manifest("many/layers", "v1", OCI_MANIFEST, &built.manifest.bytes),
+        Route::blob("many/layers", &built.config),
+    ];
+    routes.extend(
+        built
+            .layers
+            .iter()
+            .map(|l| Route::blob("many/layers", &l.blob)),
+    );
+    let fake = StaticRegistry::start(routes).unwrap();
+    let imaged = Imaged::start_with("max_image_layers = 2\n").await;
+    let image = format!("{}/many/layers:v1", fake.addr());
+    let needles = [image.as_str(), "3 layers", "max_image_layers (2)"];
+    expect_failure(&imaged, &image, Code::ResourceExhausted, &needles).await;
+    let fetched: Vec<String> = fake
+        .requests()
+        .into_iter()
+        .filter(|r| built.layers.iter().any(|l| r.contains(&l.blob.digest)))
+        .collect();
+    assert!(fetched.is_empty(), "{fetched:?}");
+}
+
+/// A registry that redirects in a circle is given up after a bounded number of hops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_loop_ends_in_an_error_naming_the_url() {
+    let path = "/v2/loop/image/manifests/v1";
+    let fake = StaticRegistry::start(vec![Route::new(
+        "GET",
+        path,
+        fixtures::http::Response::new(307).with_header("Location", path),
+    )])
+    .unwrap();
+    let imaged = Imaged::start().await;
+    let addr = fake.addr();
+    let needles = [format!("{addr}{path}"), "redirect".to_string()];
+    let needles: Vec<&str> = needles.iter().map(String::as_str).collect();
+    let image = format!("{addr}/loop/image:v1");
+    expect_failure(&imaged, &image, Code::Unavailable, &needles).await;
+    let hops = fake.requests().iter().filter(|r| r.ends_with(path)).count();
+    assert!((2..=11).contains(&hops), "{hops} requests");
+}
+
 /// A layer that unpacks to more than a cap allows fails as soon as it crosses it:
 /// ResourceExhausted naming the layer and the cap, long before the rest would be written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
