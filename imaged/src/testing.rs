@@ -214,6 +214,11 @@ impl Snapshotter for MemorySnapshotter {
         Ok(())
     }
 
+    /// Memory has no disk to disagree with.
+    fn check(&self, _repair: bool) -> Result<Vec<snapshotters::Finding>, Error> {
+        Ok(Vec::new())
+    }
+
     fn rebase(&self) -> bool {
         true
     }

@@ -133,6 +133,17 @@ pub struct Usage {
     pub inodes: u64,
 }
 
+/// One disagreement [`Snapshotter::check`] found between metadata and disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    /// `snapshot <key>`, or the path of a directory nothing owns.
+    pub subject: String,
+    /// What is wrong.
+    pub problem: String,
+    /// Whether it was removed.
+    pub repaired: bool,
+}
+
 /// What one layer application did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ApplyStats {
@@ -225,6 +236,12 @@ pub trait Snapshotter: Send + Sync {
     /// `new-*` and `rm-*` directories). One that cannot be removed is logged and left for
     /// the next cleanup; errors are the metadata store's.
     fn cleanup(&self) -> Result<(), Error>;
+
+    /// Compares the metadata with the disk: every snapshot's directory is present, every
+    /// parent is recorded, and no directory is left that no snapshot owns (but those being
+    /// created). With `repair`, what disagrees goes: a snapshot whose directory or parent is
+    /// gone, with every snapshot above it, and unowned directories.
+    fn check(&self, repair: bool) -> Result<Vec<Finding>, Error>;
 
     /// Whether [`commit`](Snapshotter::commit) can give a parent to a snapshot prepared
     /// without one (containerd's "rebase" capability). Where it cannot, each layer must be

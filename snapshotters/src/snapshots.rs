@@ -9,7 +9,7 @@
 //! overlayfs, btrfs and native (how `fs` starts, what a commit does, how whiteouts are
 //! written, the mounts) is the [`Layout`]'s.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::io::{self, Read};
 use std::os::unix::fs::PermissionsExt;
@@ -20,7 +20,7 @@ use redb::Database;
 
 use crate::apply::{self, ApplyLimits, Inodes, Whiteouts};
 use crate::metastore::{MetaStore, Record, Snapshot};
-use crate::{ApplyStats, Backend, Error, Info, Kind, Mount, Snapshotter, Usage, fsutil};
+use crate::{ApplyStats, Backend, Error, Finding, Info, Kind, Mount, Snapshotter, Usage, fsutil};
 
 /// What one backend decides.
 pub(crate) trait Layout: Send + Sync {
@@ -226,6 +226,79 @@ impl Snapshots {
             .map_err(Error::io("measure disk usage of", &fs))
     }
 
+    /// Directories under `snapshots/` that no record owns and no creation is filling.
+    fn unowned_dirs(&self) -> Result<Vec<PathBuf>, Error> {
+        // Listed inside a write transaction: creations make and rename their directory inside
+        // one, so no directory seen here is still being set up.
+        self.store.write("cleanup", |tx| {
+            let ids = tx.ids()?;
+            let filling = self.filling.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut unowned = Vec::new();
+            let entries =
+                fs::read_dir(&self.snapshots).map_err(Error::io("list", &self.snapshots))?;
+            for entry in entries {
+                let entry = entry.map_err(Error::io("list", &self.snapshots))?;
+                let live = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .is_some_and(|id| ids.contains(&id));
+                let path = entry.path();
+                if !live && !filling.contains(&path) {
+                    unowned.push(path);
+                }
+            }
+            Ok(unowned)
+        })
+    }
+
+    /// Snapshots whose directory or parent is gone, and every snapshot above them, deepest
+    /// first: removed in this order, children go before their parents.
+    fn broken_snapshots(&self) -> Result<Vec<(String, String)>, Error> {
+        let records = self.store.read("all snapshots", |r| r.all())?;
+        let parents: HashMap<&str, Option<&str>> = records
+            .iter()
+            .map(|(key, record)| (key.as_str(), record.parent.as_deref()))
+            .collect();
+        let mut children: HashMap<&str, Vec<&str>> = HashMap::new();
+        let mut broken: HashMap<String, String> = HashMap::new();
+        for (key, record) in &records {
+            let fs = self.fs_dir(record.id);
+            if let Some(parent) = record.parent.as_deref() {
+                children.entry(parent).or_default().push(key);
+                if !parents.contains_key(parent) {
+                    broken.insert(key.clone(), format!("its parent {parent} is not recorded"));
+                }
+            }
+            if !fs.is_dir() {
+                let problem = format!("its directory {} is missing", fs.display());
+                broken.entry(key.clone()).or_insert(problem);
+            }
+        }
+        let mut pending: Vec<String> = broken.keys().cloned().collect();
+        while let Some(parent) = pending.pop() {
+            for child in children.get(parent.as_str()).into_iter().flatten() {
+                if !broken.contains_key(*child) {
+                    let problem = format!("its parent {parent} is broken");
+                    broken.insert(child.to_string(), problem);
+                    pending.push(child.to_string());
+                }
+            }
+        }
+        let depth = |key: &str| {
+            let mut depth = 0;
+            let mut above = parents.get(key).copied().flatten();
+            while let Some(parent) = above {
+                depth += 1;
+                above = parents.get(parent).copied().flatten();
+            }
+            depth
+        };
+        let mut broken: Vec<(String, String)> = broken.into_iter().collect();
+        broken.sort_by_cached_key(|(key, _)| (std::cmp::Reverse(depth(key)), key.clone()));
+        Ok(broken)
+    }
+
     fn check_rebase(&self, key: &str, record: &Record, parent: Option<&str>) -> Result<(), Error> {
         match (&record.parent, parent) {
             (None, Some(parent)) if !self.layout.rebase() => Err(Error::FailedPrecondition {
@@ -347,36 +420,35 @@ impl Snapshotter for Snapshots {
     }
 
     fn cleanup(&self) -> Result<(), Error> {
-        // Listed inside a write transaction: creations make and rename their directory inside
-        // one, so no directory seen here is still being set up.
-        let garbage = self.store.write("cleanup", |tx| {
-            let ids = tx.ids()?;
-            let filling = self.filling.lock().unwrap_or_else(PoisonError::into_inner);
-            let mut garbage = Vec::new();
-            let entries =
-                fs::read_dir(&self.snapshots).map_err(Error::io("list", &self.snapshots))?;
-            for entry in entries {
-                let entry = entry.map_err(Error::io("list", &self.snapshots))?;
-                let name = entry.file_name();
-                let live = name
-                    .to_str()
-                    .and_then(|n| n.parse::<u64>().ok())
-                    .is_some_and(|id| ids.contains(&id));
-                let path = entry.path();
-                if !live && !filling.contains(&path) {
-                    garbage.push(path);
-                }
-            }
-            Ok(garbage)
-        })?;
         // One directory that cannot go must not keep the others, or the daemon, from going on.
-        for path in garbage {
+        for path in self.unowned_dirs()? {
             tracing::info!(path = %path.display(), "removing unreferenced snapshot directory");
             if let Err(error) = self.layout.remove(&path) {
                 tracing::warn!(path = %path.display(), %error, "removing unreferenced snapshot directory failed");
             }
         }
         Ok(())
+    }
+
+    fn check(&self, repair: bool) -> Result<Vec<Finding>, Error> {
+        let mut findings = Vec::new();
+        for (key, problem) in self.broken_snapshots()? {
+            let repaired = repair && self.remove(&key).is_ok();
+            findings.push(Finding {
+                subject: format!("snapshot {key}"),
+                problem,
+                repaired,
+            });
+        }
+        for path in self.unowned_dirs()? {
+            let repaired = repair && self.layout.remove(&path).is_ok();
+            findings.push(Finding {
+                subject: path.display().to_string(),
+                problem: "a directory no snapshot owns".to_owned(),
+                repaired,
+            });
+        }
+        Ok(findings)
     }
 
     fn rebase(&self) -> bool {

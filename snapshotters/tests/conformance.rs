@@ -64,6 +64,7 @@ conformance!(
         many_small_files_land_in_archive_order,
         rebase_commit_where_offered_and_refused_elsewhere,
         cleanup_removes_crash_leftovers,
+        check_finds_and_repairs_what_disagrees_with_the_disk,
         whiteouts_through_a_hostile_parent_stay_inside,
         a_whiteout_after_entries_of_its_directory_hides_only_the_lower_ones,
         three_parents_stack_nearest_first,
@@ -1020,6 +1021,56 @@ pub fn cleanup_removes_crash_leftovers(new: Constructor) {
     fs::create_dir_all(snapshots.join("3/fs/stale")).unwrap();
     let mounts = env.sn.prepare("c", None, BTreeMap::new()).unwrap();
     assert!(Mounted::new(&mounts).list("").is_empty());
+}
+
+pub fn check_finds_and_repairs_what_disagrees_with_the_disk(new: Constructor) {
+    let env = Env::new(new);
+    let snapshots = env.snapshots();
+    let tar = Tar::new().file("f", b"x", 0o644).build();
+    env.layer("a", None, &tar);
+    env.layer("b", Some("a"), &tar);
+    env.layer("c", Some("b"), &tar);
+    env.layer("d", None, &tar);
+    env.sn.prepare("e", Some("d"), BTreeMap::new()).unwrap();
+    assert_eq!(env.sn.check(false).unwrap(), []);
+
+    // Moved rather than deleted: a committed btrfs subvolume is read-only.
+    fs::rename(snapshots.join("2"), snapshots.join("../gone")).unwrap();
+    for leftover in ["new-crashed/fs", "99/fs"] {
+        fs::create_dir_all(snapshots.join(leftover)).unwrap();
+    }
+    let expected = |repaired: bool| {
+        let finding = |subject: String, problem: &str| snapshotters::Finding {
+            subject,
+            problem: problem.to_owned(),
+            repaired,
+        };
+        let missing = format!(
+            "its directory {} is missing",
+            snapshots.join("2/fs").display()
+        );
+        let unowned = |name: &str| snapshots.join(name).display().to_string();
+        vec![
+            finding("snapshot c".into(), "its parent b is broken"),
+            finding("snapshot b".into(), &missing),
+            finding(unowned("99"), "a directory no snapshot owns"),
+            finding(unowned("new-crashed"), "a directory no snapshot owns"),
+        ]
+    };
+    let sorted = |mut findings: Vec<snapshotters::Finding>| {
+        findings[2..].sort_by(|x, y| x.subject.cmp(&y.subject));
+        findings
+    };
+    assert_eq!(sorted(env.sn.check(false).unwrap()), expected(false));
+    assert_eq!(sorted(env.sn.check(true).unwrap()), expected(true));
+    assert_eq!(env.sn.check(false).unwrap(), []);
+    for gone in ["b", "c"] {
+        assert!(matches!(env.sn.stat(gone), Err(Error::NotFound { .. })));
+    }
+    for kept in ["a", "d", "e"] {
+        env.sn.stat(kept).unwrap();
+    }
+    assert_eq!(names(&snapshots), ["1", "4", "5"]);
 }
 
 /// Whiteouts and opaque markers aimed through a parent's symlinks that point out of the
