@@ -62,18 +62,35 @@ pub struct ContentStore {
 impl ContentStore {
     /// Opens (creating) the store and drops partial downloads left by an earlier process.
     pub fn open(root: &Path) -> Result<Self, ContentError> {
+        let store = Self::open_as_found(root)?;
+        let ingest = &store.ingest;
+        fs::remove_dir_all(ingest).map_err(io_err(ingest))?;
+        fs::create_dir_all(ingest).map_err(io_err(ingest))?;
+        Ok(store)
+    }
+
+    /// Opens (creating) the store as it is, partial downloads included, for a check.
+    pub fn open_as_found(root: &Path) -> Result<Self, ContentError> {
         let blobs = root.join("content/blobs/sha256");
         let ingest = root.join("content/ingest");
-        fs::create_dir_all(&blobs).map_err(io_err(&blobs))?;
-        if ingest.exists() {
-            fs::remove_dir_all(&ingest).map_err(io_err(&ingest))?;
+        for dir in [&blobs, &ingest] {
+            fs::create_dir_all(dir).map_err(io_err(dir))?;
         }
-        fs::create_dir_all(&ingest).map_err(io_err(&ingest))?;
         Ok(Self {
             blobs,
             ingest,
             next_ingest: AtomicU64::new(0),
         })
+    }
+
+    /// The directory of committed blobs, each named by its hex digest.
+    pub fn blobs_dir(&self) -> &Path {
+        &self.blobs
+    }
+
+    /// The directory of downloads in progress, one `<hex>-<pid>-<n>` directory each.
+    pub fn ingest_dir(&self) -> &Path {
+        &self.ingest
     }
 
     /// Where a committed blob lives.

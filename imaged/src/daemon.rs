@@ -1,6 +1,7 @@
 //! Start-up and serving: opens the stores, recovers from a crash, and serves the CRI image
 //! service and the internal API on one unix socket until told to stop.
 
+use crate::check;
 use crate::config::Config;
 use crate::content::{ContentError, ContentStore};
 use crate::cri::CriImageService;
@@ -49,6 +50,12 @@ pub enum StartError {
     /// The snapshotter could not be opened or cleaned.
     #[error("snapshotter: {0}")]
     Snapshotter(#[from] snapshotters::Error),
+    /// The store could not be checked.
+    #[error(transparent)]
+    Check(#[from] check::CheckError),
+    /// Garbage collection after a repair failed.
+    #[error(transparent)]
+    Gc(#[from] crate::gc::GcError),
     /// The gRPC server failed.
     #[error("serving {path}: {message}")]
     Serve {
@@ -83,17 +90,10 @@ impl Daemon {
         let db = Arc::new(db);
         let content = Arc::new(ContentStore::open(root)?);
         let images = Arc::new(ImageStore::open(db.clone())?);
-        let snapshots = root.join("snapshots");
-        let snapshotter: Arc<dyn Snapshotter> = Arc::new(
-            Snapshots::open(
-                config.snapshotter,
-                snapshots.join(config.snapshotter.name()),
-                db.clone(),
-            )?
-            .with_sync_fs(config.image_pull_with_sync_fs),
-        );
+        let (snapshotter, retired) = snapshotters(config, &db)?;
+        let snapshotter = Arc::new(snapshotter.with_sync_fs(config.image_pull_with_sync_fs));
         drop_unfinished_extractions(snapshotter.as_ref())?;
-        let retired = retired_snapshotters(&snapshots, config.snapshotter, &db);
+        let retired = recover_retired(retired);
         warn_overlapping_processors(config);
         let settings = PullSettings {
             registry: Registry::new(&config.registry.config_path, config.deadlines()),
@@ -104,6 +104,7 @@ impl Daemon {
             unpack_limits: config.unpack_limits(),
             max_layers: (config.max_image_layers > 0).then_some(config.max_image_layers),
         };
+        let snapshotter: Arc<dyn Snapshotter> = snapshotter;
         let service = Arc::new(ImageService::new(
             content,
             images,
@@ -209,34 +210,85 @@ fn drop_unfinished_extractions(snapshotter: &dyn Snapshotter) -> Result<(), Star
     Ok(())
 }
 
-/// The snapshotters other than `configured` that hold snapshots from earlier runs, so the
-/// garbage collector removes what no image needs any more. One that cannot be opened is
-/// left alone with a warning.
-fn retired_snapshotters(
-    snapshots: &Path,
-    configured: Backend,
+/// The configured snapshotter, and the others that hold snapshots from earlier runs (so
+/// the garbage collector removes what no image needs any more). One of the others that
+/// cannot be opened is left alone with a warning.
+fn snapshotters(
+    config: &Config,
     db: &Arc<redb::Database>,
-) -> Vec<Arc<dyn Snapshotter>> {
-    let mut retired: Vec<Arc<dyn Snapshotter>> = Vec::new();
+) -> Result<(Snapshots, Vec<Snapshots>), StartError> {
+    let snapshots = config.root.join("snapshots");
+    let configured = config.snapshotter;
+    let open =
+        |backend: Backend| Snapshots::open(backend, snapshots.join(backend.name()), db.clone());
+    let mut retired = Vec::new();
     for backend in Backend::ALL.into_iter().filter(|b| *b != configured) {
-        let root = snapshots.join(backend.name());
-        if !root.is_dir() {
+        if !snapshots.join(backend.name()).is_dir() {
             continue;
         }
-        let opened = Snapshots::open(backend, root.clone(), db.clone())
-            .map_err(StartError::from)
-            .and_then(|s| drop_unfinished_extractions(&s).map(|()| s));
-        match opened {
-            Ok(snapshotter) => retired.push(Arc::new(snapshotter)),
-            Err(error) => tracing::warn!(
-                snapshotter = %backend,
-                root = %root.display(),
-                %error,
-                "snapshots of an earlier snapshotter cannot be collected"
-            ),
+        match open(backend) {
+            Ok(snapshotter) => retired.push(snapshotter),
+            Err(error) => warn_unusable(backend, &error),
         }
     }
-    retired
+    Ok((open(configured)?, retired))
+}
+
+/// The earlier snapshotters without their unfinished extractions; one that fails to drop
+/// them is left alone with a warning.
+fn recover_retired(retired: Vec<Snapshots>) -> Vec<Arc<dyn Snapshotter>> {
+    let mut recovered: Vec<Arc<dyn Snapshotter>> = Vec::new();
+    for snapshotter in retired {
+        match drop_unfinished_extractions(&snapshotter) {
+            Ok(()) => recovered.push(Arc::new(snapshotter)),
+            Err(error) => warn_unusable(snapshotter.backend(), &error),
+        }
+    }
+    recovered
+}
+
+fn warn_unusable(backend: Backend, error: &dyn std::fmt::Display) {
+    tracing::warn!(
+        snapshotter = %backend,
+        %error,
+        "snapshots of an earlier snapshotter cannot be collected"
+    );
+}
+
+/// Checks the store under `config.root` while no daemon runs, holding the database's lock
+/// throughout so none can start meanwhile; `None` when a daemon holds it (ask that one).
+/// With `repair`, the collector then takes what only the removed images used.
+pub async fn check_store(
+    config: &Config,
+    repair: bool,
+) -> Result<Option<Vec<check::Problem>>, StartError> {
+    let db_path = config.root.join("meta.redb");
+    let db = match redb::Database::open(&db_path) {
+        Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Ok(None),
+        opened => opened.map(Arc::new).map_err(|e| StartError::Database {
+            path: db_path,
+            message: e.to_string(),
+        })?,
+    };
+    let content = Arc::new(ContentStore::open_as_found(&config.root)?);
+    let images = Arc::new(ImageStore::open(db.clone())?);
+    let (snapshotter, retired) = snapshotters(config, &db)?;
+    let snapshotters: Vec<Arc<dyn Snapshotter>> = std::iter::once(snapshotter)
+        .chain(retired)
+        .map(|s| Arc::new(s) as Arc<dyn Snapshotter>)
+        .collect();
+    let store = check::Store {
+        content: content.clone(),
+        images: images.clone(),
+        snapshotters: snapshotters.clone(),
+        live: false,
+    };
+    let problems = plumbing::blocking(move || check::run(&store, repair)).await?;
+    if repair {
+        let leases = Arc::new(crate::gc::Leases::default());
+        crate::gc::collect(images, content, snapshotters, leases).await?;
+    }
+    Ok(Some(problems))
 }
 
 /// Two processors accepting one media type: the first name in sort order wins, as

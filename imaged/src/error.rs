@@ -29,6 +29,9 @@ pub enum Error {
     /// Garbage collection failed.
     #[error(transparent)]
     Gc(#[from] GcError),
+    /// The store could not be checked.
+    #[error(transparent)]
+    Check(#[from] crate::check::CheckError),
     /// No image has this name or id.
     #[error("image {0:?} not found")]
     ImageNotFound(String),

@@ -5,9 +5,9 @@ use crate::cri::status::to_status;
 use crate::registry::auth::Credentials;
 use crate::service::ImageService;
 use proto::imaged::{
-    self, ImageConfigRequest, ImageConfigResponse, MountsResponse, PrepareRequest, PullEvent,
-    PullRequest, RemoveSnapshotRequest, SnapshotKey, UsageResponse, VersionResponse, images_server,
-    snapshots_server,
+    self, CheckRequest, CheckResponse, ImageConfigRequest, ImageConfigResponse, MountsResponse,
+    PrepareRequest, PullEvent, PullRequest, RemoveSnapshotRequest, SnapshotKey, UsageResponse,
+    VersionResponse, images_server, snapshots_server,
 };
 use std::pin::Pin;
 use std::sync::Arc;
@@ -84,6 +84,26 @@ impl images_server::Images for InternalApi {
             repo_digest: config.repo_digest,
             config: config.config,
         }))
+    }
+
+    async fn check(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
+        let problems = self
+            .service
+            .check(request.into_inner().repair)
+            .await
+            .map_err(|e| to_status(&e))?;
+        let problems = problems
+            .into_iter()
+            .map(|p| imaged::Problem {
+                subject: p.subject,
+                problem: p.problem,
+                repaired: p.repaired,
+            })
+            .collect();
+        Ok(Response::new(CheckResponse { problems }))
     }
 }
 

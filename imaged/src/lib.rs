@@ -10,6 +10,7 @@
 // their size is not worth boxing.
 #![allow(clippy::result_large_err)]
 
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod content;

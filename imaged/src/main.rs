@@ -90,6 +90,22 @@ enum Command {
         #[arg(long, short, value_enum, default_value = "table")]
         output: Format,
     },
+    /// Verify the store: blob digests, images' parts, snapshot metadata against the disk,
+    /// crash leftovers. Opens the store when no daemon runs, else asks the daemon. Exits 1
+    /// when problems were found (repaired or not), 0 when there were none, 2 when the
+    /// check could not run.
+    Check {
+        /// Configuration file, for the root and the socket.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Remove what cannot be trusted: corrupt blobs, images missing parts, broken
+        /// snapshots, leftovers. Affected images can then be pulled again.
+        #[arg(long)]
+        repair: bool,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value = "table")]
+        output: Format,
+    },
     /// Show the registry hosts a reference is pulled from (hosts.toml resolution).
     Hosts {
         /// Image reference.
@@ -106,8 +122,31 @@ enum ConfigCommand {
     Default,
 }
 
+/// The exit statuses of `imaged check` when it found problems, and when it could not check.
+const PROBLEMS_FOUND: u8 = 1;
+const CHECK_FAILED: u8 = 2;
+
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    if let Command::Check {
+        config,
+        repair,
+        output,
+    } = &args.command
+    {
+        let (config, repair, output) = (config.clone(), *repair, *output);
+        let mut found = false;
+        let status = plumbing::main("imaged check", async {
+            let config = Config::load(config.as_deref())?;
+            found = cli::check(&config, repair, output).await?;
+            anyhow::Ok(())
+        });
+        return match (status == std::process::ExitCode::SUCCESS, found) {
+            (false, _) => std::process::ExitCode::from(CHECK_FAILED),
+            (true, true) => std::process::ExitCode::from(PROBLEMS_FOUND),
+            (true, false) => status,
+        };
+    }
     plumbing::main("imaged", run(args))
 }
 
@@ -141,7 +180,10 @@ async fn client(socket: &std::path::Path, command: Command) -> anyhow::Result<()
         Command::Fsinfo { output } => cli::fs_info(channel, output).await?,
         Command::Mount { image, dir, rw } => cli::mount(channel, &image, &dir, rw).await?,
         Command::Unmount { dir } => cli::unmount(channel, &dir).await?,
-        Command::Serve { .. } | Command::Config { .. } | Command::Hosts { .. } => {
+        Command::Serve { .. }
+        | Command::Config { .. }
+        | Command::Hosts { .. }
+        | Command::Check { .. } => {
             unreachable!("handled without a connection")
         }
     }

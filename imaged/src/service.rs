@@ -153,6 +153,25 @@ impl ImageService {
         Ok(())
     }
 
+    /// Checks the store beside running pulls (see [`check`](crate::check)); with `repair`,
+    /// removes what cannot be trusted and then collects what only that used.
+    pub async fn check(&self, repair: bool) -> Result<Vec<crate::check::Problem>, Error> {
+        let store = crate::check::Store {
+            content: self.content.clone(),
+            images: self.images.clone(),
+            snapshotters: std::iter::once(&self.snapshotter)
+                .chain(&self.retired)
+                .cloned()
+                .collect(),
+            live: true,
+        };
+        let problems = plumbing::blocking(move || crate::check::run(&store, repair)).await?;
+        if repair {
+            self.collect_garbage().await?;
+        }
+        Ok(problems)
+    }
+
     /// Usage of the configured snapshotter's directory, the image filesystem as
     /// containerd reports it.
     pub async fn fs_info(&self) -> cri::FilesystemUsage {

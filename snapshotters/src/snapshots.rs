@@ -84,7 +84,8 @@ pub struct Snapshots {
     layout: Box<dyn Layout>,
     limits: ApplyLimits,
     sync_fs: bool,
-    /// `new-*` directories being filled, which cleanup must leave alone.
+    /// `new-*` directories being filled and `rm-*` ones being emptied, which cleanup must
+    /// leave alone.
     filling: Mutex<HashSet<PathBuf>>,
 }
 
@@ -211,12 +212,17 @@ impl Snapshots {
     fn delete_dir(&self, id: u64) {
         let dir = self.dir(id);
         let doomed = self.snapshots.join(format!("rm-{id}"));
+        self.filling
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(doomed.clone());
         match fs::rename(&dir, &doomed) {
             Ok(()) => self.discard(&doomed),
             Err(error) => {
                 tracing::warn!(dir = %dir.display(), %error, "removing snapshot directory; cleanup will retry");
             }
         }
+        self.filled(&doomed);
     }
 
     fn measure(&self, id: u64, kind: Kind) -> Result<Usage, Error> {
@@ -433,6 +439,10 @@ impl Snapshotter for Snapshots {
     fn check(&self, repair: bool) -> Result<Vec<Finding>, Error> {
         let mut findings = Vec::new();
         for (key, problem) in self.broken_snapshots()? {
+            // A snapshot removed meanwhile lost its record before its directory.
+            if matches!(self.stat(&key), Err(Error::NotFound { .. })) {
+                continue;
+            }
             let repaired = repair && self.remove(&key).is_ok();
             findings.push(Finding {
                 subject: format!("snapshot {key}"),

@@ -1,10 +1,12 @@
 //! Client commands of the `imaged` binary: they talk CRI (and the internal API for pull
 //! progress) to a running daemon's socket.
 
+mod check;
 mod mount;
 mod output;
 mod pull;
 
+pub use check::check;
 pub use mount::{mount, unmount};
 pub use output::{Format, human_size};
 pub use pull::pull;

@@ -25,6 +25,7 @@ fn code(error: &Error) -> Code {
         Error::Gc(GcError::Content(e)) => content_code(e),
         Error::Gc(GcError::Snapshot(e)) => snapshot_code(e),
         Error::ImageNotFound(_) => Code::NotFound,
+        Error::Check(_) => Code::Internal,
         Error::Snapshot { source, .. } => snapshot_code(source),
     }
 }

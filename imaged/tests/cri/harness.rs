@@ -70,6 +70,35 @@ impl Imaged {
         Self::start_in(old, root, None).await
     }
 
+    /// Kills the daemon and leaves its store as it was, for [`Imaged::resume`].
+    pub fn halt(&mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// Starts the daemon again, with the same config, after [`Imaged::halt`].
+    pub async fn resume(mut self) -> Self {
+        assert!(self.child.is_none(), "the daemon is running");
+        let dir = tempfile::TempDir::new_in("/tmp").unwrap();
+        let old = std::mem::replace(&mut self.dir, dir);
+        let root = self.root.clone();
+        Self::start_in(old, root, None).await
+    }
+
+    /// Runs `imaged check` on this daemon's config with `args`: the exit status and stdout.
+    pub fn check(&self, args: &[&str]) -> (i32, String) {
+        let output = Command::new(env!("CARGO_BIN_EXE_imaged"))
+            .args(["check", "--config"])
+            .arg(self.dir.path().join("imaged.toml"))
+            .args(args)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        (output.status.code().unwrap(), format!("{stdout}{stderr}"))
+    }
+
     /// Starts imaged in `dir`; a config is written when `extra` is given, else the one
     /// there is used again.
     async fn start_in(dir: tempfile::TempDir, root: PathBuf, extra: Option<&str>) -> Self {

@@ -2,6 +2,7 @@
 //! over the unix socket, and rootfs trees mounted from the overlay snapshots. Root only.
 
 mod auth;
+mod check;
 mod encrypted;
 mod errors;
 mod files;
