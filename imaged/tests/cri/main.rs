@@ -3,6 +3,7 @@
 
 mod auth;
 mod check;
+mod crash;
 mod encrypted;
 mod errors;
 mod files;
