@@ -29,6 +29,29 @@ pub struct ImageService {
     /// Few names, looked up in each image's sorted name lists (ListImages asks for every
     /// image, and a few comparisons beat hashing each of its names).
     pinned: Vec<String>,
+    fs_usage: FsUsage,
+}
+
+/// How long ImageFsInfo reuses a walk of an unchanged store: containerd's period for
+/// collecting snapshot statistics.
+const FS_USAGE_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// ImageFsInfo's last walk of the snapshotter's directory, reused while it is young and
+/// nothing imaged did changed the store: the kubelet asks every few seconds, and a walk of a
+/// large store reads every inode. What containers write into their snapshots shows within
+/// [`FS_USAGE_MAX_AGE`].
+#[derive(Default)]
+struct FsUsage {
+    /// When it was measured, at which count of changes, and what it found.
+    measured: tokio::sync::Mutex<Option<(std::time::Instant, u64, Usage)>>,
+    changes: std::sync::atomic::AtomicU64,
+}
+
+impl FsUsage {
+    fn changed(&self) {
+        self.changes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl ImageService {
@@ -64,6 +87,7 @@ impl ImageService {
             leases,
             puller,
             pinned,
+            fs_usage: FsUsage::default(),
         }
     }
 
@@ -78,10 +102,11 @@ impl ImageService {
         // The pull runs in its own task so a caller that goes away cannot leave it half done.
         let puller = self.puller.clone();
         let pull = async move { puller.pull(&reference, credentials, progress).await };
-        let record = tokio::spawn(pull.in_current_span())
+        let pulled = tokio::spawn(pull.in_current_span())
             .await
-            .expect("pull task")?;
-        Ok(record.id.to_string())
+            .expect("pull task");
+        self.fs_usage.changed();
+        Ok(pulled?.id.to_string())
     }
 
     /// The CRI view of an image (`None` if nothing matches) and, when `verbose`, its
@@ -149,6 +174,7 @@ impl ImageService {
             self.leases.clone(),
         )
         .await?;
+        self.fs_usage.changed();
         tracing::debug!(?collected, "garbage collected");
         Ok(())
     }
@@ -175,14 +201,7 @@ impl ImageService {
     /// Usage of the configured snapshotter's directory, the image filesystem as
     /// containerd reports it.
     pub async fn fs_info(&self) -> cri::FilesystemUsage {
-        let root = self.snapshotter.root().to_path_buf();
-        let usage = tokio::task::spawn_blocking(move || snapshotters::disk_usage(&root))
-            .await
-            .expect("du task")
-            .unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "measuring the image filesystem failed");
-                snapshotters::Usage::default()
-            });
+        let usage = self.fs_usage().await;
         let (bytes, inodes) = (usage.size, usage.inodes);
         let timestamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -195,6 +214,31 @@ impl ImageService {
             used_bytes: Some(cri::UInt64Value { value: bytes }),
             inodes_used: Some(cri::UInt64Value { value: inodes }),
         }
+    }
+
+    /// The snapshotter directory's usage, walked again only when the last walk is old or
+    /// the store changed since; concurrent callers share one walk.
+    async fn fs_usage(&self) -> Usage {
+        let changes = self
+            .fs_usage
+            .changes
+            .load(std::sync::atomic::Ordering::SeqCst);
+        let mut measured = self.fs_usage.measured.lock().await;
+        if let Some((at, seen, usage)) = *measured
+            && seen == changes
+            && at.elapsed() < FS_USAGE_MAX_AGE
+        {
+            return usage;
+        }
+        let root = self.snapshotter.root().to_path_buf();
+        let usage = plumbing::blocking(move || snapshotters::disk_usage(&root))
+            .await
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "measuring the image filesystem failed");
+                Usage::default()
+            });
+        *measured = Some((std::time::Instant::now(), changes, usage));
+        usage
     }
 
     /// A stored image's identity and config, for the runtime.
@@ -242,6 +286,7 @@ impl ImageService {
             .lookup(image)?
             .ok_or_else(|| Error::ImageNotFound(image.to_string()))?;
         self.unpacked(&named.record).await?;
+        self.fs_usage.changed();
         let parent = named.record.top_chain().map(Digest::to_string);
         let snapshotter = self.snapshotter.clone();
         let key = key.to_string();
@@ -318,6 +363,7 @@ impl ImageService {
     /// Removes a snapshot made by [`Self::prepare`]; absent keys are fine.
     pub async fn remove_snapshot(&self, key: &str) -> Result<(), Error> {
         check_key(key)?;
+        self.fs_usage.changed();
         let snapshotter = self.snapshotter.clone();
         let key = key.to_string();
         plumbing::blocking(move || match snapshotter.remove(&key) {

@@ -168,6 +168,15 @@ async fn fs_info_matches_du_and_shrinks_after_removal() {
     imaged.remove(&image).await;
     let after = fs_used(&imaged).await;
     assert!(after.0 < empty.0 + 100_000, "{empty:?} -> {after:?}");
+
+    // A walk is reused while the store is unchanged (for 10 s): what appears behind
+    // imaged's back shows with the next change it makes.
+    let aside = imaged.root.join("snapshots/overlayfs/aside");
+    std::fs::write(&aside, vec![1u8; 4 << 20]).unwrap();
+    assert_eq!(fs_used(&imaged).await, after);
+    imaged.pull(&image).await.unwrap();
+    let grown = fs_used(&imaged).await;
+    assert!(grown.0 > full.0 + 4_000_000, "{full:?} -> {grown:?}");
     assert!(imaged.stop().success());
 }
 
