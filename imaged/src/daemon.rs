@@ -66,6 +66,9 @@ pub enum StartError {
     },
 }
 
+/// How long running requests (pulls, mostly) may go on once the daemon is told to stop.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A daemon ready to serve.
 pub struct Daemon {
     service: Arc<ImageService>,
@@ -127,7 +130,9 @@ impl Daemon {
         })
     }
 
-    /// Serves until `shutdown` resolves, then lets running requests finish.
+    /// Serves until `shutdown` resolves, then lets running requests finish for up to
+    /// [`SHUTDOWN_GRACE`]; those still running then are dropped, which stops their pulls
+    /// (a crash would leave no less, and start-up clears it).
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), StartError> {
         let listener = plumbing::grpc::bind(&self.address).map_err(|source| StartError::Io {
             path: self.address.clone(),
@@ -146,15 +151,35 @@ impl Daemon {
             .gc_interval
             .map(|every| tokio::spawn(collect_every(self.service.clone(), every)));
         let internal = InternalApi::new(self.service.clone());
-        let result = tonic::transport::Server::builder()
+        let (stopping, stopped) = tokio::sync::oneshot::channel();
+        let shutdown = async move {
+            shutdown.await;
+            let _ = stopping.send(());
+        };
+        let server = tonic::transport::Server::builder()
             .layer(plumbing::grpc::RpcSpans::new(rpc_span))
             .add_service(ImageServiceServer::new(CriImageService::new(
                 self.service.clone(),
             )))
             .add_service(ImagesServer::new(internal.clone()))
             .add_service(SnapshotsServer::new(internal))
-            .serve_with_incoming_shutdown(plumbing::grpc::incoming(listener), shutdown)
-            .await;
+            .serve_with_incoming_shutdown(plumbing::grpc::incoming(listener), shutdown);
+        let grace_over = async {
+            match stopped.await {
+                Ok(()) => tokio::time::sleep(SHUTDOWN_GRACE).await,
+                Err(_) => std::future::pending().await,
+            }
+        };
+        let result = tokio::select! {
+            result = server => result,
+            () = grace_over => {
+                tracing::warn!(
+                    grace = ?SHUTDOWN_GRACE,
+                    "requests still running are abandoned; the next start clears what they left"
+                );
+                Ok(())
+            }
+        };
         if let Some(collector) = collector {
             collector.abort();
         }

@@ -7,6 +7,7 @@
 use crate::harness::{Imaged, assert_tree, disk_for, push, registry, spec};
 use fixtures::catalog;
 use fixtures::image::{Entry, ImageSpec, Layer};
+use fixtures::registry::{Route, StaticRegistry};
 use fixtures::tree::Tree;
 use proto::cri;
 use proto::cri::image_service_client::ImageServiceClient;
@@ -161,4 +162,62 @@ async fn native_survives_kills_at_any_moment_of_concurrent_pulls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn btrfs_survives_kills_at_any_moment_of_concurrent_pulls() {
     kill_rounds("btrfs").await;
+}
+
+/// SIGTERM while a pull runs that would take far longer (its layer dribbles in): the
+/// daemon exits 0 once its grace (10 s) is over, and the next start finds a clean store
+/// from which the image pulls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigterm_during_a_pull_ends_the_daemon_after_its_grace_with_a_clean_store() {
+    let spec = ImageSpec::new(vec![Layer::new(vec![Entry::file(
+        "noise",
+        0o644,
+        catalog::noise(7, 4096),
+    )])]);
+    let built = spec.build().unwrap();
+    let manifest = fixtures::image::OCI_MANIFEST;
+    let slow = Duration::from_millis(50);
+    let fake = StaticRegistry::start(vec![
+        Route::manifest("slow/layer", "v1", manifest, &built.manifest.bytes),
+        Route::blob("slow/layer", &built.config),
+        Route {
+            response: Route::blob("slow/layer", &built.layers[0].blob)
+                .response
+                .paced(slow),
+            ..Route::blob("slow/layer", &built.layers[0].blob)
+        },
+    ])
+    .unwrap();
+    let mut imaged = Imaged::start().await;
+    let image = format!("{}/slow/layer:v1", fake.addr());
+    let pull = tokio::spawn(pull_all(imaged.cri().await, vec![image.clone()]));
+    while !fake
+        .requests()
+        .iter()
+        .any(|r| r.contains(&built.layers[0].blob.digest))
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The layer alone would take 4096 × 50 ms, over three minutes.
+    let status = imaged.terminate(Duration::from_secs(60)).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}: {}",
+        imaged.log()
+    );
+    assert!(pull.await.unwrap()[0].is_err());
+
+    let (status, out) = imaged.check(&["-o", "json"]);
+    assert_eq!(status, 1, "the interrupted download is left: {out}");
+    let imaged = imaged.resume().await;
+    assert_eq!(imaged.check(&[]).0, 0);
+    let registry = registry();
+    let quick = push(&registry, "quick/layer", "v1", &spec);
+    let quick_image = format!("{}/quick/layer:v1", registry.addr());
+    assert_eq!(imaged.pull(&quick_image).await.unwrap(), quick.id());
+    assert_tree(
+        &spec.expected_tree(),
+        &imaged.rootfs(&quick_image).await,
+        &quick_image,
+    );
 }

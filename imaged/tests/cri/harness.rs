@@ -70,6 +70,26 @@ impl Imaged {
         Self::start_in(old, root, None).await
     }
 
+    /// Sends SIGTERM and waits up to `limit` for the daemon to exit: its status, or `None`
+    /// (the daemon then still runs).
+    pub async fn terminate(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let child = self.child.as_mut().unwrap();
+        rustix::process::kill_process(
+            rustix::process::Pid::from_child(child),
+            rustix::process::Signal::TERM,
+        )
+        .unwrap();
+        let started = std::time::Instant::now();
+        while started.elapsed() < limit {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    }
+
     /// Kills the daemon and leaves its store as it was, for [`Imaged::resume`].
     pub fn halt(&mut self) {
         let mut child = self.child.take().unwrap();
