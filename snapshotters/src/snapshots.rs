@@ -416,7 +416,8 @@ impl Snapshotter for Snapshots {
         let fs = self.fs_dir(record.id);
         let inodes = self.layout.inodes(&self.dir(record.id))?;
         let (stats, named) =
-            apply::apply_layer(&fs, tar, &self.limits, self.layout.whiteouts(), inodes)?;
+            apply::apply_layer(&fs, tar, &self.limits, self.layout.whiteouts(), inodes)
+                .map_err(|e| on_full_disk(e, &fs))?;
         self.layout.applied(&self.dir(record.id), &named)?;
         if self.sync_fs {
             let dir = fs::File::open(&fs).map_err(Error::io("open", &fs))?;
@@ -467,6 +468,28 @@ impl Snapshotter for Snapshots {
 
     fn root(&self) -> &Path {
         &self.root
+    }
+}
+
+/// A layer entry that ran out of space names the snapshot's directory too: the entry says
+/// what was written, the directory which filesystem is full.
+fn on_full_disk(error: Error, fs: &Path) -> Error {
+    match &error {
+        Error::Layer {
+            reason: crate::LayerError::Io { source, .. },
+            ..
+        } if matches!(
+            source.kind(),
+            io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+        ) =>
+        {
+            Error::Io {
+                op: "apply a layer into",
+                path: fs.to_path_buf(),
+                source: io::Error::new(source.kind(), error.to_string()),
+            }
+        }
+        _ => error,
     }
 }
 

@@ -11,15 +11,15 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use common::*;
-use fixtures::volume::BtrfsVolume;
+use fixtures::volume::Volume;
 use snapshotters::{Backend, Snapshots, Snapshotter, UNPACK_LABEL};
 use tar::EntryType;
 
 /// btrfs caps an inode's links at 65,535 (BTRFS_LINK_MAX), a cap a test can reach.
 const LINK_MAX: u64 = 65_535;
 
-fn native_on_btrfs(dir: &Path) -> (Snapshots, Option<BtrfsVolume>) {
-    let volume = BtrfsVolume::new(dir).unwrap();
+fn native_on_btrfs(dir: &Path) -> (Snapshots, Option<Volume>) {
+    let volume = Volume::btrfs(dir).unwrap();
     (open(Backend::Native, &volume.mountpoint), Some(volume))
 }
 

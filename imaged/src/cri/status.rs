@@ -89,6 +89,14 @@ fn content_code(error: &ContentError) -> Code {
     match error {
         ContentError::DigestMismatch { .. } | ContentError::SizeMismatch { .. } => Code::DataLoss,
         ContentError::NotFound(_) => Code::NotFound,
+        ContentError::Io { source, .. }
+            if matches!(
+                source.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            ) =>
+        {
+            Code::ResourceExhausted
+        }
         ContentError::Io { .. } => Code::Internal,
     }
 }
@@ -160,6 +168,13 @@ mod tests {
                     source: io_error(libc::EIO),
                 },
                 Code::Internal,
+            ),
+            (
+                ContentError::Io {
+                    path: PathBuf::from("/c"),
+                    source: io_error(libc::ENOSPC),
+                },
+                Code::ResourceExhausted,
             ),
             (
                 ContentError::DigestMismatch {

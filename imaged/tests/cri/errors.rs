@@ -475,3 +475,47 @@ async fn the_documents_of_a_failed_pull_go_with_the_next_periodic_collection() {
     }
     assert_eq!(imaged.status(&kept_image).await.unwrap().id, kept.id());
 }
+
+/// A disk that fills up under a pull: ResourceExhausted naming the path, nothing partial
+/// left (the store checks clean, the image is absent), and once space is freed the same
+/// pull succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_fails_the_pull_cleanly_and_the_next_pull_succeeds() {
+    let registry = registry();
+    let layers = (0..4)
+        .map(|i| {
+            Layer::new(vec![Entry::file(
+                &format!("big{i}"),
+                0o644,
+                catalog::noise(i, 3 << 20),
+            )])
+        })
+        .collect();
+    let spec = ImageSpec::new(layers);
+    let built = push(&registry, "fixtures/big", "v1", &spec);
+    let dir = tempfile::tempdir().unwrap();
+    let disk = fixtures::volume::Volume::ext4(dir.path(), 64 << 20).unwrap();
+    let root = disk.mountpoint.join("root");
+    let imaged = Imaged::start_at(&root, "").await;
+    let free = rustix::fs::statvfs(&disk.mountpoint).unwrap();
+    let free = free.f_bavail * free.f_frsize;
+    // About 24 MiB are needed (blobs and unpacked files); leave 8.
+    let ballast = disk.mountpoint.join("ballast");
+    std::fs::write(&ballast, vec![0u8; (free - (8 << 20)) as usize]).unwrap();
+
+    let image = format!("{}/fixtures/big:v1", registry.addr());
+    let err = imaged.pull(&image).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains(&root.display().to_string()),
+        "{err:?}"
+    );
+    assert_eq!(imaged.status(&image).await, None);
+    let (status, out) = imaged.check(&[]);
+    assert_eq!(status, 0, "{out}");
+
+    std::fs::remove_file(&ballast).unwrap();
+    assert_eq!(imaged.pull(&image).await.unwrap(), built.id());
+    crate::harness::assert_tree(&spec.expected_tree(), &imaged.rootfs(&image).await, &image);
+    drop(imaged);
+}

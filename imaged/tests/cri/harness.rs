@@ -3,7 +3,7 @@
 use fixtures::image::{Built, ImageSpec};
 use fixtures::registry::{Registry, RegistryOptions};
 use fixtures::tree::Tree;
-use fixtures::volume::BtrfsVolume;
+use fixtures::volume::Volume;
 use proto::cri;
 use proto::cri::image_service_client::ImageServiceClient;
 use proto::imaged::snapshots_client::SnapshotsClient;
@@ -374,13 +374,13 @@ pub fn assert_not_on_disk(dir: &std::path::Path, needle: &[u8]) {
 /// daemon goes first.
 pub struct Disk {
     pub root: PathBuf,
-    _volume: Option<BtrfsVolume>,
+    _volume: Option<Volume>,
     _dir: tempfile::TempDir,
 }
 
 pub fn disk_for(backend: &str) -> Disk {
     let dir = tempfile::tempdir().unwrap();
-    let volume = (backend == "btrfs").then(|| BtrfsVolume::new(dir.path()).unwrap());
+    let volume = (backend == "btrfs").then(|| Volume::btrfs(dir.path()).unwrap());
     let root = volume
         .as_ref()
         .map_or(dir.path().to_path_buf(), |v| v.mountpoint.clone())

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use fixtures::volume::BtrfsVolume;
+use fixtures::volume::Volume;
 use snapshotters::{Backend, Error, LayerError, Mount, Snapshots, Snapshotter};
 use tar::{EntryType, Header};
 use tempfile::TempDir;
@@ -20,18 +20,18 @@ use tempfile::TempDir;
 pub const MTIME: u64 = 1_600_000_000;
 
 /// Opens a backend in a test's temporary directory; btrfs also returns its volume.
-pub type Constructor = fn(&Path) -> (Snapshots, Option<BtrfsVolume>);
+pub type Constructor = fn(&Path) -> (Snapshots, Option<Volume>);
 
-pub fn overlayfs(dir: &Path) -> (Snapshots, Option<BtrfsVolume>) {
+pub fn overlayfs(dir: &Path) -> (Snapshots, Option<Volume>) {
     (open(Backend::Overlayfs, dir), None)
 }
 
-pub fn native(dir: &Path) -> (Snapshots, Option<BtrfsVolume>) {
+pub fn native(dir: &Path) -> (Snapshots, Option<Volume>) {
     (open(Backend::Native, dir), None)
 }
 
-pub fn btrfs(dir: &Path) -> (Snapshots, Option<BtrfsVolume>) {
-    let volume = BtrfsVolume::new(dir).unwrap();
+pub fn btrfs(dir: &Path) -> (Snapshots, Option<Volume>) {
+    let volume = Volume::btrfs(dir).unwrap();
     (open(Backend::Btrfs, &volume.mountpoint), Some(volume))
 }
 
@@ -164,7 +164,7 @@ impl Drop for Mounted {
 pub struct Env {
     pub sn: Snapshots,
     /// Unmounted after the snapshotter is gone and before its directory is removed.
-    _volume: Option<BtrfsVolume>,
+    _volume: Option<Volume>,
     pub tmp: TempDir,
     views: AtomicU64,
 }
