@@ -691,7 +691,13 @@ impl Puller {
                 digest: layer.digest.clone(),
                 source,
             })?;
-        Ok((pump(response, layer.clone(), job.progress.clone()), writer))
+        let rx = pump(
+            response,
+            session.clone(),
+            layer.clone(),
+            job.progress.clone(),
+        );
+        Ok((rx, writer))
     }
 
     /// Layers unpacked earlier are not fetched again, but an encrypted one still needs a key

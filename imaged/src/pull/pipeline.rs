@@ -16,7 +16,7 @@ use super::{Progress, PullError, UnpackLimits, send_layer};
 use crate::content::{ContentError, Writer};
 use crate::digest::Digest;
 use crate::images::LayerRecord;
-use crate::registry::BlobBody;
+use crate::registry::{BlobBody, Session};
 use bytes::{Bytes, BytesMut};
 use sha2::{Digest as _, Sha256};
 use snapshotters::Snapshotter;
@@ -55,10 +55,16 @@ pub(super) enum Source {
     Local(File),
 }
 
+/// How often one layer's download may break off and be resumed where it stopped.
+const RESUMES: u32 = 3;
+
 /// Forwards the HTTP body in [`CHUNK`]-sized chunks. Copying out of hyper's buffers lets
-/// hyper reuse them at once, instead of each queued chunk pinning a whole read buffer.
+/// hyper reuse them at once, instead of each queued chunk pinning a whole read buffer. A
+/// body that breaks off is asked for again from the byte it stopped at, so the stages after
+/// this one see one unbroken stream (and the digest still covers every byte).
 pub(super) fn pump(
     mut body: BlobBody,
+    session: Session,
     layer: LayerRecord,
     progress: Progress,
 ) -> mpsc::Receiver<io::Result<Bytes>> {
@@ -67,6 +73,7 @@ pub(super) fn pump(
     tokio::spawn(async move {
         let mut received = 0u64;
         let mut reported = 0u64;
+        let mut resumed = 0;
         let mut buffer = BytesMut::with_capacity(CHUNK);
         loop {
             match body.chunk().await {
@@ -95,8 +102,21 @@ pub(super) fn pump(
                     send_layer(&progress, &layer, received, true);
                     return;
                 }
-                Err(detail) => {
-                    let _ = tx.send(Err(io::Error::other(detail))).await;
+                Err(error) if error.resumable && resumed < RESUMES && received < layer.size => {
+                    resumed += 1;
+                    tracing::info!(digest = %layer.digest, received, detail = %error.detail, "layer download broke off; resuming");
+                    match session.blob_from(&layer.digest, received).await {
+                        Ok(rest) => body = rest,
+                        Err(e) => {
+                            let detail =
+                                format!("{}; resuming at byte {received}: {e}", error.detail);
+                            let _ = tx.send(Err(io::Error::other(detail))).await;
+                            return;
+                        }
+                    }
+                }
+                Err(error) => {
+                    let _ = tx.send(Err(io::Error::other(error.detail))).await;
                     return;
                 }
             }

@@ -12,7 +12,9 @@ use crate::reference::{DOCKER_HUB, DOCKER_HUB_API, Reference};
 use auth::{Challenge, Credentials};
 use bytes::Bytes;
 use hosts::Host;
-use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use reqwest::header::{
+    ACCEPT, AUTHORIZATION, CONTENT_RANGE, CONTENT_TYPE, RANGE, WWW_AUTHENTICATE,
+};
 use reqwest::{Method, Response, StatusCode};
 use sha2::{Digest as _, Sha256};
 use std::collections::HashMap;
@@ -298,7 +300,7 @@ impl Session {
     ) -> Result<Bytes, RegistryError> {
         let what = format!("blob {digest} of {}", self.reference);
         self.each_host(&what, false, |endpoint| async move {
-            let response = self.get(&endpoint, Object::Blob(digest), None).await?;
+            let response = self.get(&endpoint, Object::Blob(digest), None, 0).await?;
             let url = response.url().to_string();
             let bytes = read_limited(response, limit, Some(size)).await?;
             verify(&bytes, digest, &url)?;
@@ -309,16 +311,32 @@ impl Session {
 
     /// Opens a streaming GET of a blob; the caller verifies what it reads.
     pub async fn blob(&self, digest: &Digest) -> Result<BlobBody, RegistryError> {
+        self.blob_from(digest, 0).await
+    }
+
+    /// Opens a streaming GET of a blob from byte `from` on, for a download that broke off.
+    /// A registry that ignores `Range` sends the whole blob, and the body skips what was
+    /// already received; one that answers another range is refused.
+    pub async fn blob_from(&self, digest: &Digest, from: u64) -> Result<BlobBody, RegistryError> {
         let what = format!("blob {digest} of {}", self.reference);
         let response = self
             .each_host(&what, false, |endpoint| async move {
-                self.get(&endpoint, Object::Blob(digest), None).await
+                let response = self
+                    .get(&endpoint, Object::Blob(digest), None, from)
+                    .await?;
+                check_range(&response, from)?;
+                Ok(response)
             })
             .await?;
         let host = response.url().authority().to_string();
+        let skip = match response.status() {
+            StatusCode::PARTIAL_CONTENT => 0,
+            _ => from,
+        };
         Ok(BlobBody {
             response,
             host,
+            skip,
             pace: self.registry.deadlines.min_rate.map(Pace::new),
         })
     }
@@ -341,6 +359,7 @@ impl Session {
                     &endpoint,
                     Object::Manifest(object),
                     Some(crate::manifest::ACCEPT),
+                    0,
                 )
                 .await?;
             let content_type = response
@@ -446,11 +465,13 @@ impl Session {
         url.scheme() == "https" || url.host_str().is_some_and(hosts::is_loopback)
     }
 
+    /// GETs `object`; a nonzero `from` asks for the bytes from that offset on (`Range`).
     async fn get(
         &self,
         endpoint: &Endpoint,
         object: Object<'_>,
         accept: Option<&str>,
+        from: u64,
     ) -> Result<Response, Attempt> {
         let host = &endpoint.host;
         let url = self.url(host, &object);
@@ -482,6 +503,9 @@ impl Session {
             }
             if let Some(auth) = &authorization {
                 request = request.header(AUTHORIZATION, auth);
+            }
+            if from > 0 {
+                request = request.header(RANGE, format!("bytes={from}-"));
             }
             let response = request
                 .send()
@@ -591,23 +615,77 @@ fn late(host: &Host, deadline: Duration) -> Attempt {
     }
 }
 
+/// A 206 answer must start where it was asked to.
+fn check_range(response: &Response, from: u64) -> Result<(), Attempt> {
+    if response.status() != StatusCode::PARTIAL_CONTENT {
+        return Ok(());
+    }
+    let range = response
+        .headers()
+        .get(CONTENT_RANGE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let start = range
+        .strip_prefix("bytes ")
+        .and_then(|r| r.split('-').next())
+        .and_then(|s| s.parse::<u64>().ok());
+    if from > 0 && start == Some(from) {
+        return Ok(());
+    }
+    Err(Attempt {
+        url: response.url().to_string(),
+        kind: FailureKind::Corrupt,
+        detail: format!("asked for bytes {from}- and got Content-Range {range:?}"),
+    })
+}
+
+/// Why a layer body stopped short.
+#[derive(Debug)]
+pub struct BodyError {
+    /// What happened, naming the host.
+    pub detail: String,
+    /// Whether asking again for the rest may help: a connection that broke, not a
+    /// registry too slow for `image_pull_min_rate`.
+    pub resumable: bool,
+}
+
 /// A layer body as it arrives, held to the minimum rate when one is set.
 #[derive(Debug)]
 pub struct BlobBody {
     response: Response,
     host: String,
+    /// Bytes at the start that the caller already has (a `Range` the registry ignored).
+    skip: u64,
     pace: Option<Pace>,
 }
 
 impl BlobBody {
     /// The next piece of the body, `None` at its end; a failure names the host.
-    pub async fn chunk(&mut self) -> Result<Option<Bytes>, String> {
+    pub async fn chunk(&mut self) -> Result<Option<Bytes>, BodyError> {
+        loop {
+            let Some(mut chunk) = self.next().await? else {
+                return Ok(None);
+            };
+            let skipped = self.skip.min(chunk.len() as u64);
+            self.skip -= skipped;
+            let _ = chunk.split_to(skipped as usize);
+            if !chunk.is_empty() {
+                return Ok(Some(chunk));
+            }
+        }
+    }
+
+    async fn next(&mut self) -> Result<Option<Bytes>, BodyError> {
+        let broken = |host: &str, e: &reqwest::Error| BodyError {
+            detail: failed(host, e),
+            resumable: true,
+        };
         let Some(pace) = &mut self.pace else {
             return self
                 .response
                 .chunk()
                 .await
-                .map_err(|e| failed(&self.host, &e));
+                .map_err(|e| broken(&self.host, &e));
         };
         loop {
             let left = pace.rate.window.saturating_sub(pace.waited);
@@ -615,14 +693,17 @@ impl BlobBody {
             let next = tokio::time::timeout(left, self.response.chunk()).await;
             pace.waited += started.elapsed();
             let next = match next {
-                Ok(next) => Some(next.map_err(|e| failed(&self.host, &e))?),
+                Ok(next) => Some(next.map_err(|e| broken(&self.host, &e))?),
                 Err(_) => None,
             };
             if let Some(Some(chunk)) = &next {
                 pace.received += chunk.len() as u64;
             }
             if pace.waited >= pace.rate.window {
-                pace.check(&self.host)?;
+                pace.check(&self.host).map_err(|detail| BodyError {
+                    detail,
+                    resumable: false,
+                })?;
             }
             if let Some(next) = next {
                 return Ok(next);

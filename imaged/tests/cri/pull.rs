@@ -363,3 +363,96 @@ async fn discarded_layer_blobs_are_neither_kept_nor_needed_again() {
         &second,
     );
 }
+
+/// A registry whose layer download breaks off after a third of the blob, once, counting the
+/// layer bytes it serves; it answers `Range` requests unless told to ignore them.
+struct BreakingRegistry {
+    server: fixtures::http::Server,
+    served: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    layer_gets: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl BreakingRegistry {
+    fn start(built: &fixtures::image::Built, honour_range: bool) -> Self {
+        use fixtures::http::Response;
+        use std::sync::atomic::Ordering::SeqCst;
+        let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let layer_gets = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (manifest, config) = (built.manifest.clone(), built.config.clone());
+        let layer = built.layers[0].blob.clone();
+        let (counted, gets) = (served.clone(), layer_gets.clone());
+        let server = fixtures::http::Server::start(move |request| {
+            let path = request.path();
+            let blob = |bytes: &[u8]| Response::new(200).with_body(bytes.to_vec());
+            if path.ends_with("/manifests/v1") {
+                return blob(&manifest.bytes)
+                    .with_header("Content-Type", fixtures::image::OCI_MANIFEST);
+            }
+            if path.ends_with(&config.digest) {
+                return blob(&config.bytes);
+            }
+            if !path.ends_with(&layer.digest) {
+                return Response::new(if path == "/v2/" { 200 } else { 404 });
+            }
+            let len = layer.bytes.len();
+            if gets.fetch_add(1, SeqCst) == 0 {
+                counted.fetch_add(len / 3, SeqCst);
+                return blob(&layer.bytes).cut_after(len / 3);
+            }
+            let from = request
+                .header("range")
+                .and_then(|r| r.strip_prefix("bytes="))
+                .and_then(|r| r.strip_suffix('-'))
+                .and_then(|r| r.parse::<usize>().ok());
+            match from.filter(|_| honour_range) {
+                Some(from) => {
+                    counted.fetch_add(len - from, SeqCst);
+                    Response::new(206)
+                        .with_header("Content-Range", &format!("bytes {from}-{}/{len}", len - 1))
+                        .with_body(layer.bytes[from..].to_vec())
+                }
+                None => {
+                    counted.fetch_add(len, SeqCst);
+                    blob(&layer.bytes)
+                }
+            }
+        })
+        .unwrap();
+        BreakingRegistry {
+            server,
+            served,
+            layer_gets,
+        }
+    }
+}
+
+/// A layer download that breaks off goes on from the byte it stopped at (`Range`), so the
+/// registry serves each byte once; a registry that ignores `Range` sends the whole blob
+/// again and the part already received is skipped. Either way the digest covers every byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layer_download_that_breaks_off_resumes_where_it_stopped() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let spec = fixtures::image::ImageSpec::new(vec![fixtures::image::Layer::new(vec![
+        fixtures::image::Entry::file("noise", 0o644, catalog::noise(3, 1 << 20)),
+    ])]);
+    let built = spec.build().unwrap();
+    let len = built.layers[0].blob.bytes.len();
+    let imaged = Imaged::start().await;
+    for (honour_range, served) in [(true, len), (false, len / 3 + len)] {
+        let registry = BreakingRegistry::start(&built, honour_range);
+        let image = format!("{}/broken/layer:v1", registry.server.addr());
+        assert_eq!(imaged.pull(&image).await.unwrap(), built.id(), "{image}");
+        assert_tree(&spec.expected_tree(), &imaged.rootfs(&image).await, &image);
+        assert_eq!(
+            registry.layer_gets.load(SeqCst),
+            2,
+            "Range honoured: {honour_range}"
+        );
+        assert_eq!(
+            registry.served.load(SeqCst),
+            served,
+            "Range honoured: {honour_range}"
+        );
+        imaged.remove(&image).await;
+    }
+}
