@@ -103,6 +103,7 @@ image_pull_request_timeout = "30s"
 image_pull_min_rate = 1024
 image_pull_min_rate_window = "1m"
 max_image_layers = 500
+metrics_address = "127.0.0.1:9191"
 [registry]
 config_path = "/etc/imaged/certs.d:/etc/containerd/certs.d"
 [image_decryption]

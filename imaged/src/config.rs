@@ -47,6 +47,7 @@ struct RawConfig {
     state: Option<PathBuf>,
     address: Option<PathBuf>,
     socket_group: Option<String>,
+    metrics_address: Option<String>,
     snapshotter: Option<Backend>,
     max_concurrent_downloads: Option<usize>,
     image_pull_progress_timeout: Option<String>,
@@ -91,6 +92,10 @@ pub struct Config {
     /// can reach the daemon; by default the daemon's own group.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub socket_group: Option<String>,
+    /// A TCP address (`127.0.0.1:9191`) on which `GET /metrics` answers with Prometheus
+    /// metrics (OpenMetrics text); unset, there is no endpoint.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_address: Option<String>,
     /// Where layers are unpacked: `overlayfs` (the default), `btrfs` (the root must be on
     /// btrfs) or `native` (plain copies, any filesystem). Images are shared; each
     /// snapshotter keeps its own snapshots under `<root>/snapshots/<name>`.
@@ -247,6 +252,15 @@ impl Config {
                 });
             }
         }
+        if let Some(address) = &raw.metrics_address
+            && address.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                key: "metrics_address",
+                message: format!("{address:?} is not an address like \"127.0.0.1:9191\""),
+            });
+        }
         let config = Self::resolve(raw);
         config
             .socket_gid()
@@ -274,6 +288,7 @@ impl Config {
             state,
             address,
             socket_group: raw.socket_group,
+            metrics_address: raw.metrics_address,
             snapshotter: raw.snapshotter.unwrap_or(Backend::Overlayfs),
             max_concurrent_downloads: raw.max_concurrent_downloads.unwrap_or(3),
             image_pull_progress_timeout: raw
@@ -486,6 +501,7 @@ mod tests {
                 "image_pull_min_rate_window",
             ),
             ("image_pull_min_rate = -1\n", "image_pull_min_rate"),
+            ("metrics_address = \"localhost\"\n", "metrics_address"),
         ] {
             let err = load(text).unwrap_err().to_string();
             assert!(err.contains(key), "{err}");

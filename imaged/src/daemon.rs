@@ -8,6 +8,7 @@ use crate::cri::CriImageService;
 use crate::images::{ImageStore, ImageStoreError};
 use crate::internal_api::InternalApi;
 use crate::manifest::HostPlatform;
+use crate::metrics::Metrics;
 use crate::pull::{EXTRACT_KEY_PREFIX, PullSettings};
 use crate::registry::Registry;
 use crate::service::ImageService;
@@ -72,6 +73,8 @@ const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 /// A daemon ready to serve.
 pub struct Daemon {
     service: Arc<ImageService>,
+    /// The metrics endpoint's socket, bound at start so a taken port fails the start.
+    metrics: Option<(tokio::net::TcpListener, Arc<Metrics>)>,
     address: PathBuf,
     socket_gid: Option<u32>,
     gc_interval: Option<std::time::Duration>,
@@ -98,8 +101,13 @@ impl Daemon {
         drop_unfinished_extractions(snapshotter.as_ref())?;
         let retired = recover_retired(retired);
         warn_overlapping_processors(config);
+        let metrics = Arc::new(Metrics::default());
         let settings = PullSettings {
-            registry: Registry::new(&config.registry.config_path, config.deadlines()),
+            registry: Registry::new(
+                &config.registry.config_path,
+                config.deadlines(),
+                metrics.clone(),
+            ),
             processors: config.processors()?,
             max_concurrent_downloads: config.max_concurrent_downloads,
             discard_unpacked_layers: config.discard_unpacked_layers,
@@ -115,12 +123,18 @@ impl Daemon {
             retired,
             settings,
             &config.pinned_images,
+            metrics.clone(),
         ));
         if let Err(e) = service.collect_garbage().await {
             tracing::warn!(error = %e, "start-up garbage collection failed");
         }
+        let metrics = match &config.metrics_address {
+            Some(address) => Some((bind_metrics(address).await?, metrics)),
+            None => None,
+        };
         Ok(Self {
             service,
+            metrics,
             address: config.address.clone(),
             socket_gid: config.socket_gid().map_err(|message| StartError::Io {
                 path: config.address.clone(),
@@ -150,6 +164,14 @@ impl Daemon {
         let collector = self
             .gc_interval
             .map(|every| tokio::spawn(collect_every(self.service.clone(), every)));
+        let exporter = self.metrics.map(|(listener, metrics)| {
+            let service = self.service.clone();
+            let figures = move || {
+                let service = service.clone();
+                async move { service.store_figures().await }
+            };
+            tokio::spawn(crate::metrics::serve(listener, metrics, figures))
+        });
         let internal = InternalApi::new(self.service.clone());
         let (stopping, stopped) = tokio::sync::oneshot::channel();
         let shutdown = async move {
@@ -180,8 +202,8 @@ impl Daemon {
                 Ok(())
             }
         };
-        if let Some(collector) = collector {
-            collector.abort();
+        for task in collector.into_iter().chain(exporter) {
+            task.abort();
         }
         let _ = std::fs::remove_file(&self.address);
         result.map_err(|e| StartError::Serve {
@@ -189,6 +211,19 @@ impl Daemon {
             message: plumbing::error_chain(&e),
         })
     }
+}
+
+async fn bind_metrics(address: &str) -> Result<tokio::net::TcpListener, StartError> {
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(|source| StartError::Io {
+            path: PathBuf::from(address),
+            source,
+        })?;
+    if let Ok(bound) = listener.local_addr() {
+        tracing::info!(address = %bound, "serving metrics");
+    }
+    Ok(listener)
 }
 
 /// Collects garbage every `every`, for what no RemoveImage leads to: the documents of pulls

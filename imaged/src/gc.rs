@@ -75,6 +75,8 @@ impl Drop for Lease {
 pub struct Collected {
     /// Blobs deleted.
     pub blobs: usize,
+    /// Bytes of the blobs deleted.
+    pub blob_bytes: u64,
     /// Snapshots removed.
     pub snapshots: usize,
 }
@@ -94,8 +96,10 @@ pub async fn collect(
         let (mut blobs, mut chains) = images.referenced();
         blobs.extend(leased.iter().cloned());
         chains.extend(leased);
+        let (swept, blob_bytes) = sweep_blobs(&content, &blobs)?;
         let mut collected = Collected {
-            blobs: sweep_blobs(&content, &blobs)?,
+            blobs: swept,
+            blob_bytes,
             snapshots: 0,
         };
         for snapshotter in &snapshotters {
@@ -109,15 +113,17 @@ pub async fn collect(
     result
 }
 
-fn sweep_blobs(content: &ContentStore, blobs: &HashSet<Digest>) -> Result<usize, GcError> {
-    let mut deleted = 0;
+/// Deletes the blobs not in `blobs`; returns how many went and their bytes.
+fn sweep_blobs(content: &ContentStore, blobs: &HashSet<Digest>) -> Result<(usize, u64), GcError> {
+    let (mut deleted, mut bytes) = (0, 0);
     for digest in content.list()? {
         if !blobs.contains(&digest) {
+            bytes += std::fs::metadata(content.path(&digest)).map_or(0, |m| m.len());
             content.delete(&digest)?;
             deleted += 1;
         }
     }
-    Ok(deleted)
+    Ok((deleted, bytes))
 }
 
 /// Removes the committed snapshots whose name is no referenced chain, children first, and
@@ -202,7 +208,10 @@ mod tests {
 
         let blobs = HashSet::from([Digest::of(kept)]);
         let chains = HashSet::from([Digest::parse(&chain("base")).unwrap()]);
-        assert_eq!(sweep_blobs(&content, &blobs).unwrap(), 1);
+        assert_eq!(
+            sweep_blobs(&content, &blobs).unwrap(),
+            (1, dropped.len() as u64)
+        );
         assert_eq!(sweep_snapshots(&snapshotter, &chains).unwrap(), 3);
 
         assert_eq!(content.list().unwrap(), vec![Digest::of(kept)]);
@@ -226,7 +235,10 @@ mod tests {
         let snapshotter = MemorySnapshotter::default();
         let name = Digest::of(b"chain");
         commit(&snapshotter, name.as_str(), None);
-        assert_eq!(sweep_blobs(&content, &HashSet::from([blob])).unwrap(), 0);
+        assert_eq!(
+            sweep_blobs(&content, &HashSet::from([blob])).unwrap(),
+            (0, 0)
+        );
         assert_eq!(
             sweep_snapshots(&snapshotter, &HashSet::from([name])).unwrap(),
             0

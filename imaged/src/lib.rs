@@ -23,6 +23,7 @@ pub mod images;
 pub mod internal_api;
 pub mod locks;
 pub mod manifest;
+pub mod metrics;
 pub mod pull;
 pub mod reference;
 pub mod registry;

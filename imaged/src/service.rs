@@ -6,6 +6,7 @@ use crate::digest::Digest;
 use crate::error::Error;
 use crate::gc::{self, Leases};
 use crate::images::{ImageRecord, ImageStore, NamedImage};
+use crate::metrics::{Metrics, StoreFigures};
 use crate::pull::{EXTRACT_KEY_PREFIX, Progress, PullSettings, Puller};
 use crate::reference::Reference;
 use crate::registry::auth::Credentials;
@@ -30,6 +31,7 @@ pub struct ImageService {
     /// image, and a few comparisons beat hashing each of its names).
     pinned: Vec<String>,
     fs_usage: FsUsage,
+    metrics: Arc<Metrics>,
 }
 
 /// How long ImageFsInfo reuses a walk of an unchanged store: containerd's period for
@@ -57,7 +59,7 @@ impl FsUsage {
 impl ImageService {
     /// A service over the given stores, unpacking into `snapshotter` and pulling with
     /// `settings`; `retired` are snapshotters whose leftovers only the garbage collector
-    /// sees, and `pinned` lists image names reported as pinned.
+    /// sees, `pinned` lists image names reported as pinned, and `metrics` counts the work.
     pub fn new(
         content: Arc<ContentStore>,
         images: Arc<ImageStore>,
@@ -65,6 +67,7 @@ impl ImageService {
         retired: Vec<Arc<dyn Snapshotter>>,
         settings: PullSettings,
         pinned: &[String],
+        metrics: Arc<Metrics>,
     ) -> Self {
         let pinned = pinned
             .iter()
@@ -88,6 +91,7 @@ impl ImageService {
             puller,
             pinned,
             fs_usage: FsUsage::default(),
+            metrics,
         }
     }
 
@@ -98,6 +102,7 @@ impl ImageService {
         credentials: Credentials,
         progress: Progress,
     ) -> Result<String, Error> {
+        let timer = self.metrics.pull_started();
         let reference = Reference::parse(image)?;
         // The pull runs in its own task so a caller that goes away cannot leave it half done.
         let puller = self.puller.clone();
@@ -106,7 +111,9 @@ impl ImageService {
             .await
             .expect("pull task");
         self.fs_usage.changed();
-        Ok(pulled?.id.to_string())
+        let pulled = pulled?;
+        timer.succeeded();
+        Ok(pulled.id.to_string())
     }
 
     /// The CRI view of an image (`None` if nothing matches) and, when `verbose`, its
@@ -175,6 +182,11 @@ impl ImageService {
         )
         .await?;
         self.fs_usage.changed();
+        self.metrics.collected(
+            collected.blobs as u64,
+            collected.blob_bytes,
+            collected.snapshots as u64,
+        );
         tracing::debug!(?collected, "garbage collected");
         Ok(())
     }
@@ -213,6 +225,31 @@ impl ImageService {
             }),
             used_bytes: Some(cri::UInt64Value { value: bytes }),
             inodes_used: Some(cri::UInt64Value { value: inodes }),
+        }
+    }
+
+    /// The store's figures for a metrics scrape: blobs listed and sized, snapshots counted
+    /// from metadata, the snapshotter directory's bytes as ImageFsInfo has them.
+    pub async fn store_figures(&self) -> StoreFigures {
+        let content = self.content.clone();
+        let snapshotter = self.snapshotter.clone();
+        let (blobs, blob_bytes, snapshots) = plumbing::blocking(move || {
+            let digests = content.list().unwrap_or_default();
+            let bytes: u64 = digests
+                .iter()
+                .filter_map(|d| std::fs::metadata(content.path(d)).ok())
+                .map(|m| m.len())
+                .sum();
+            let mut snapshots = 0;
+            let _ = snapshotter.walk(&mut |_| snapshots += 1);
+            (digests.len() as u64, bytes, snapshots)
+        })
+        .await;
+        StoreFigures {
+            blobs,
+            blob_bytes,
+            snapshots,
+            snapshot_bytes: self.fs_usage().await.size,
         }
     }
 

@@ -8,6 +8,7 @@ pub mod auth;
 pub mod hosts;
 
 use crate::digest::Digest;
+use crate::metrics::Metrics;
 use crate::reference::{DOCKER_HUB, DOCKER_HUB_API, Reference};
 use auth::{Challenge, Credentials};
 use bytes::Bytes;
@@ -130,17 +131,19 @@ pub struct MinRate {
 pub struct Registry {
     config_path: String,
     deadlines: Deadlines,
+    metrics: Arc<Metrics>,
     clients: Mutex<HashMap<String, reqwest::Client>>,
     tokens: Mutex<HashMap<String, String>>,
 }
 
 impl Registry {
     /// A client reading hosts.toml files under `config_path`, holding registries to
-    /// `deadlines`.
-    pub fn new(config_path: &str, deadlines: Deadlines) -> Arc<Self> {
+    /// `deadlines`, counting what it receives in `metrics`.
+    pub fn new(config_path: &str, deadlines: Deadlines, metrics: Arc<Metrics>) -> Arc<Self> {
         Arc::new(Self {
             config_path: config_path.to_string(),
             deadlines,
+            metrics,
             clients: Mutex::default(),
             tokens: Mutex::default(),
         })
@@ -301,9 +304,10 @@ impl Session {
         let what = format!("blob {digest} of {}", self.reference);
         self.each_host(&what, false, |endpoint| async move {
             let response = self.get(&endpoint, Object::Blob(digest), None, 0).await?;
-            let url = response.url().to_string();
+            let url = response.url().clone();
             let bytes = read_limited(response, limit, Some(size)).await?;
-            verify(&bytes, digest, &url)?;
+            self.count(&url, &bytes);
+            verify(&bytes, digest, url.as_str())?;
             Ok(bytes)
         })
         .await
@@ -336,6 +340,7 @@ impl Session {
         Ok(BlobBody {
             response,
             host,
+            metrics: self.registry.metrics.clone(),
             skip,
             pace: self.registry.deadlines.min_rate.map(Pace::new),
         })
@@ -367,11 +372,12 @@ impl Session {
                 .get(CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string);
-            let url = response.url().to_string();
+            let url = response.url().clone();
             let bytes = read_limited(response, MANIFEST_LIMIT, size).await?;
+            self.count(&url, &bytes);
             let digest = match expected {
                 Some(d) => {
-                    verify(&bytes, d, &url)?;
+                    verify(&bytes, d, url.as_str())?;
                     d.clone()
                 }
                 None => Digest::of(&bytes),
@@ -383,6 +389,12 @@ impl Session {
             })
         })
         .await
+    }
+
+    fn count(&self, url: &reqwest::Url, bytes: &[u8]) {
+        self.registry
+            .metrics
+            .fetched(url.authority(), bytes.len() as u64);
     }
 
     async fn each_host<T, F, Fut>(
@@ -654,6 +666,7 @@ pub struct BodyError {
 pub struct BlobBody {
     response: Response,
     host: String,
+    metrics: Arc<Metrics>,
     /// Bytes at the start that the caller already has (a `Range` the registry ignored).
     skip: u64,
     pace: Option<Pace>,
@@ -666,6 +679,7 @@ impl BlobBody {
             let Some(mut chunk) = self.next().await? else {
                 return Ok(None);
             };
+            self.metrics.fetched(&self.host, chunk.len() as u64);
             let skipped = self.skip.min(chunk.len() as u64);
             self.skip -= skipped;
             let _ = chunk.split_to(skipped as usize);

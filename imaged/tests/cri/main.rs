@@ -9,6 +9,7 @@ mod errors;
 mod files;
 mod harness;
 mod internal;
+mod metrics;
 mod mirrors;
 mod mount;
 mod names;
