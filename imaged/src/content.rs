@@ -2,6 +2,9 @@
 //!
 //! Blobs are written to a private ingest directory, checked against the expected size and
 //! digest, synced and only then renamed into place, so nothing unverified is ever visible.
+//! What a download that broke off had received (the process killed, the connection given
+//! up) is kept as `<root>/content/partial/<hex>`, and the next writer of that blob starts
+//! from it, so only the rest is fetched; partials unused for [`PARTIAL_MAX_AGE`] go.
 
 use crate::digest::Digest;
 use sha2::{Digest as _, Sha256};
@@ -56,16 +59,31 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ContentError + '_ {
 pub struct ContentStore {
     blobs: PathBuf,
     ingest: PathBuf,
+    partial: PathBuf,
     next_ingest: AtomicU64,
 }
 
+/// How long the bytes of a download that broke off are kept for the next one.
+pub const PARTIAL_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
+
 impl ContentStore {
-    /// Opens (creating) the store and drops partial downloads left by an earlier process.
+    /// Opens (creating) the store; the downloads an earlier process left in the ingest area
+    /// are kept as partials for the next download of their blob.
     pub fn open(root: &Path) -> Result<Self, ContentError> {
         let store = Self::open_as_found(root)?;
         let ingest = &store.ingest;
-        fs::remove_dir_all(ingest).map_err(io_err(ingest))?;
-        fs::create_dir_all(ingest).map_err(io_err(ingest))?;
+        for entry in fs::read_dir(ingest).map_err(io_err(ingest))? {
+            let dir = entry.map_err(io_err(ingest))?.path();
+            let name = dir.file_name().unwrap_or_default().to_string_lossy();
+            if let Some(Ok(digest)) = name
+                .split('-')
+                .next()
+                .map(|hex| Digest::parse(&format!("sha256:{hex}")))
+            {
+                store.keep_partial(&digest, &dir.join("data"));
+            }
+            fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
+        }
         Ok(store)
     }
 
@@ -73,14 +91,36 @@ impl ContentStore {
     pub fn open_as_found(root: &Path) -> Result<Self, ContentError> {
         let blobs = root.join("content/blobs/sha256");
         let ingest = root.join("content/ingest");
-        for dir in [&blobs, &ingest] {
+        let partial = root.join("content/partial");
+        for dir in [&blobs, &ingest, &partial] {
             fs::create_dir_all(dir).map_err(io_err(dir))?;
         }
         Ok(Self {
             blobs,
             ingest,
+            partial,
             next_ingest: AtomicU64::new(0),
         })
+    }
+
+    /// Keeps `data`, a download of `digest` that broke off, unless a longer one is kept.
+    fn keep_partial(&self, digest: &Digest, data: &Path) {
+        keep_partial(&self.partial, digest, data);
+    }
+
+    /// Removes the partials not used for `max_age`; returns how many went.
+    pub fn drop_stale_partials(&self, max_age: std::time::Duration) -> Result<usize, ContentError> {
+        let mut dropped = 0;
+        for entry in fs::read_dir(&self.partial).map_err(io_err(&self.partial))? {
+            let path = entry.map_err(io_err(&self.partial))?.path();
+            let stale = fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .is_ok_and(|at| at.elapsed().is_ok_and(|age| age > max_age));
+            if stale && fs::remove_file(&path).is_ok() {
+                dropped += 1;
+            }
+        }
+        Ok(dropped)
     }
 
     /// The directory of committed blobs, each named by its hex digest.
@@ -130,7 +170,8 @@ impl ContentStore {
         writer.commit()
     }
 
-    /// Starts an ingest of a blob expected to be `size` bytes hashing to `digest`.
+    /// Starts an ingest of a blob expected to be `size` bytes hashing to `digest`, from the
+    /// partial download of it if one is kept ([`Writer::written`] says how far it got).
     pub fn writer(&self, digest: &Digest, size: u64) -> Result<Writer, ContentError> {
         let n = self.next_ingest.fetch_add(1, Ordering::Relaxed);
         let dir = self
@@ -138,17 +179,34 @@ impl ContentStore {
             .join(format!("{}-{}-{n}", digest.hex(), std::process::id()));
         fs::create_dir(&dir).map_err(io_err(&dir))?;
         let data = dir.join("data");
-        let file = File::create(&data).map_err(io_err(&data))?;
+        // Taken by a rename, so two writers of one blob never share a partial.
+        let resumed = fs::rename(self.partial.join(digest.hex()), &data).is_ok();
+        let (file, hasher, written) = match resumed.then(|| hash_prefix(&data, size)).flatten() {
+            Some((hasher, written)) => {
+                let file = fs::OpenOptions::new().append(true).open(&data);
+                (file.map_err(io_err(&data))?, hasher, written)
+            }
+            None => (
+                File::create(&data).map_err(io_err(&data))?,
+                Sha256::new(),
+                0,
+            ),
+        };
+        if written > 0 {
+            tracing::debug!(%digest, written, "resuming a download that broke off");
+        }
         Ok(Writer {
             file: BufWriter::with_capacity(64 * 1024, file),
-            hasher: Sha256::new(),
-            written: 0,
+            hasher,
+            written,
             digest: digest.clone(),
             size,
             target: self.path(digest),
+            partial: self.partial.clone(),
             dir,
             checked: false,
             committed: false,
+            poisoned: false,
         })
     }
 
@@ -184,9 +242,12 @@ pub struct Writer {
     digest: Digest,
     size: u64,
     target: PathBuf,
+    partial: PathBuf,
     dir: PathBuf,
     checked: bool,
     committed: bool,
+    /// More than the size arrived, or the digest did not match: nothing worth keeping.
+    poisoned: bool,
 }
 
 impl Writer {
@@ -194,6 +255,7 @@ impl Writer {
     pub fn write(&mut self, chunk: &[u8]) -> Result<(), ContentError> {
         self.written += chunk.len() as u64;
         if self.written > self.size {
+            self.poisoned = true;
             return Err(ContentError::SizeMismatch {
                 digest: self.digest.clone(),
                 expected: self.size,
@@ -218,6 +280,7 @@ impl Writer {
         }
         let actual = Digest::from_hasher(std::mem::take(&mut self.hasher));
         if actual != self.digest {
+            self.poisoned = true;
             return Err(ContentError::DigestMismatch {
                 expected: self.digest.clone(),
                 actual,
@@ -234,6 +297,16 @@ impl Writer {
         File::open(&data).map_err(io_err(&data))
     }
 
+    /// The file the ingest writes.
+    pub fn path(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    /// Bytes of the blob the ingest holds: from a partial download at first, then growing.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
     /// Checks size and digest, syncs, and renames the blob into the store.
     pub fn commit(mut self) -> Result<(), ContentError> {
         self.check()?;
@@ -248,10 +321,39 @@ impl Writer {
 
 impl Drop for Writer {
     fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.dir);
         if !self.committed {
-            tracing::debug!(digest = %self.digest, "ingest abandoned");
+            tracing::debug!(digest = %self.digest, written = self.written, "ingest abandoned");
+            if !self.poisoned && self.written < self.size && self.file.flush().is_ok() {
+                keep_partial(&self.partial, &self.digest, &self.dir.join("data"));
+            }
         }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Moves `data` to `partial/<hex>` unless it is empty or a longer partial is there.
+fn keep_partial(partial: &Path, digest: &Digest, data: &Path) {
+    let len = |path: &Path| fs::metadata(path).map_or(0, |m| m.len());
+    let kept = partial.join(digest.hex());
+    if len(data) > len(&kept) {
+        let _ = fs::rename(data, &kept);
+    }
+}
+
+/// The hash of a partial download's bytes and their count; `None` when it is not shorter
+/// than the blob (then it cannot be a prefix worth resuming from) or cannot be read.
+fn hash_prefix(data: &Path, size: u64) -> Option<(Sha256, u64)> {
+    let mut file = File::open(data).ok()?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0; 1 << 20];
+    let mut copied = 0;
+    loop {
+        let n = io::Read::read(&mut file, &mut buffer).ok()?;
+        if n == 0 {
+            return (copied < size).then_some((hasher, copied));
+        }
+        hasher.update(&buffer[..n]);
+        copied += n as u64;
     }
 }
 
@@ -273,6 +375,67 @@ mod tests {
         assert!(!store.contains(&claimed));
         let ingest = fs::read_dir(root.path().join("content/ingest")).unwrap();
         assert_eq!(ingest.count(), 0);
+    }
+
+    #[test]
+    fn a_download_that_broke_off_is_resumed_by_the_next_writer_of_its_blob() {
+        let root = tempfile::tempdir().unwrap();
+        let blob = b"0123456789abcdef";
+        let digest = Digest::of(blob);
+        let store = ContentStore::open(root.path()).unwrap();
+        let mut first = store.writer(&digest, 16).unwrap();
+        first.write(&blob[..6]).unwrap();
+        drop(first);
+        let partial = root.path().join("content/partial").join(digest.hex());
+        assert_eq!(fs::read(&partial).unwrap(), &blob[..6]);
+
+        // A process that stopped mid-download leaves its ingest; the next start keeps it.
+        let mut second = store.writer(&digest, 16).unwrap();
+        assert_eq!(second.written(), 6);
+        assert!(!partial.exists(), "a partial serves one writer");
+        second.write(&blob[6..10]).unwrap();
+        second.reopen().unwrap();
+        std::mem::forget(second);
+        let store = ContentStore::open(root.path()).unwrap();
+        assert_eq!(fs::read(&partial).unwrap(), &blob[..10]);
+        let mut third = store.writer(&digest, 16).unwrap();
+        assert_eq!(third.written(), 10);
+        third.write(&blob[10..]).unwrap();
+        third.commit().unwrap();
+        assert_eq!(store.read(&digest).unwrap(), blob);
+        assert_eq!(
+            fs::read_dir(root.path().join("content/ingest"))
+                .unwrap()
+                .count(),
+            0
+        );
+    }
+
+    #[test]
+    fn a_download_that_proved_wrong_is_not_kept() {
+        let root = tempfile::tempdir().unwrap();
+        let store = ContentStore::open(root.path()).unwrap();
+        let digest = Digest::of(b"abc");
+        let mut w = store.writer(&digest, 3).unwrap();
+        w.write(b"abd").unwrap();
+        assert!(w.check().is_err());
+        drop(w);
+        let mut w = store.writer(&digest, 2).unwrap();
+        assert!(w.write(b"abc").is_err());
+        drop(w);
+        assert_eq!(
+            fs::read_dir(root.path().join("content/partial"))
+                .unwrap()
+                .count(),
+            0
+        );
+        assert_eq!(store.writer(&digest, 3).unwrap().written(), 0);
+        assert_eq!(
+            store
+                .drop_stale_partials(std::time::Duration::ZERO)
+                .unwrap(),
+            0
+        );
     }
 
     #[test]

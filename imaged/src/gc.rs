@@ -97,6 +97,7 @@ pub async fn collect(
         blobs.extend(leased.iter().cloned());
         chains.extend(leased);
         let (swept, blob_bytes) = sweep_blobs(&content, &blobs)?;
+        content.drop_stale_partials(crate::content::PARTIAL_MAX_AGE)?;
         let mut collected = Collected {
             blobs: swept,
             blob_bytes,

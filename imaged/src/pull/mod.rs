@@ -683,19 +683,21 @@ impl Puller {
                 digest: layer.digest.clone(),
             });
         };
-        let response = session.blob(&layer.digest).await?;
-        let writer = self
-            .content
-            .writer(&layer.digest, layer.size)
+        // Blocking: a partial download to resume from is hashed first.
+        let (content, digest, size) = (self.content.clone(), layer.digest.clone(), layer.size);
+        let writer = plumbing::blocking(move || content.writer(&digest, size))
+            .await
             .map_err(|source| PullError::Blob {
                 digest: layer.digest.clone(),
                 source,
             })?;
+        let response = session.blob_from(&layer.digest, writer.written()).await?;
         let rx = pump(
             response,
             session.clone(),
             layer.clone(),
             job.progress.clone(),
+            writer.written(),
         );
         Ok((rx, writer))
     }

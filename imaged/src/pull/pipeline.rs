@@ -61,18 +61,20 @@ const RESUMES: u32 = 3;
 /// Forwards the HTTP body in [`CHUNK`]-sized chunks. Copying out of hyper's buffers lets
 /// hyper reuse them at once, instead of each queued chunk pinning a whole read buffer. A
 /// body that breaks off is asked for again from the byte it stopped at, so the stages after
-/// this one see one unbroken stream (and the digest still covers every byte).
+/// this one see one unbroken stream (and the digest still covers every byte). `body` starts
+/// at byte `from`, the bytes before being the ingest's already.
 pub(super) fn pump(
     mut body: BlobBody,
     session: Session,
     layer: LayerRecord,
     progress: Progress,
+    from: u64,
 ) -> mpsc::Receiver<io::Result<Bytes>> {
     const REPORT_EVERY: u64 = 1 << 20;
     let (tx, rx) = mpsc::channel(QUEUE);
     tokio::spawn(async move {
-        let mut received = 0u64;
-        let mut reported = 0u64;
+        let mut received = from;
+        let mut reported = from;
         let mut resumed = 0;
         let mut buffer = BytesMut::with_capacity(CHUNK);
         loop {
@@ -271,6 +273,11 @@ fn ingest(
         digest: layer.digest.clone(),
         source,
     };
+    if let Some(tx) = &forward
+        && writer.written() > 0
+    {
+        forward_resumed(&mut writer, tx).map_err(blob_error)?;
+    }
     while let Some(item) = rx.blocking_recv() {
         let chunk = match item {
             Ok(chunk) => chunk,
@@ -300,6 +307,32 @@ fn ingest(
     drop(forward);
     writer.check().map_err(blob_error)?;
     Ok(writer)
+}
+
+/// Sends the decoder what a resumed download had received before, read back from the
+/// ingest, ahead of what the registry sends now.
+fn forward_resumed(
+    writer: &mut Writer,
+    tx: &SyncSender<io::Result<Bytes>>,
+) -> Result<(), ContentError> {
+    let mut file = writer.reopen()?;
+    let mut left = writer.written();
+    while left > 0 {
+        let mut chunk = vec![0; CHUNK.min(left as usize)];
+        let read = file.read(&mut chunk).map_err(|source| ContentError::Io {
+            path: writer.path(),
+            source,
+        })?;
+        if read == 0 {
+            break;
+        }
+        chunk.truncate(read);
+        left -= read as u64;
+        if tx.send(Ok(Bytes::from(chunk))).is_err() {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// Runs the processor chain over the blob and sends the plain tar stream on in chunks,

@@ -364,23 +364,32 @@ async fn discarded_layer_blobs_are_neither_kept_nor_needed_again() {
     );
 }
 
-/// A registry whose layer download breaks off after a third of the blob, once, counting the
-/// layer bytes it serves; it answers `Range` requests unless told to ignore them.
+/// How a [`BreakingRegistry`] ends its first answer for the layer.
+#[derive(Clone, Copy)]
+enum Break {
+    /// The connection closes after a third of the blob.
+    Cut,
+    /// The connection goes silent after half of the blob, until the client closes it.
+    Hold,
+}
+
+/// A registry whose first layer download breaks off, counting the layer bytes it serves and
+/// the range each request asked for; it answers `Range` requests unless told to ignore them.
 struct BreakingRegistry {
     server: fixtures::http::Server,
     served: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    layer_gets: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    ranges: std::sync::Arc<std::sync::Mutex<Vec<Option<usize>>>>,
 }
 
 impl BreakingRegistry {
-    fn start(built: &fixtures::image::Built, honour_range: bool) -> Self {
+    fn start(built: &fixtures::image::Built, first: Break, honour_range: bool) -> Self {
         use fixtures::http::Response;
         use std::sync::atomic::Ordering::SeqCst;
         let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let layer_gets = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let ranges = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let (manifest, config) = (built.manifest.clone(), built.config.clone());
         let layer = built.layers[0].blob.clone();
-        let (counted, gets) = (served.clone(), layer_gets.clone());
+        let (counted, asked) = (served.clone(), ranges.clone());
         let server = fixtures::http::Server::start(move |request| {
             let path = request.path();
             let blob = |bytes: &[u8]| Response::new(200).with_body(bytes.to_vec());
@@ -395,15 +404,21 @@ impl BreakingRegistry {
                 return Response::new(if path == "/v2/" { 200 } else { 404 });
             }
             let len = layer.bytes.len();
-            if gets.fetch_add(1, SeqCst) == 0 {
-                counted.fetch_add(len / 3, SeqCst);
-                return blob(&layer.bytes).cut_after(len / 3);
-            }
             let from = request
                 .header("range")
                 .and_then(|r| r.strip_prefix("bytes="))
                 .and_then(|r| r.strip_suffix('-'))
                 .and_then(|r| r.parse::<usize>().ok());
+            let mut asked = asked.lock().unwrap();
+            asked.push(from);
+            if asked.len() == 1 {
+                let (sent, response) = match first {
+                    Break::Cut => (len / 3, blob(&layer.bytes).cut_after(len / 3)),
+                    Break::Hold => (len / 2, blob(&layer.bytes).hold_after(len / 2)),
+                };
+                counted.fetch_add(sent, SeqCst);
+                return response;
+            }
             match from.filter(|_| honour_range) {
                 Some(from) => {
                     counted.fetch_add(len - from, SeqCst);
@@ -421,9 +436,23 @@ impl BreakingRegistry {
         BreakingRegistry {
             server,
             served,
-            layer_gets,
+            ranges,
         }
     }
+
+    fn served(&self) -> usize {
+        self.served.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn ranges(&self) -> Vec<Option<usize>> {
+        self.ranges.lock().unwrap().clone()
+    }
+}
+
+fn noise_image(len: usize) -> fixtures::image::ImageSpec {
+    fixtures::image::ImageSpec::new(vec![fixtures::image::Layer::new(vec![
+        fixtures::image::Entry::file("noise", 0o644, catalog::noise(3, len)),
+    ])])
 }
 
 /// A layer download that breaks off goes on from the byte it stopped at (`Range`), so the
@@ -431,28 +460,69 @@ impl BreakingRegistry {
 /// again and the part already received is skipped. Either way the digest covers every byte.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_layer_download_that_breaks_off_resumes_where_it_stopped() {
-    use std::sync::atomic::Ordering::SeqCst;
-    let spec = fixtures::image::ImageSpec::new(vec![fixtures::image::Layer::new(vec![
-        fixtures::image::Entry::file("noise", 0o644, catalog::noise(3, 1 << 20)),
-    ])]);
+    let spec = noise_image(1 << 20);
     let built = spec.build().unwrap();
     let len = built.layers[0].blob.bytes.len();
     let imaged = Imaged::start().await;
     for (honour_range, served) in [(true, len), (false, len / 3 + len)] {
-        let registry = BreakingRegistry::start(&built, honour_range);
+        let registry = BreakingRegistry::start(&built, Break::Cut, honour_range);
         let image = format!("{}/broken/layer:v1", registry.server.addr());
         assert_eq!(imaged.pull(&image).await.unwrap(), built.id(), "{image}");
         assert_tree(&spec.expected_tree(), &imaged.rootfs(&image).await, &image);
         assert_eq!(
-            registry.layer_gets.load(SeqCst),
-            2,
+            registry.ranges(),
+            [None, Some(len / 3)],
             "Range honoured: {honour_range}"
         );
-        assert_eq!(
-            registry.served.load(SeqCst),
-            served,
-            "Range honoured: {honour_range}"
-        );
+        assert_eq!(registry.served(), served, "Range honoured: {honour_range}");
         imaged.remove(&image).await;
     }
+}
+
+/// imaged killed in the middle of a layer's download: after the restart, the retried pull
+/// asks only for the bytes the ingest did not hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_cut_short_by_a_kill_goes_on_from_its_bytes_after_the_restart() {
+    let spec = noise_image(4 << 20);
+    let built = spec.build().unwrap();
+    let layer = &built.layers[0].blob;
+    let len = layer.bytes.len();
+    let registry = BreakingRegistry::start(&built, Break::Hold, true);
+    let image = format!("{}/broken/layer:v1", registry.server.addr());
+    let mut imaged = Imaged::start().await;
+    let pull = {
+        let mut client = imaged.cri().await;
+        let request = proto::cri::PullImageRequest {
+            image: Some(crate::harness::spec(&image)),
+            ..Default::default()
+        };
+        tokio::spawn(async move { client.pull_image(request).await })
+    };
+    let ingested = || {
+        let ingest = std::fs::read_dir(imaged.root.join("content/ingest")).ok()?;
+        ingest
+            .flatten()
+            .filter_map(|e| std::fs::metadata(e.path().join("data")).ok())
+            .map(|m| m.len())
+            .max()
+    };
+    while ingested().is_none_or(|n| n < 1 << 20) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    imaged.halt();
+    assert!(pull.await.unwrap().is_err());
+
+    let imaged = imaged.resume().await;
+    let partial = imaged
+        .root
+        .join("content/partial")
+        .join(layer.digest.trim_start_matches("sha256:"));
+    let kept = std::fs::metadata(&partial).unwrap().len() as usize;
+    assert!((1 << 20..=len / 2).contains(&kept), "{kept} of {len}");
+    assert_eq!(imaged.pull(&image).await.unwrap(), built.id());
+    assert_tree(&spec.expected_tree(), &imaged.rootfs(&image).await, &image);
+    assert_eq!(registry.ranges(), [None, Some(kept)]);
+    assert_eq!(registry.served(), len / 2 + (len - kept));
+    assert!(!partial.exists());
+    assert_eq!(imaged.check(&[]).0, 0);
 }
