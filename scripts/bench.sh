@@ -4,7 +4,9 @@
 # imaged/examples/cri_latency.rs, and `ctr images pull`), and the raw limit (the same layer
 # blobs decompressed and extracted from local disk, all layers in parallel); then a 10-way
 # concurrent pull, imaged's idle RSS, the round-trip times of a warm PullImage and of
-# ListImages over 1,000 stored images (imaged and containerd, over one connection each), and
+# ListImages over 1,000 stored images (imaged and containerd, over one connection each), the
+# latencies of ImageStatus (200 calls at a time), ListImages and ImageFsInfo while the gzip
+# variant pulls cold into that store, next to the same calls idle, and
 # imaged's cold pulls of an image twice the size (peak RSS must not grow with it), and layer
 # application alone (snapshotters/examples/apply_bench.rs: the same tars applied by the
 # overlay snapshotter and by `tar -x`, all layers at once). Every cold run starts from an
@@ -390,6 +392,14 @@ latency_of() {
 echo "round trips: imaged" >&2
 fresh_imaged
 latency_of "$socket" imaged
+# ImageStatus (200 calls at a time), ListImages and ImageFsInfo while bench/gzip pulls cold
+# into the store of 1,000 images, next to the same calls idle.
+echo "round trips under load: imaged" >&2
+load_out=$("$latency" --socket "$socket" load "${ref[gzip]}" --status "$many:7" --concurrency 200)
+read -r _ idle_status_p50 _ idle_status_p99 _ idle_list_p50 _ idle_list_p99 _ idle_fsinfo_p50 _ idle_fsinfo_p99 _ _ \
+  <<<"$(grep '^idle ' <<<"$load_out")"
+read -r _ load_status_p50 _ load_status_p99 _ load_list_p50 _ load_list_p99 _ load_fsinfo_p50 _ load_fsinfo_p99 _ load_calls _ load_pull_s \
+  <<<"$(grep '^load ' <<<"$load_out")"
 stop_imaged
 echo "round trips: containerd" >&2
 start_containerd
@@ -473,6 +483,10 @@ total_s=$(elapsed "$started")
     "$warm_imaged_p50" "$warm_imaged_p99" "$manifests_imaged" "$warm_containerd_p50" "$warm_containerd_p99" "$manifests_containerd"
   printf '  "list_images_1000_ms": {"imaged": {"p50": %s, "p99": %s}, "containerd": {"p50": %s, "p99": %s}},\n' \
     "$list_imaged_p50" "$list_imaged_p99" "$list_containerd_p50" "$list_containerd_p99"
+  printf '  "under_load_ms": {"status": {"idle_p50": %s, "idle_p99": %s, "load_p50": %s, "load_p99": %s}, "list": {"idle_p50": %s, "idle_p99": %s, "load_p50": %s, "load_p99": %s}, "fs_info": {"idle_p50": %s, "idle_p99": %s, "load_p50": %s, "load_p99": %s}, "status_calls": %s, "pull_s": %s},\n' \
+    "$idle_status_p50" "$idle_status_p99" "$load_status_p50" "$load_status_p99" \
+    "$idle_list_p50" "$idle_list_p99" "$load_list_p50" "$load_list_p99" \
+    "$idle_fsinfo_p50" "$idle_fsinfo_p99" "$load_fsinfo_p50" "$load_fsinfo_p99" "$load_calls" "$load_pull_s"
   printf '  "total_s": %s\n}\n' "$total_s"
 } >>"$json"
 
@@ -491,4 +505,9 @@ printf '%-34s %9s %9s %12s %12s %12s\n' "warm PullImage (1000 images)" "$warm_im
 printf '%-34s %9s %9s %12s %12s %12s\n' "ListImages (1000 images)" "$list_imaged_p50" "$list_imaged_p99" \
   "$list_containerd_p50" "$list_containerd_p99" "$(ratio "$list_imaged_p99" "$list_containerd_p99")"
 printf 'manifest requests per warm pull: imaged %s, containerd %s\n' "$manifests_imaged" "$manifests_containerd"
+printf '\n%-34s %9s %9s %12s %12s\n' "imaged while bench/gzip pulls, ms" idle_p50 idle_p99 load_p50 load_p99
+printf '%-34s %9s %9s %12s %12s\n' "ImageStatus (200 at a time)" "$idle_status_p50" "$idle_status_p99" "$load_status_p50" "$load_status_p99"
+printf '%-34s %9s %9s %12s %12s\n' "ListImages (1000 images)" "$idle_list_p50" "$idle_list_p99" "$load_list_p50" "$load_list_p99"
+printf '%-34s %9s %9s %12s %12s\n' "ImageFsInfo" "$idle_fsinfo_p50" "$idle_fsinfo_p99" "$load_fsinfo_p50" "$load_fsinfo_p99"
+printf '%s status calls during a %ss cold pull\n' "$load_calls" "$load_pull_s"
 printf 'whole benchmark: %ss; JSON in %s\n' "$total_s" "$json"

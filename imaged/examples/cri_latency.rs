@@ -8,10 +8,14 @@
 //! cri_latency --socket S populate --prefix REGISTRY/bench/many --count 1000
 //! cri_latency --socket S warm IMAGE --calls 100
 //! cri_latency --socket S list --calls 1000
+//! cri_latency --socket S load IMAGE --status STORED --concurrency 200
 //! ```
 //!
 //! `once` prints the seconds; `warm` and `list` print `p50_ms P50 p99_ms P99 calls N`
-//! (and `images N` for list).
+//! (and `images N` for list). `load` times ImageStatus (of STORED), ListImages and
+//! ImageFsInfo idle, then again while IMAGE is pulled, with CONCURRENCY status calls at a
+//! time: one line each, `idle` and `load`, of `<call>_p50 P50 <call>_p99 P99` per call
+//! (milliseconds), then `calls N` and, under load, `pull_s S`.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -54,6 +58,16 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         calls: usize,
     },
+    /// Time ImageStatus, ListImages and ImageFsInfo idle, then while IMAGE is pulled.
+    Load {
+        image: String,
+        /// A stored image to ask the status of.
+        #[arg(long)]
+        status: String,
+        /// Status calls in flight at a time while the pull runs.
+        #[arg(long, default_value_t = 200)]
+        concurrency: usize,
+    },
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -82,6 +96,11 @@ async fn main() -> anyhow::Result<()> {
             report(&times, "");
             Ok(())
         }
+        Command::Load {
+            image,
+            status,
+            concurrency,
+        } => load(&client, &image, &status, concurrency).await,
         Command::List { calls } => {
             let images = list(&mut client).await?;
             let times = timed(calls, || {
@@ -93,6 +112,106 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Latencies of the three calls, each sorted.
+#[derive(Default)]
+struct Calls {
+    status: Vec<Duration>,
+    list: Vec<Duration>,
+    fs_info: Vec<Duration>,
+}
+
+impl Calls {
+    fn print(mut self, label: &str, extra: &str) {
+        let mut line = label.to_string();
+        for (name, times) in [
+            ("status", &mut self.status),
+            ("list", &mut self.list),
+            ("fsinfo", &mut self.fs_info),
+        ] {
+            times.sort();
+            line += &format!(
+                " {name}_p50 {:.3} {name}_p99 {:.3}",
+                at(times, 0.5),
+                at(times, 0.99)
+            );
+        }
+        println!("{line} calls {}{extra}", self.status.len());
+    }
+}
+
+async fn load(
+    client: &ImageServiceClient<Channel>,
+    image: &str,
+    stored: &str,
+    concurrency: usize,
+) -> anyhow::Result<()> {
+    let mut idle = Calls::default();
+    for _ in 0..concurrency {
+        idle.status.push(status(client, stored).await?);
+        idle.list.push(time(list(&mut client.clone())).await?);
+        idle.fs_info.push(fs_info(client).await?);
+    }
+    idle.print("idle", "");
+    let started = Instant::now();
+    let mut puller = client.clone();
+    let image = image.to_string();
+    let pull = tokio::spawn(async move { pull(&mut puller, &image).await });
+    let mut busy = Calls::default();
+    while !pull.is_finished() {
+        let wave =
+            futures_util::future::try_join_all((0..concurrency).map(|_| status(client, stored)));
+        let mut lister = client.clone();
+        let (statuses, listed, sized) =
+            tokio::join!(wave, time(list(&mut lister)), fs_info(client));
+        busy.status.extend(statuses?);
+        busy.list.push(listed?);
+        busy.fs_info.push(sized?);
+    }
+    pull.await??;
+    busy.print(
+        "load",
+        &format!(" pull_s {:.3}", started.elapsed().as_secs_f64()),
+    );
+    Ok(())
+}
+
+async fn time<T>(call: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    call.await?;
+    Ok(start.elapsed())
+}
+
+async fn status(client: &ImageServiceClient<Channel>, image: &str) -> anyhow::Result<Duration> {
+    let request = proto::cri::ImageStatusRequest {
+        image: Some(ImageSpec {
+            image: image.to_string(),
+            ..ImageSpec::default()
+        }),
+        verbose: false,
+    };
+    let mut client = client.clone();
+    time(async move {
+        let response = client.image_status(request).await.context("image status")?;
+        response
+            .into_inner()
+            .image
+            .map(drop)
+            .with_context(|| format!("{image} is not stored"))
+    })
+    .await
+}
+
+async fn fs_info(client: &ImageServiceClient<Channel>) -> anyhow::Result<Duration> {
+    let mut client = client.clone();
+    time(async move {
+        client
+            .image_fs_info(proto::cri::ImageFsInfoRequest {})
+            .await
+            .context("image fs info")
+    })
+    .await
 }
 
 async fn populate(
@@ -152,15 +271,20 @@ where
     Ok(times)
 }
 
+/// The `q` quantile of sorted durations, in milliseconds.
+fn at(sorted: &[Duration], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let index = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[index].as_secs_f64() * 1e3
+}
+
 fn report(sorted: &[Duration], extra: &str) {
-    let at = |q: f64| {
-        let index = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
-        sorted[index].as_secs_f64() * 1e3
-    };
     println!(
         "p50_ms {:.3} p99_ms {:.3} calls {}{extra}",
-        at(0.50),
-        at(0.99),
+        at(sorted, 0.50),
+        at(sorted, 0.99),
         sorted.len()
     );
 }
