@@ -396,9 +396,9 @@ latency_of "$socket" imaged
 # into the store of 1,000 images, next to the same calls idle.
 echo "round trips under load: imaged" >&2
 load_out=$("$latency" --socket "$socket" load "${ref[gzip]}" --status "$many:7" --concurrency 200)
-read -r _ idle_status_p50 _ idle_status_p99 _ idle_list_p50 _ idle_list_p99 _ idle_fsinfo_p50 _ idle_fsinfo_p99 _ _ \
+read -r _ _ idle_status_p50 _ idle_status_p99 _ idle_list_p50 _ idle_list_p99 _ idle_fsinfo_p50 _ idle_fsinfo_p99 _ _ \
   <<<"$(grep '^idle ' <<<"$load_out")"
-read -r _ load_status_p50 _ load_status_p99 _ load_list_p50 _ load_list_p99 _ load_fsinfo_p50 _ load_fsinfo_p99 _ load_calls _ load_pull_s \
+read -r _ _ load_status_p50 _ load_status_p99 _ load_list_p50 _ load_list_p99 _ load_fsinfo_p50 _ load_fsinfo_p99 _ load_calls _ load_pull_s \
   <<<"$(grep '^load ' <<<"$load_out")"
 stop_imaged
 echo "round trips: containerd" >&2

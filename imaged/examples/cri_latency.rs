@@ -147,11 +147,10 @@ async fn load(
     stored: &str,
     concurrency: usize,
 ) -> anyhow::Result<()> {
+    // The same waves as under load, a few of them, with nothing else going on.
     let mut idle = Calls::default();
-    for _ in 0..concurrency {
-        idle.status.push(status(client, stored).await?);
-        idle.list.push(time(list(&mut client.clone())).await?);
-        idle.fs_info.push(fs_info(client).await?);
+    for _ in 0..5 {
+        wave(client, stored, concurrency, &mut idle).await?;
     }
     idle.print("idle", "");
     let started = Instant::now();
@@ -160,20 +159,31 @@ async fn load(
     let pull = tokio::spawn(async move { pull(&mut puller, &image).await });
     let mut busy = Calls::default();
     while !pull.is_finished() {
-        let wave =
-            futures_util::future::try_join_all((0..concurrency).map(|_| status(client, stored)));
-        let mut lister = client.clone();
-        let (statuses, listed, sized) =
-            tokio::join!(wave, time(list(&mut lister)), fs_info(client));
-        busy.status.extend(statuses?);
-        busy.list.push(listed?);
-        busy.fs_info.push(sized?);
+        wave(client, stored, concurrency, &mut busy).await?;
     }
     pull.await??;
     busy.print(
         "load",
         &format!(" pull_s {:.3}", started.elapsed().as_secs_f64()),
     );
+    Ok(())
+}
+
+/// `concurrency` status calls at once, beside one ListImages and one ImageFsInfo.
+async fn wave(
+    client: &ImageServiceClient<Channel>,
+    stored: &str,
+    concurrency: usize,
+    calls: &mut Calls,
+) -> anyhow::Result<()> {
+    let statuses =
+        futures_util::future::try_join_all((0..concurrency).map(|_| status(client, stored)));
+    let mut lister = client.clone();
+    let (statuses, listed, sized) =
+        tokio::join!(statuses, time(list(&mut lister)), fs_info(client));
+    calls.status.extend(statuses?);
+    calls.list.push(listed?);
+    calls.fs_info.push(sized?);
     Ok(())
 }
 

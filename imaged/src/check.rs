@@ -9,11 +9,10 @@ use crate::digest::Digest;
 use crate::images::{ImageStore, NamedImage};
 use crate::pull::EXTRACT_KEY_PREFIX;
 use serde::Serialize;
-use sha2::{Digest as _, Sha256};
 use snapshotters::{Kind, Snapshotter};
 use std::collections::{HashMap, HashSet};
-use std::fs::{self, File};
-use std::io::{self, Read};
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -69,10 +68,15 @@ pub fn run(store: &Store, repair: bool) -> Result<Vec<Problem>, CheckError> {
     let declared = declared_sizes(&store.images.list());
     let bad = check_blobs(&store.content, &declared, repair, &mut problems)?;
     check_ingest(store, repair, &mut problems)?;
-    for snapshotter in &store.snapshotters {
-        check_snapshots(snapshotter.as_ref(), store.live, repair, &mut problems)?;
+    check_partials(&store.content, &declared, repair, &mut problems)?;
+    let mut broken = HashSet::new();
+    for (i, snapshotter) in store.snapshotters.iter().enumerate() {
+        let found = check_snapshots(snapshotter.as_ref(), store.live, repair, &mut problems)?;
+        if i == 0 {
+            broken = found;
+        }
     }
-    check_images(store, &bad, repair, &mut problems)?;
+    check_images(store, &bad, &broken, repair, &mut problems)?;
     Ok(problems)
 }
 
@@ -134,18 +138,7 @@ fn blob_problem(path: &Path, digest: &Digest, declared: Option<&u64>) -> Option<
 }
 
 fn hash_file(path: &Path) -> io::Result<(Digest, u64)> {
-    let mut file = File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0; 1 << 20];
-    let mut size = 0;
-    loop {
-        let n = file.read(&mut buffer)?;
-        if n == 0 {
-            return Ok((Digest::from_hasher(hasher), size));
-        }
-        hasher.update(&buffer[..n]);
-        size += n as u64;
-    }
+    crate::content::hash_file(path).map(|(hasher, size)| (Digest::from_hasher(hasher), size))
 }
 
 /// Partial downloads: leftovers of a process that stopped, unless this one is running them.
@@ -160,19 +153,54 @@ fn check_ingest(
         if store.live && name.contains(&own) {
             continue;
         }
-        let size = fs::metadata(path.join("data")).map_or(0, |m| m.len());
-        let problem = format!("a partial download left behind ({size} bytes)");
+        let data = path.join("data");
+        let size = fs::metadata(&data).map_or(0, |m| m.len());
+        let problem = format!("a download left behind ({size} bytes)");
+        // Repaired as a start does it: its bytes are kept for the next download of the blob.
+        let digest = name
+            .split('-')
+            .next()
+            .and_then(|hex| Digest::parse(&format!("sha256:{hex}")).ok());
+        if repair && let Some(digest) = &digest {
+            store.content.keep_partial(digest, &data);
+        }
         problems.push(removal(path.display().to_string(), problem, &path, repair));
     }
     Ok(())
 }
 
+/// Partial downloads kept for the next one must be named by a digest and be shorter than
+/// the blob images declare; their bytes cannot be checked before the rest arrives.
+fn check_partials(
+    content: &ContentStore,
+    declared: &HashMap<Digest, u64>,
+    repair: bool,
+    problems: &mut Vec<Problem>,
+) -> Result<(), CheckError> {
+    for path in entries(content.partial_dir())? {
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let size = fs::metadata(&path).map_or(0, |m| m.len());
+        let problem = match Digest::parse(&format!("sha256:{name}")) {
+            Err(_) => "not a partial download: its name is no sha256 digest".to_string(),
+            Ok(digest) => match declared.get(&digest) {
+                Some(&whole) if size >= whole => {
+                    format!("a partial download of {size} bytes of a {whole}-byte blob")
+                }
+                _ => continue,
+            },
+        };
+        problems.push(removal(path.display().to_string(), problem, &path, repair));
+    }
+    Ok(())
+}
+
+/// Checks one snapshotter; returns the keys of the snapshots found broken.
 fn check_snapshots(
     snapshotter: &dyn Snapshotter,
     live: bool,
     repair: bool,
     problems: &mut Vec<Problem>,
-) -> Result<(), CheckError> {
+) -> Result<HashSet<String>, CheckError> {
     let name = snapshotter
         .root()
         .file_name()
@@ -200,9 +228,13 @@ fn check_snapshots(
             });
         }
     }
+    let mut broken = HashSet::new();
     for finding in snapshotter.check(repair).map_err(failed)? {
         let subject = match finding.subject.strip_prefix("snapshot ") {
-            Some(key) => format!("{name} snapshot {key}"),
+            Some(key) => {
+                broken.insert(key.to_string());
+                format!("{name} snapshot {key}")
+            }
             None => finding.subject,
         };
         problems.push(Problem {
@@ -211,14 +243,15 @@ fn check_snapshots(
             repaired: finding.repaired,
         });
     }
-    Ok(())
+    Ok(broken)
 }
 
 /// Images whose manifest, config or index is missing or corrupt, or with a layer that is
-/// neither unpacked (in the configured snapshotter) nor stored as a sound blob.
+/// neither unpacked (in the configured snapshotter, not `broken`) nor stored as a sound blob.
 fn check_images(
     store: &Store,
     bad: &HashSet<Digest>,
+    broken: &HashSet<String>,
     repair: bool,
     problems: &mut Vec<Problem>,
 ) -> Result<(), CheckError> {
@@ -242,7 +275,10 @@ fn check_images(
         let unpacked = record
             .layers
             .iter()
-            .rposition(|layer| snapshotter.is_some_and(|s| committed(s, &layer.chain_id)))
+            .rposition(|layer| {
+                !broken.contains(layer.chain_id.as_str())
+                    && snapshotter.is_some_and(|s| committed(s, &layer.chain_id))
+            })
             .map_or(0, |top| top + 1);
         for layer in &record.layers[unpacked..] {
             if !sound(&layer.digest) {

@@ -42,6 +42,20 @@ pub enum ContentError {
         /// Bytes received (so far, when too many).
         actual: u64,
     },
+    /// A download resumed from a partial one does not hash to its digest: the partial's
+    /// bytes were wrong (a torn write, a registry that sent others). It is not kept, so the
+    /// next download starts over.
+    #[error(
+        "digest mismatch: expected {expected}, got {actual}, resuming a partial download at byte {from} (the next pull starts over)"
+    )]
+    ResumedMismatch {
+        /// Digest asked for.
+        expected: Digest,
+        /// Digest of the whole.
+        actual: Digest,
+        /// Where the partial download ended.
+        from: u64,
+    },
     /// A blob the store should hold is missing.
     #[error("blob {0} not found in the content store")]
     NotFound(Digest),
@@ -104,8 +118,13 @@ impl ContentStore {
     }
 
     /// Keeps `data`, a download of `digest` that broke off, unless a longer one is kept.
-    fn keep_partial(&self, digest: &Digest, data: &Path) {
+    pub fn keep_partial(&self, digest: &Digest, data: &Path) {
         keep_partial(&self.partial, digest, data);
+    }
+
+    /// The directory of partial downloads kept for the next one, one `<hex>` file each.
+    pub fn partial_dir(&self) -> &Path {
+        &self.partial
     }
 
     /// Removes the partials not used for `max_age`; returns how many went.
@@ -165,7 +184,7 @@ impl ContentStore {
         if self.contains(digest) {
             return Ok(());
         }
-        let mut writer = self.writer(digest, data.len() as u64)?;
+        let mut writer = self.start_writer(digest, data.len() as u64, false)?;
         writer.write(data)?;
         writer.commit()
     }
@@ -173,6 +192,15 @@ impl ContentStore {
     /// Starts an ingest of a blob expected to be `size` bytes hashing to `digest`, from the
     /// partial download of it if one is kept ([`Writer::written`] says how far it got).
     pub fn writer(&self, digest: &Digest, size: u64) -> Result<Writer, ContentError> {
+        self.start_writer(digest, size, true)
+    }
+
+    fn start_writer(
+        &self,
+        digest: &Digest,
+        size: u64,
+        resume: bool,
+    ) -> Result<Writer, ContentError> {
         let n = self.next_ingest.fetch_add(1, Ordering::Relaxed);
         let dir = self
             .ingest
@@ -180,7 +208,7 @@ impl ContentStore {
         fs::create_dir(&dir).map_err(io_err(&dir))?;
         let data = dir.join("data");
         // Taken by a rename, so two writers of one blob never share a partial.
-        let resumed = fs::rename(self.partial.join(digest.hex()), &data).is_ok();
+        let resumed = resume && fs::rename(self.partial.join(digest.hex()), &data).is_ok();
         let (file, hasher, written) = match resumed.then(|| hash_prefix(&data, size)).flatten() {
             Some((hasher, written)) => {
                 let file = fs::OpenOptions::new().append(true).open(&data);
@@ -199,6 +227,7 @@ impl ContentStore {
             file: BufWriter::with_capacity(64 * 1024, file),
             hasher,
             written,
+            resumed_from: written,
             digest: digest.clone(),
             size,
             target: self.path(digest),
@@ -239,6 +268,8 @@ pub struct Writer {
     file: BufWriter<File>,
     hasher: Sha256,
     written: u64,
+    /// The bytes a partial download gave it to start with.
+    resumed_from: u64,
     digest: Digest,
     size: u64,
     target: PathBuf,
@@ -279,6 +310,14 @@ impl Writer {
             });
         }
         let actual = Digest::from_hasher(std::mem::take(&mut self.hasher));
+        if actual != self.digest && self.resumed_from > 0 {
+            self.poisoned = true;
+            return Err(ContentError::ResumedMismatch {
+                expected: self.digest.clone(),
+                actual,
+                from: self.resumed_from,
+            });
+        }
         if actual != self.digest {
             self.poisoned = true;
             return Err(ContentError::DigestMismatch {
@@ -293,7 +332,7 @@ impl Writer {
     /// The data written so far, opened for reading from the start.
     pub fn reopen(&mut self) -> Result<File, ContentError> {
         self.file.flush().map_err(io_err(&self.dir))?;
-        let data = self.dir.join("data");
+        let data = self.path();
         File::open(&data).map_err(io_err(&data))
     }
 
@@ -335,25 +374,34 @@ impl Drop for Writer {
 fn keep_partial(partial: &Path, digest: &Digest, data: &Path) {
     let len = |path: &Path| fs::metadata(path).map_or(0, |m| m.len());
     let kept = partial.join(digest.hex());
-    if len(data) > len(&kept) {
-        let _ = fs::rename(data, &kept);
+    if len(data) > len(&kept) && fs::rename(data, &kept).is_ok() {
+        // Its age counts from when it was last of use, not last written.
+        let _ = File::options()
+            .write(true)
+            .open(&kept)
+            .and_then(|f| f.set_modified(std::time::SystemTime::now()));
     }
 }
 
 /// The hash of a partial download's bytes and their count; `None` when it is not shorter
 /// than the blob (then it cannot be a prefix worth resuming from) or cannot be read.
 fn hash_prefix(data: &Path, size: u64) -> Option<(Sha256, u64)> {
-    let mut file = File::open(data).ok()?;
+    hash_file(data).ok().filter(|(_, read)| *read < size)
+}
+
+/// The SHA-256 state after a whole file, and its length.
+pub fn hash_file(path: &Path) -> io::Result<(Sha256, u64)> {
+    let mut file = File::open(path)?;
     let mut hasher = Sha256::new();
     let mut buffer = vec![0; 1 << 20];
-    let mut copied = 0;
+    let mut read = 0;
     loop {
-        let n = io::Read::read(&mut file, &mut buffer).ok()?;
+        let n = io::Read::read(&mut file, &mut buffer)?;
         if n == 0 {
-            return (copied < size).then_some((hasher, copied));
+            return Ok((hasher, read));
         }
         hasher.update(&buffer[..n]);
-        copied += n as u64;
+        read += n as u64;
     }
 }
 
@@ -436,6 +484,21 @@ mod tests {
                 .unwrap(),
             0
         );
+
+        // A partial whose bytes were wrong fails its download once, saying so, and goes.
+        let mut torn = store.writer(&digest, 3).unwrap();
+        torn.write(b"x").unwrap();
+        drop(torn);
+        let mut resumed = store.writer(&digest, 3).unwrap();
+        assert_eq!(resumed.written(), 1);
+        resumed.write(b"bc").unwrap();
+        let err = resumed.check().unwrap_err();
+        assert!(
+            matches!(err, ContentError::ResumedMismatch { from: 1, .. }),
+            "{err}"
+        );
+        drop(resumed);
+        assert_eq!(store.writer(&digest, 3).unwrap().written(), 0);
     }
 
     #[test]

@@ -217,8 +217,14 @@ where
     Fut: Future<Output = StoreFigures> + Send,
 {
     loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            continue;
+        let tcp = match listener.accept().await {
+            Ok((tcp, _)) => tcp,
+            // Out of descriptors, say: wait rather than spin.
+            Err(error) => {
+                tracing::warn!(%error, "accepting a metrics connection");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let (metrics, figures) = (metrics.clone(), figures.clone());
         tokio::spawn(async move {

@@ -30,7 +30,7 @@ pub struct ImageService {
     /// Few names, looked up in each image's sorted name lists (ListImages asks for every
     /// image, and a few comparisons beat hashing each of its names).
     pinned: Vec<String>,
-    fs_usage: FsUsage,
+    fs_usage: Arc<FsUsage>,
     metrics: Arc<Metrics>,
 }
 
@@ -39,7 +39,7 @@ pub struct ImageService {
 const FS_USAGE_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// ImageFsInfo's last walk of the snapshotter's directory, reused while it is young and
-/// nothing imaged did changed the store: the kubelet asks every few seconds, and a walk of a
+/// nothing imaged did has changed the store: the kubelet asks every few seconds, and a walk of a
 /// large store reads every inode. What containers write into their snapshots shows within
 /// [`FS_USAGE_MAX_AGE`].
 #[derive(Default)]
@@ -90,7 +90,7 @@ impl ImageService {
             leases,
             puller,
             pinned,
-            fs_usage: FsUsage::default(),
+            fs_usage: Arc::default(),
             metrics,
         }
     }
@@ -105,14 +105,18 @@ impl ImageService {
         let timer = self.metrics.pull_started();
         let reference = Reference::parse(image)?;
         // The pull runs in its own task so a caller that goes away cannot leave it half done.
-        let puller = self.puller.clone();
-        let pull = async move { puller.pull(&reference, credentials, progress).await };
+        let (puller, fs_usage) = (self.puller.clone(), self.fs_usage.clone());
+        let pull = async move {
+            let pulled = puller.pull(&reference, credentials, progress).await;
+            fs_usage.changed();
+            if pulled.is_ok() {
+                timer.succeeded();
+            }
+            pulled
+        };
         let pulled = tokio::spawn(pull.in_current_span())
             .await
-            .expect("pull task");
-        self.fs_usage.changed();
-        let pulled = pulled?;
-        timer.succeeded();
+            .expect("pull task")?;
         Ok(pulled.id.to_string())
     }
 
@@ -229,7 +233,7 @@ impl ImageService {
     }
 
     /// The store's figures for a metrics scrape: blobs listed and sized, snapshots counted
-    /// from metadata, the snapshotter directory's bytes as ImageFsInfo has them.
+    /// from metadata, the snapshotter directory's bytes as ImageFsInfo last measured them.
     pub async fn store_figures(&self) -> StoreFigures {
         let content = self.content.clone();
         let snapshotter = self.snapshotter.clone();
@@ -249,7 +253,17 @@ impl ImageService {
             blobs,
             blob_bytes,
             snapshots,
-            snapshot_bytes: self.fs_usage().await.size,
+            snapshot_bytes: self.last_fs_usage().await.size,
+        }
+    }
+
+    /// The last walk's usage whatever its age (a scrape every 15 s must not walk each time),
+    /// or a first walk.
+    async fn last_fs_usage(&self) -> Usage {
+        let measured = *self.fs_usage.measured.lock().await;
+        match measured {
+            Some((_, _, usage)) => usage,
+            None => self.fs_usage().await,
         }
     }
 
@@ -323,12 +337,11 @@ impl ImageService {
             .lookup(image)?
             .ok_or_else(|| Error::ImageNotFound(image.to_string()))?;
         self.unpacked(&named.record).await?;
-        self.fs_usage.changed();
         let parent = named.record.top_chain().map(Digest::to_string);
         let snapshotter = self.snapshotter.clone();
         let key = key.to_string();
         let kind = if readonly { Kind::View } else { Kind::Active };
-        plumbing::blocking(move || {
+        let prepared = plumbing::blocking(move || {
             let created = match kind {
                 Kind::View => snapshotter.view(&key, parent.as_deref(), BTreeMap::new()),
                 _ => snapshotter.prepare(&key, parent.as_deref(), BTreeMap::new()),
@@ -341,7 +354,9 @@ impl ImageService {
             };
             mounts.map_err(|source| Error::Snapshot { key, source })
         })
-        .await
+        .await;
+        self.fs_usage.changed();
+        prepared
     }
 
     /// Unpacks the image again from the content store when its top layer has no snapshot,
@@ -400,14 +415,15 @@ impl ImageService {
     /// Removes a snapshot made by [`Self::prepare`]; absent keys are fine.
     pub async fn remove_snapshot(&self, key: &str) -> Result<(), Error> {
         check_key(key)?;
-        self.fs_usage.changed();
         let snapshotter = self.snapshotter.clone();
         let key = key.to_string();
-        plumbing::blocking(move || match snapshotter.remove(&key) {
+        let removed = plumbing::blocking(move || match snapshotter.remove(&key) {
             Ok(()) | Err(snapshotters::Error::NotFound { .. }) => Ok(()),
             Err(source) => Err(Error::Snapshot { key, source }),
         })
-        .await
+        .await;
+        self.fs_usage.changed();
+        removed
     }
 
     fn to_cri(&self, named: &NamedImage) -> cri::Image {

@@ -43,14 +43,18 @@ pub async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'stat
 }
 
 /// Resolves at the first SIGTERM or SIGINT, so a daemon can stop accepting connections and
-/// let running requests finish.
-pub async fn shutdown_signal() {
+/// let running requests finish. The handlers are installed by this call, not when the future
+/// is first polled: a signal that comes once the socket is up but before serving polls its
+/// shutdown future must not kill the daemon outright.
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: finishing running requests"),
-        _ = int.recv() => tracing::info!("SIGINT: finishing running requests"),
+    async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: finishing running requests"),
+            _ = int.recv() => tracing::info!("SIGINT: finishing running requests"),
+        }
     }
 }
 

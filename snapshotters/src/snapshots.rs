@@ -209,20 +209,31 @@ impl Snapshots {
         }
     }
 
+    /// Removes the directory of a snapshot whose record went; [`Self::claim`] marked it
+    /// inside that transaction, so no check sees it unowned meanwhile.
     fn delete_dir(&self, id: u64) {
         let dir = self.dir(id);
         let doomed = self.snapshots.join(format!("rm-{id}"));
-        self.filling
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(doomed.clone());
+        self.claim(&doomed);
         match fs::rename(&dir, &doomed) {
-            Ok(()) => self.discard(&doomed),
+            Ok(()) => {
+                self.filled(&dir);
+                self.discard(&doomed);
+            }
             Err(error) => {
+                self.filled(&dir);
                 tracing::warn!(dir = %dir.display(), %error, "removing snapshot directory; cleanup will retry");
             }
         }
         self.filled(&doomed);
+    }
+
+    /// Marks a directory as in use by an operation, which cleanup and check leave alone.
+    fn claim(&self, dir: &Path) {
+        self.filling
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(dir.to_path_buf());
     }
 
     fn measure(&self, id: u64, kind: Kind) -> Result<Usage, Error> {
@@ -236,7 +247,7 @@ impl Snapshots {
     fn unowned_dirs(&self) -> Result<Vec<PathBuf>, Error> {
         // Listed inside a write transaction: creations make and rename their directory inside
         // one, so no directory seen here is still being set up.
-        self.store.write("cleanup", |tx| {
+        self.store.write("unowned directories", |tx| {
             let ids = tx.ids()?;
             let filling = self.filling.lock().unwrap_or_else(PoisonError::into_inner);
             let mut unowned = Vec::new();
@@ -291,10 +302,11 @@ impl Snapshots {
                 }
             }
         }
+        // Capped: metadata with a parent cycle must not hang the check.
         let depth = |key: &str| {
             let mut depth = 0;
             let mut above = parents.get(key).copied().flatten();
-            while let Some(parent) = above {
+            while let Some(parent) = above.filter(|_| depth < parents.len()) {
                 depth += 1;
                 above = parents.get(parent).copied().flatten();
             }
@@ -354,8 +366,24 @@ impl Snapshotter for Snapshots {
     }
 
     fn remove(&self, key: &str) -> Result<(), Error> {
-        let record = self.store.write(key, |tx| tx.remove(key))?;
-        self.delete_dir(record.id);
+        let mut claimed = None;
+        let removed = self.store.write(key, |tx| {
+            let record = tx.remove(key)?;
+            let dir = self.dir(record.id);
+            self.claim(&dir);
+            claimed = Some(dir);
+            Ok(record)
+        });
+        match removed {
+            Ok(record) => self.delete_dir(record.id),
+            // The record stays (the transaction did not commit), and owns its directory.
+            Err(error) => {
+                if let Some(dir) = claimed {
+                    self.filled(&dir);
+                }
+                return Err(error);
+            }
+        }
         Ok(())
     }
 

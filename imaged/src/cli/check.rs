@@ -29,7 +29,7 @@ struct Report<'a> {
 /// Checks (and with `repair`, repairs) the store `config` names; prints what it found and
 /// returns whether anything was.
 pub async fn check(config: &Config, repair: bool, format: Format) -> Result<bool, CliError> {
-    let failed = |e: &dyn std::fmt::Display| CliError::Usage(e.to_string());
+    let failed = |e: &dyn std::fmt::Display| CliError::Store(e.to_string());
     let (via, problems) = match crate::daemon::check_store(config, repair)
         .await
         .map_err(|e| failed(&e))?

@@ -41,6 +41,9 @@ pub enum CliError {
     /// Bad command-line value.
     #[error("{0}")]
     Usage(String),
+    /// The store could not be opened or checked.
+    #[error("checking the store: {0}")]
+    Store(String),
 }
 
 impl From<tonic::Status> for CliError {

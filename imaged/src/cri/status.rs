@@ -87,7 +87,9 @@ fn registry_code(error: &RegistryError) -> Code {
 
 fn content_code(error: &ContentError) -> Code {
     match error {
-        ContentError::DigestMismatch { .. } | ContentError::SizeMismatch { .. } => Code::DataLoss,
+        ContentError::DigestMismatch { .. }
+        | ContentError::ResumedMismatch { .. }
+        | ContentError::SizeMismatch { .. } => Code::DataLoss,
         ContentError::NotFound(_) => Code::NotFound,
         ContentError::Io { source, .. }
             if matches!(

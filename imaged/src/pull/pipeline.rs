@@ -324,7 +324,13 @@ fn forward_resumed(
             source,
         })?;
         if read == 0 {
-            break;
+            return Err(ContentError::Io {
+                path: writer.path(),
+                source: io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("the download to resume from ended {left} bytes short"),
+                ),
+            });
         }
         chunk.truncate(read);
         left -= read as u64;

@@ -23,7 +23,9 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// The broad class of a failed registry operation, which decides the gRPC code.
+/// The broad class of a failed registry operation, which decides the gRPC code. When every
+/// host fails, the greatest kind in this order speaks for them all: a timeout or an
+/// oversized body says more about the registry than a host that could not be reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum FailureKind {
     /// Could not connect, TLS failed, timed out.
@@ -304,32 +306,28 @@ impl Session {
         let what = format!("blob {digest} of {}", self.reference);
         self.each_host(&what, false, |endpoint| async move {
             let response = self.get(&endpoint, Object::Blob(digest), None, 0).await?;
-            let url = response.url().clone();
+            let url = response.url().to_string();
             let bytes = read_limited(response, limit, Some(size)).await?;
-            self.count(&url, &bytes);
-            verify(&bytes, digest, url.as_str())?;
+            self.count(&endpoint.host, &bytes);
+            verify(&bytes, digest, &url)?;
             Ok(bytes)
         })
         .await
     }
 
-    /// Opens a streaming GET of a blob; the caller verifies what it reads.
-    pub async fn blob(&self, digest: &Digest) -> Result<BlobBody, RegistryError> {
-        self.blob_from(digest, 0).await
-    }
-
-    /// Opens a streaming GET of a blob from byte `from` on, for a download that broke off.
-    /// A registry that ignores `Range` sends the whole blob, and the body skips what was
-    /// already received; one that answers another range is refused.
+    /// Opens a streaming GET of a blob from byte `from` on (0: the whole blob; more: a
+    /// download that broke off); the caller verifies what it reads. A registry that ignores
+    /// `Range` sends the whole blob, and the body skips what was already received; one that
+    /// answers another range is refused.
     pub async fn blob_from(&self, digest: &Digest, from: u64) -> Result<BlobBody, RegistryError> {
         let what = format!("blob {digest} of {}", self.reference);
-        let response = self
+        let (response, counted_as) = self
             .each_host(&what, false, |endpoint| async move {
                 let response = self
                     .get(&endpoint, Object::Blob(digest), None, from)
                     .await?;
                 check_range(&response, from)?;
-                Ok(response)
+                Ok((response, endpoint.host.authority))
             })
             .await?;
         let host = response.url().authority().to_string();
@@ -340,6 +338,7 @@ impl Session {
         Ok(BlobBody {
             response,
             host,
+            counted_as,
             metrics: self.registry.metrics.clone(),
             skip,
             pace: self.registry.deadlines.min_rate.map(Pace::new),
@@ -372,12 +371,12 @@ impl Session {
                 .get(CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string);
-            let url = response.url().clone();
+            let url = response.url().to_string();
             let bytes = read_limited(response, MANIFEST_LIMIT, size).await?;
-            self.count(&url, &bytes);
+            self.count(&endpoint.host, &bytes);
             let digest = match expected {
                 Some(d) => {
-                    verify(&bytes, d, url.as_str())?;
+                    verify(&bytes, d, &url)?;
                     d.clone()
                 }
                 None => Digest::of(&bytes),
@@ -391,10 +390,12 @@ impl Session {
         .await
     }
 
-    fn count(&self, url: &reqwest::Url, bytes: &[u8]) {
+    /// Counts bytes by the host of hosts.toml they were asked of, not where a redirect
+    /// took the request (a CDN's many names).
+    fn count(&self, host: &Host, bytes: &[u8]) {
         self.registry
             .metrics
-            .fetched(url.authority(), bytes.len() as u64);
+            .fetched(&host.authority, bytes.len() as u64);
     }
 
     async fn each_host<T, F, Fut>(
@@ -627,7 +628,7 @@ fn late(host: &Host, deadline: Duration) -> Attempt {
     }
 }
 
-/// A 206 answer must start where it was asked to.
+/// A 206 answer must run from where it was asked to start to the blob's end.
 fn check_range(response: &Response, from: u64) -> Result<(), Attempt> {
     if response.status() != StatusCode::PARTIAL_CONTENT {
         return Ok(());
@@ -637,11 +638,17 @@ fn check_range(response: &Response, from: u64) -> Result<(), Attempt> {
         .get(CONTENT_RANGE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    let start = range
-        .strip_prefix("bytes ")
-        .and_then(|r| r.split('-').next())
-        .and_then(|s| s.parse::<u64>().ok());
-    if from > 0 && start == Some(from) {
+    let bounds = range.strip_prefix("bytes ").and_then(|r| {
+        let (span, total) = r.split_once('/')?;
+        let (first, last) = span.split_once('-')?;
+        let number = |s: &str| s.parse::<u64>().ok();
+        Some((number(first)?, number(last)?, number(total)?))
+    });
+    if let Some((first, last, total)) = bounds
+        && from > 0
+        && first == from
+        && last + 1 == total
+    {
         return Ok(());
     }
     Err(Attempt {
@@ -665,7 +672,10 @@ pub struct BodyError {
 #[derive(Debug)]
 pub struct BlobBody {
     response: Response,
+    /// Where the body comes from, for messages.
     host: String,
+    /// The hosts.toml host it was asked of, for the metrics.
+    counted_as: String,
     metrics: Arc<Metrics>,
     /// Bytes at the start that the caller already has (a `Range` the registry ignored).
     skip: u64,
@@ -679,7 +689,7 @@ impl BlobBody {
             let Some(mut chunk) = self.next().await? else {
                 return Ok(None);
             };
-            self.metrics.fetched(&self.host, chunk.len() as u64);
+            self.metrics.fetched(&self.counted_as, chunk.len() as u64);
             let skipped = self.skip.min(chunk.len() as u64);
             self.skip -= skipped;
             let _ = chunk.split_to(skipped as usize);

@@ -90,7 +90,7 @@ async fn with_the_daemon_stopped_check_names_each_problem_and_repair_leaves_a_cl
         ),
         (
             ingest.display().to_string(),
-            "a partial download left behind (100 bytes)".to_string(),
+            "a download left behind (100 bytes)".to_string(),
         ),
         (stray.display().to_string(), "not a blob".to_string()),
     ];
