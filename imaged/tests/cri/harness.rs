@@ -179,6 +179,20 @@ impl Imaged {
         ImageServiceClient::new(self.channel().await)
     }
 
+    /// Starts a PullImage that goes on while the test does other things.
+    pub async fn pull_in_background(
+        &self,
+        image: &str,
+    ) -> tokio::task::JoinHandle<Result<tonic::Response<cri::PullImageResponse>, tonic::Status>>
+    {
+        let mut client = self.cri().await;
+        let request = cri::PullImageRequest {
+            image: Some(spec(image)),
+            ..Default::default()
+        };
+        tokio::spawn(async move { client.pull_image(request).await })
+    }
+
     pub async fn pull(&self, image: &str) -> Result<String, tonic::Status> {
         self.pull_with(image, None).await
     }
@@ -305,6 +319,15 @@ fn rand_suffix() -> u128 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos()
+}
+
+/// A `127.0.0.1:PORT` with nothing listening (until the test starts something there).
+pub fn free_addr() -> String {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string()
 }
 
 pub fn spec(image: &str) -> cri::ImageSpec {

@@ -7,14 +7,6 @@ use fixtures::image::{Entry, ImageSpec, Layer, OCI_MANIFEST};
 use fixtures::registry::{Route, StaticRegistry};
 use std::time::Duration;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The value of the sample `name` (with its labels, as exposed), if there is one.
 fn sample(text: &str, name: &str) -> Option<f64> {
     text.lines()
@@ -54,21 +46,14 @@ async fn metrics_count_pulls_bytes_per_host_the_store_and_collections() {
         },
     ])
     .unwrap();
-    let address = format!("127.0.0.1:{}", free_port());
+    let address = crate::harness::free_addr();
     let imaged = Imaged::start_with(&format!("metrics_address = {address:?}\n")).await;
     let idle = scrape(&address);
     assert_eq!(sample(&idle, "imaged_pulls_in_flight"), Some(0.0), "{idle}");
     assert_eq!(sample(&idle, "imaged_blobs"), Some(0.0), "{idle}");
 
     let image = format!("{}/paced/image:v1", fake.addr());
-    let pull = {
-        let mut client = imaged.cri().await;
-        let request = proto::cri::PullImageRequest {
-            image: Some(crate::harness::spec(&image)),
-            ..Default::default()
-        };
-        tokio::spawn(async move { client.pull_image(request).await })
-    };
+    let pull = imaged.pull_in_background(&image).await;
     while !fake.requests().iter().any(|r| r.contains(&layer.digest)) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

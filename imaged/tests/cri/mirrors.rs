@@ -34,15 +34,6 @@ fn requests_since(registry: &Registry, before: usize) -> Vec<String> {
     registry.requests().split_off(before)
 }
 
-/// A `127.0.0.1:PORT` with nothing listening.
-fn dead_addr() -> String {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .to_string()
-}
-
 /// Where a filesystem-storage registry keeps the blob `digest`.
 fn stored_blob(storage: &Path, digest: &str) -> std::path::PathBuf {
     let hex = digest.strip_prefix("sha256:").unwrap();
@@ -141,7 +132,7 @@ async fn a_dead_mirror_is_skipped() {
     let imaged = Imaged::start().await;
     imaged.hosts_toml(
         registry.addr(),
-        &format!("[host.\"http://{}\"]\n", dead_addr()),
+        &format!("[host.\"http://{}\"]\n", crate::harness::free_addr()),
     );
     let image = format!("{}/fixtures/simple:v1", registry.addr());
     let before = registry.requests().len();

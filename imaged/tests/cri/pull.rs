@@ -490,14 +490,7 @@ async fn a_download_cut_short_by_a_kill_goes_on_from_its_bytes_after_the_restart
     let registry = BreakingRegistry::start(&built, Break::Hold, true);
     let image = format!("{}/broken/layer:v1", registry.server.addr());
     let mut imaged = Imaged::start().await;
-    let pull = {
-        let mut client = imaged.cri().await;
-        let request = proto::cri::PullImageRequest {
-            image: Some(crate::harness::spec(&image)),
-            ..Default::default()
-        };
-        tokio::spawn(async move { client.pull_image(request).await })
-    };
+    let pull = imaged.pull_in_background(&image).await;
     let ingested = || {
         let ingest = std::fs::read_dir(imaged.root.join("content/ingest")).ok()?;
         ingest
