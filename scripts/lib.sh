@@ -17,7 +17,8 @@ trap cleanup EXIT
 start_registry() {
   "$bin_dir/fixtures" registry --dir "$work/registry" --set "$1" >"$work/fixtures.out" 2>"$work/fixtures.err" &
   pids+=($!)
-  for _ in $(seq 1 300); do
+  # Building and pushing the set takes tens of seconds on a busy two-core machine.
+  for _ in $(seq 1 1800); do
     registry=$(sed -n 's/^ADDR //p' "$work/fixtures.out")
     [ -n "$registry" ] && return 0
     sleep 0.1
