@@ -46,9 +46,7 @@ impl Imaged {
     /// Stops the daemon and starts it again on the same root with `extra` as the config's
     /// additions instead.
     pub async fn restart_with(mut self, extra: &str) -> Self {
-        let mut child = self.child.take().unwrap();
-        child.kill().unwrap();
-        child.wait().unwrap();
+        self.halt();
         let dir = tempfile::TempDir::new_in("/tmp").unwrap();
         let old = std::mem::replace(&mut self.dir, dir);
         let root = self.root.clone();
@@ -57,17 +55,12 @@ impl Imaged {
 
     /// Kills the daemon without warning (a crash) and starts it again on the same root.
     pub async fn crash_and_restart(mut self) -> Self {
-        let mut child = self.child.take().unwrap();
-        child.kill().unwrap();
-        child.wait().unwrap();
+        self.halt();
         assert!(
             self.socket.exists(),
             "a killed daemon leaves its socket behind"
         );
-        let dir = tempfile::TempDir::new_in("/tmp").unwrap();
-        let old = std::mem::replace(&mut self.dir, dir);
-        let root = self.root.clone();
-        Self::start_in(old, root, None).await
+        self.resume().await
     }
 
     /// Sends SIGTERM and waits up to `limit` for the daemon to exit: its status, or `None`
