@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Pull benchmark (`make bench`): cold pulls of a ~500 MB image (gzip and zstd variants) by
-# imaged and by containerd (CRI PullImage timed from request to answer by the same client,
-# imaged/examples/cri_latency.rs, and `ctr images pull`), and the raw limit (the same layer
-# blobs decompressed and extracted from local disk, all layers in parallel); then a 10-way
+# Pull benchmark (`make bench`): cold pulls of two ~500 MB images, each in a gzip and a zstd
+# variant (the mixed shape: thousands of small files, a few large shared objects and
+# incompressible data; the large-files shape: toolchain binaries and shared libraries), by
+# imaged, by containerd 2.2.7 with parallel unpack (its fastest configuration) and by
+# Debian's containerd 1.6 (CRI PullImage timed from request to answer by the same client,
+# imaged/examples/cri_latency.rs, and 1.6's `ctr images pull`), and the raw limit (the same
+# layer blobs decompressed and extracted from local disk, all layers in parallel), with the
+# CPU seconds (user + sys) of imaged, containerd 2.2.7 and the raw limit; then a 10-way
 # concurrent pull, imaged's idle RSS, the round-trip times of a warm PullImage and of
 # ListImages over 1,000 stored images (imaged and containerd, over one connection each), the
 # latencies of ImageStatus (200 calls at a time), ListImages and ImageFsInfo while the gzip
@@ -23,8 +27,9 @@
 # instead (btrfs on a loop-mounted btrfs), next to imaged with overlayfs on the same
 # filesystem; only the cold pulls run, and the table goes to target/bench/pull-<name>.json.
 #
-# Needs root. Environment: BENCH_RUNS (default 3), BENCH_SCALE (image size factor,
-# default 1 = about 500 MB uncompressed; the larger image is twice that).
+# Needs root. Environment: BENCH_RUNS (default 5), BENCH_SCALE (image size factor,
+# default 1 = about 500 MB uncompressed; the larger image is twice that), BENCH_VARIANTS
+# (default "gzip zstd large-gzip large-zstd").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,7 +38,8 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 
-runs=${BENCH_RUNS:-3}
+runs=${BENCH_RUNS:-5}
+read -r -a variants <<<"${BENCH_VARIANTS:-gzip zstd large-gzip large-zstd}"
 scale=${BENCH_SCALE:-1}
 snapshotter=${BENCH_SNAPSHOTTER:-overlayfs}
 case $snapshotter in
@@ -60,6 +66,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >&2
 fi
 [ -x "$crictl" ] || ./scripts/install-deps.sh
+containerd22_bin=/usr/local/lib/containerd-2.2.7/bin
+../shared/tools/containerd/install "$containerd22_bin" >&2
 
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
@@ -164,8 +172,10 @@ for _ in $(seq 1 100); do
 done
 curl -fsS "http://$registry/v2/" >/dev/null
 
-echo "building and pushing the benchmark image (scale $scale) to $registry..." >&2
-"$BIN_DIR/fixtures" bench-image --dir "$image_dir" --registry "$registry" --scale "$scale" >"$work/images.txt"
+echo "building and pushing the benchmark images (scale $scale) to $registry..." >&2
+for shape in mixed large-files; do
+  "$BIN_DIR/fixtures" bench-image --dir "$image_dir" --registry "$registry" --scale "$scale" --shape "$shape"
+done >"$work/images.txt"
 declare -A ref compressed_mb uncompressed_mb
 while read -r _ image_ref _ compressed uncompressed; do
   variant=${image_ref##*/bench/}
@@ -175,29 +185,34 @@ while read -r _ image_ref _ compressed uncompressed; do
   uncompressed_mb[$variant]=$(awk -v b="$uncompressed" 'BEGIN { printf "%.1f", b / 1e6 }')
 done <"$work/images.txt"
 
-# containerd with its own root, state, socket and certs.d under $work.
-ctrd=$work/containerd
-ctrd_sock=$ctrd/containerd.sock
-mkdir -p "$ctrd/certs.d/$registry"
-cat >"$ctrd/certs.d/$registry/hosts.toml" <<TOML
+# The containerd instances, each with its own root, state, socket and certs.d under $work:
+# "16" is Debian's 1.6 (config version 2), "22" is 2.2.7 (version 3) pulling through its
+# transfer service with five layers unpacking at once.
+declare -A ctrd_dir=([16]=$work/containerd [22]=$work/containerd22)
+declare -A ctrd_bin=([16]=/usr/bin [22]=$containerd22_bin)
+for version in 16 22; do
+  dir=${ctrd_dir[$version]}
+  mkdir -p "$dir/certs.d/$registry" "$dir/net.d"
+  cat >"$dir/certs.d/$registry/hosts.toml" <<TOML
 server = "http://$registry"
 
 [host."http://$registry"]
   capabilities = ["pull", "resolve"]
 TOML
-cat >"$ctrd/config.toml" <<TOML
+done
+cat >"${ctrd_dir[16]}/config.toml" <<TOML
 version = 2
-root = "$ctrd/root"
-state = "$ctrd/state"
+root = "${ctrd_dir[16]}/root"
+state = "${ctrd_dir[16]}/state"
 
 [grpc]
-  address = "$ctrd_sock"
+  address = "${ctrd_dir[16]}/containerd.sock"
 
 [ttrpc]
-  address = "$ctrd_sock.ttrpc"
+  address = "${ctrd_dir[16]}/containerd.sock.ttrpc"
 
 [plugins."io.containerd.internal.v1.opt"]
-  path = "$ctrd/opt"
+  path = "${ctrd_dir[16]}/opt"
 
 [plugins."io.containerd.grpc.v1.cri"]
   stream_server_address = "127.0.0.1"
@@ -206,19 +221,56 @@ state = "$ctrd/state"
   snapshotter = "$snapshotter"
 
 [plugins."io.containerd.grpc.v1.cri".registry]
-  config_path = "$ctrd/certs.d"
+  config_path = "${ctrd_dir[16]}/certs.d"
+TOML
+cat >"${ctrd_dir[22]}/config.toml" <<TOML
+version = 3
+root = "${ctrd_dir[22]}/root"
+state = "${ctrd_dir[22]}/state"
+
+[grpc]
+  address = "${ctrd_dir[22]}/containerd.sock"
+
+[ttrpc]
+  address = "${ctrd_dir[22]}/containerd.sock.ttrpc"
+
+[plugins]
+  [plugins."io.containerd.internal.v1.opt"]
+    path = "${ctrd_dir[22]}/opt"
+  [plugins."io.containerd.nri.v1.nri"]
+    disable = true
+  [plugins."io.containerd.transfer.v1.local"]
+    max_concurrent_downloads = 3
+    max_concurrent_unpacks = 5
+    config_path = "${ctrd_dir[22]}/certs.d"
+  [plugins."io.containerd.cri.v1.images"]
+    snapshotter = "$snapshotter"
+    use_local_image_pull = false
+    [plugins."io.containerd.cri.v1.images".registry]
+      config_path = "${ctrd_dir[22]}/certs.d"
+  [plugins."io.containerd.cri.v1.runtime".cni]
+    conf_dir = "${ctrd_dir[22]}/net.d"
+  [plugins."io.containerd.grpc.v1.cri"]
+    stream_server_address = "127.0.0.1"
+    stream_server_port = "0"
 TOML
 containerd_version=$(containerd --version | awk '{ print $3 }')
+containerd22_version=$("$containerd22_bin/containerd" --version | awk '{ print $3 }')
 
+# start_containerd VERSION: starts containerd VERSION (16 or 22) on an empty root; sets
+# $ctrd (its directory), $ctrd_sock and $containerd_pid.
 start_containerd() {
+  ctrd=${ctrd_dir[$1]}
+  ctrd_sock=$ctrd/containerd.sock
+  local bin=${ctrd_bin[$1]}
   wipe "$ctrd/root" "$ctrd/state"
-  containerd --config "$ctrd/config.toml" >"$ctrd/containerd.log" 2>&1 &
+  PATH=$bin:$PATH "$bin/containerd" --config "$ctrd/config.toml" >"$ctrd/containerd.log" 2>&1 &
   containerd_pid=$!
   for _ in $(seq 1 300); do
-    [ -S "$ctrd_sock" ] && ctr -a "$ctrd_sock" version >/dev/null 2>&1 && return 0
+    [ -S "$ctrd_sock" ] && "$bin/ctr" -a "$ctrd_sock" version >/dev/null 2>&1 && return 0
     sleep 0.1
   done
-  echo "containerd did not start:" >&2
+  echo "containerd $1 did not start:" >&2
   cat "$ctrd/containerd.log" >&2
   return 1
 }
@@ -241,20 +293,41 @@ stop_imaged() {
   wipe "$work/root" "$work/state"
 }
 
-# Cold-pull results per "tool variant": space-separated values of each run.
+# Cold-pull results per "contender variant": space-separated values of each run.
 declare -A seconds rss cpu
 record() { seconds[$1]+="$2 "; }
 
-for variant in gzip zstd; do
+# cri_pull CONTENDER VARIANT PID SOCKET: a timed CRI pull of VARIANT through SOCKET, with the
+# CPU seconds and peak RSS of PID (the daemon) recorded under "CONTENDER VARIANT".
+cri_pull() {
+  local before
+  before=$(cpu_seconds "$3")
+  record "$1 $2" "$("$latency" --socket "$4" once "${ref[$2]}")"
+  cpu["$1 $2"]+="$(awk -v a="$before" -v b="$(cpu_seconds "$3")" 'BEGIN { printf "%.2f", b - a }') "
+  rss["$1 $2"]+="$(peak_rss_mb "$3") "
+}
+
+# raw_extract VARIANT: every layer blob of VARIANT decompressed into tar -x at once.
+raw_extract() {
+  local blobs=("$image_dir/blobs/$1"/*) n raw_pids=()
+  for n in "${!blobs[@]}"; do
+    if [[ $1 == *gzip ]]; then
+      (libdeflate-gunzip -c "${blobs[$n]}" | tar -x -C "$work/raw/$n") &
+    else
+      (zstd -q -d -c "${blobs[$n]}" | tar -x -C "$work/raw/$n") &
+    fi
+    raw_pids+=($!)
+  done
+  for n in "${raw_pids[@]}"; do wait "$n"; done
+}
+
+for variant in "${variants[@]}"; do
   image=${ref[$variant]}
   for run in $(seq 1 "$runs"); do
     echo "run $run/$runs, $variant: imaged" >&2
     fresh_imaged
     drop_caches
-    cpu_before=$(cpu_seconds "$imaged_pid")
-    record "imaged $variant" "$("$latency" --socket "$socket" once "$image")"
-    rss["$variant"]+="$(peak_rss_mb "$imaged_pid") "
-    cpu["$variant"]+="$(awk -v a="$cpu_before" -v b="$(cpu_seconds "$imaged_pid")" 'BEGIN { printf "%.2f", b - a }') "
+    cri_pull imaged "$variant" "$imaged_pid" "$socket"
     stop_imaged
 
     if [ "$snapshotter" != overlayfs ]; then
@@ -265,15 +338,16 @@ for variant in gzip zstd; do
       stop_imaged
     fi
 
-    echo "run $run/$runs, $variant: containerd CRI" >&2
-    start_containerd
-    drop_caches
-    record "cri $variant" "$("$latency" --socket "$ctrd_sock" once "$image")"
-    rss["cri $variant"]+="$(peak_rss_mb "$containerd_pid") "
-    stop_containerd
+    for version in 22 16; do
+      echo "run $run/$runs, $variant: containerd $version CRI" >&2
+      start_containerd "$version"
+      drop_caches
+      cri_pull "cri$version" "$variant" "$containerd_pid" "$ctrd_sock"
+      stop_containerd
+    done
 
     echo "run $run/$runs, $variant: ctr" >&2
-    start_containerd
+    start_containerd 16
     drop_caches
     t0=$EPOCHREALTIME
     ctr -a "$ctrd_sock" -n k8s.io images pull --snapshotter "$snapshotter" --plain-http "$image" >/dev/null
@@ -285,58 +359,63 @@ for variant in gzip zstd; do
     blobs=("$image_dir/blobs/$variant"/*)
     for n in "${!blobs[@]}"; do mkdir -p "$work/raw/$n"; done
     drop_caches
-    t0=$EPOCHREALTIME
-    raw_pids=()
-    for n in "${!blobs[@]}"; do
-      if [ "$variant" = gzip ]; then
-        (libdeflate-gunzip -c "${blobs[$n]}" | tar -x -C "$work/raw/$n") &
-      else
-        (zstd -q -d -c "${blobs[$n]}" | tar -x -C "$work/raw/$n") &
-      fi
-      raw_pids+=($!)
-    done
-    for pid in "${raw_pids[@]}"; do wait "$pid"; done
-    record "raw $variant" "$(elapsed "$t0")"
+    # bash's time counts the CPU of every process it waited for, pipelines in subshells too.
+    TIMEFORMAT='%3R %3U %3S'
+    { time raw_extract "$variant" 2>"$work/raw.err"; } 2>"$work/raw.time"
+    read -r raw_wall raw_user raw_sys <"$work/raw.time"
+    record "raw $variant" "$raw_wall"
+    cpu["raw $variant"]+="$(awk -v u="$raw_user" -v s="$raw_sys" 'BEGIN { printf "%.2f", u + s }') "
     rm -rf "$work/raw"
   done
 done
 
-# cold_medians VARIANT: sets imaged_s, cri_s, ctr_s, raw_s, rss_mb, cpu_s and cri_rss_mb to the
-# medians of VARIANT's cold pulls.
+# cold_medians VARIANT: sets imaged_s, cri22_s, cri16_s, ctr_s, raw_s (wall seconds), cpu_s,
+# cri22_cpu_s, raw_cpu_s (CPU seconds), rss_mb, cri22_rss_mb and cri16_rss_mb (peak RSS) to
+# the medians of VARIANT's cold pulls.
 cold_medians() {
   # shellcheck disable=SC2086 # the values are space-separated on purpose
   {
     imaged_s=$(median ${seconds["imaged $1"]})
-    cri_s=$(median ${seconds["cri $1"]})
+    cri22_s=$(median ${seconds["cri22 $1"]})
+    cri16_s=$(median ${seconds["cri16 $1"]})
     ctr_s=$(median ${seconds["ctr $1"]})
     raw_s=$(median ${seconds["raw $1"]})
-    rss_mb=$(median ${rss[$1]})
-    cpu_s=$(median ${cpu[$1]})
-    cri_rss_mb=$(median ${rss["cri $1"]})
+    cpu_s=$(median ${cpu["imaged $1"]})
+    cri22_cpu_s=$(median ${cpu["cri22 $1"]})
+    raw_cpu_s=$(median ${cpu["raw $1"]})
+    rss_mb=$(median ${rss["imaged $1"]})
+    cri22_rss_mb=$(median ${rss["cri22 $1"]})
+    cri16_rss_mb=$(median ${rss["cri16 $1"]})
   }
 }
+
+# runs_json CONTENDER VARIANT: the recorded wall seconds of each run as a JSON list.
+runs_json() { printf '[%s]' "$(echo ${seconds["$1 $2"]} | tr ' ' ',')"; }
 
 if [ "$snapshotter" != overlayfs ]; then
   mkdir -p "$out_dir"
   json=$out_dir/pull-$snapshotter.json
-  printf '{\n  "snapshotter": "%s",\n  "scale": %s,\n  "runs": %s,\n  "containerd_version": "%s",\n  "filesystem": "%s",\n  "variants": {\n' \
-    "$snapshotter" "$scale" "$runs" "$containerd_version" "$filesystem" >"$json"
-  printf '\nsnapshotter %s on %s (containerd %s with the same snapshotter)\n' "$snapshotter" "$filesystem" "$containerd_version"
-  printf '%-6s %10s %12s %8s %8s %8s %10s %16s %10s %9s %7s %11s\n' \
-    variant imaged_s overlayfs_s cri_s ctr_s raw_s imaged/cri imaged/overlayfs imaged/raw rss_MB cpu_s cri_rss_MB
+  printf '{\n  "snapshotter": "%s",\n  "scale": %s,\n  "runs": %s,\n  "containerd_versions": ["%s", "%s"],\n  "filesystem": "%s",\n  "variants": {\n' \
+    "$snapshotter" "$scale" "$runs" "$containerd22_version" "$containerd_version" "$filesystem" >"$json"
+  printf '\nsnapshotter %s on %s (containerd %s and %s with the same snapshotter)\n' \
+    "$snapshotter" "$filesystem" "$containerd22_version" "$containerd_version"
+  format='%-10s %9s %12s %8s %8s %8s %10s %16s %10s %9s %7s\n'
+  # shellcheck disable=SC2059 # the format is built once for the header and the rows
+  printf "$format" variant imaged_s overlayfs_s cri22_s cri16_s raw_s imaged/cri22 imaged/overlayfs imaged/raw rss_MB cpu_s
   first=1
-  for variant in gzip zstd; do
+  for variant in "${variants[@]}"; do
     cold_medians "$variant"
     # shellcheck disable=SC2086 # the values are space-separated on purpose
     overlay_s=$(median ${seconds["overlayfs $variant"]})
-    printf '%-6s %10s %12s %8s %8s %8s %10s %16s %10s %9s %7s %11s\n' "$variant" "$imaged_s" "$overlay_s" \
-      "$cri_s" "$ctr_s" "$raw_s" "$(ratio "$imaged_s" "$cri_s")" "$(ratio "$imaged_s" "$overlay_s")" \
-      "$(ratio "$imaged_s" "$raw_s")" "$rss_mb" "$cpu_s" "$cri_rss_mb"
+    # shellcheck disable=SC2059
+    printf "$format" "$variant" "$imaged_s" "$overlay_s" "$cri22_s" "$cri16_s" "$raw_s" \
+      "$(ratio "$imaged_s" "$cri22_s")" "$(ratio "$imaged_s" "$overlay_s")" "$(ratio "$imaged_s" "$raw_s")" \
+      "$rss_mb" "$cpu_s"
     [ $first = 1 ] || printf ',\n' >>"$json"
     first=0
-    printf '    "%s": {"imaged_s": %s, "imaged_overlayfs_s": %s, "containerd_cri_s": %s, "ctr_s": %s, "raw_s": %s, "imaged_over_containerd_cri": %s, "imaged_over_imaged_overlayfs": %s, "imaged_peak_rss_mb": %s, "imaged_cpu_s": %s, "containerd_cri_peak_rss_mb": %s}' \
-      "$variant" "$imaged_s" "$overlay_s" "$cri_s" "$ctr_s" "$raw_s" "$(ratio "$imaged_s" "$cri_s")" \
-      "$(ratio "$imaged_s" "$overlay_s")" "$rss_mb" "$cpu_s" "$cri_rss_mb" >>"$json"
+    printf '    "%s": {"imaged_s": %s, "imaged_overlayfs_s": %s, "containerd22_cri_s": %s, "containerd16_cri_s": %s, "raw_s": %s, "imaged_over_containerd22_cri": %s, "imaged_over_imaged_overlayfs": %s, "imaged_peak_rss_mb": %s, "imaged_cpu_s": %s, "containerd22_cpu_s": %s}' \
+      "$variant" "$imaged_s" "$overlay_s" "$cri22_s" "$cri16_s" "$raw_s" "$(ratio "$imaged_s" "$cri22_s")" \
+      "$(ratio "$imaged_s" "$overlay_s")" "$rss_mb" "$cpu_s" "$cri22_cpu_s" >>"$json"
   done
   printf '\n  },\n  "total_s": %s\n}\n' "$(elapsed "$started")" >>"$json"
   exit 0
@@ -401,8 +480,8 @@ read -r _ _ idle_status_p50 _ idle_status_p99 _ idle_list_p50 _ idle_list_p99 _ 
 read -r _ _ load_status_p50 _ load_status_p99 _ load_list_p50 _ load_list_p99 _ load_fsinfo_p50 _ load_fsinfo_p99 _ load_calls _ load_pull_s \
   <<<"$(grep '^load ' <<<"$load_out")"
 stop_imaged
-echo "round trips: containerd" >&2
-start_containerd
+echo "round trips: containerd $containerd22_version" >&2
+start_containerd 22
 latency_of "$ctrd_sock" containerd
 stop_containerd
 
@@ -440,33 +519,41 @@ read -r apply_s apply_tar_s apply_ratio < <(sed -E 's/^median: snapshotter ([0-9
 mkdir -p "$out_dir"
 json=$out_dir/pull.json
 {
-  printf '{\n  "scale": %s,\n  "runs": %s,\n  "containerd_version": "%s",\n  "filesystem": "%s",\n' \
-    "$scale" "$runs" "$containerd_version" "$filesystem"
+  printf '{\n  "scale": %s,\n  "runs": %s,\n  "containerd_versions": ["%s", "%s"],\n  "filesystem": "%s",\n' \
+    "$scale" "$runs" "$containerd22_version" "$containerd_version" "$filesystem"
   printf '  "variants": {\n'
 }>"$json"
-printf '\n%-6s %8s %8s %12s %8s %8s %8s %10s %10s %10s %9s %7s %10s %10s\n' \
-  variant MB_tar MB_blob imaged_s cri_s ctr_s raw_s imaged/cri imaged/ctr imaged/raw rss_MB cpu_s x2_s x2_rss_MB
+format='%-10s %7s %7s %8s %8s %8s %7s %7s %12s %12s %10s %6s %10s %8s %7s %7s %9s\n'
+# shellcheck disable=SC2059 # the format is built once for the header and the rows
+printf "\n$format" variant MB_tar MB_blob imaged_s cri22_s cri16_s ctr_s raw_s imaged/cri22 imaged/cri16 \
+  imaged/raw cpu_s raw_cpu_s cpu/raw rss_MB x2_s x2_rss_MB
 first=1
-for variant in gzip zstd; do
+for variant in "${variants[@]}"; do
   cold_medians "$variant"
-  # shellcheck disable=SC2086 # the values are space-separated on purpose
-  {
-    x2_s=$(median ${double_seconds[$variant]})
-    x2_rss_mb=$(median ${double_rss[$variant]})
-  }
-  printf '%-6s %8s %8s %12s %8s %8s %8s %10s %10s %10s %9s %7s %10s %10s\n' "$variant" \
-    "${uncompressed_mb[$variant]}" "${compressed_mb[$variant]}" "$imaged_s" "$cri_s" "$ctr_s" "$raw_s" \
-    "$(ratio "$imaged_s" "$cri_s")" "$(ratio "$imaged_s" "$ctr_s")" "$(ratio "$imaged_s" "$raw_s")" \
-    "$rss_mb" "$cpu_s" "$x2_s" "$x2_rss_mb"
+  x2_s=null x2_rss_mb=null x2_mb=null
+  if [ -n "${double_seconds[$variant]:-}" ]; then
+    # shellcheck disable=SC2086 # the values are space-separated on purpose
+    {
+      x2_s=$(median ${double_seconds[$variant]})
+      x2_rss_mb=$(median ${double_rss[$variant]})
+    }
+    x2_mb=${double_mb[$variant]}
+  fi
+  # shellcheck disable=SC2059
+  printf "$format" "$variant" "${uncompressed_mb[$variant]}" "${compressed_mb[$variant]}" "$imaged_s" \
+    "$cri22_s" "$cri16_s" "$ctr_s" "$raw_s" "$(ratio "$imaged_s" "$cri22_s")" "$(ratio "$imaged_s" "$cri16_s")" \
+    "$(ratio "$imaged_s" "$raw_s")" "$cpu_s" "$raw_cpu_s" "$(ratio "$cpu_s" "$raw_cpu_s")" "$rss_mb" \
+    "${x2_s/null/-}" "${x2_rss_mb/null/-}"
   [ $first = 1 ] || printf ',\n' >>"$json"
   first=0
-  printf '    "%s": {"image": "%s", "uncompressed_mb": %s, "compressed_mb": %s, "imaged_s": %s, "containerd_cri_s": %s, "ctr_s": %s, "raw_s": %s, "imaged_over_containerd_cri": %s, "imaged_over_ctr": %s, "imaged_over_raw": %s, "imaged_peak_rss_mb": %s, "imaged_cpu_s": %s, "containerd_cri_peak_rss_mb": %s, "double": {"uncompressed_mb": %s, "imaged_s": %s, "imaged_peak_rss_mb": %s}, "runs_s": {"imaged": [%s], "containerd_cri": [%s], "ctr": [%s], "raw": [%s]}}' \
+  printf '    "%s": {"image": "%s", "uncompressed_mb": %s, "compressed_mb": %s, "imaged_s": %s, "containerd22_cri_s": %s, "containerd16_cri_s": %s, "ctr_s": %s, "raw_s": %s, "imaged_over_containerd22_cri": %s, "imaged_over_containerd16_cri": %s, "imaged_over_raw": %s, "imaged_cpu_s": %s, "containerd22_cpu_s": %s, "raw_cpu_s": %s, "imaged_cpu_over_raw": %s, "imaged_peak_rss_mb": %s, "containerd22_peak_rss_mb": %s, "containerd16_peak_rss_mb": %s, "double": {"uncompressed_mb": %s, "imaged_s": %s, "imaged_peak_rss_mb": %s}, "runs_s": {"imaged": %s, "containerd22_cri": %s, "containerd16_cri": %s, "ctr": %s, "raw": %s}}' \
     "$variant" "${ref[$variant]}" "${uncompressed_mb[$variant]}" "${compressed_mb[$variant]}" \
-    "$imaged_s" "$cri_s" "$ctr_s" "$raw_s" \
-    "$(ratio "$imaged_s" "$cri_s")" "$(ratio "$imaged_s" "$ctr_s")" "$(ratio "$imaged_s" "$raw_s")" \
-    "$rss_mb" "$cpu_s" "$cri_rss_mb" "${double_mb[$variant]}" "$x2_s" "$x2_rss_mb" \
-    "$(echo ${seconds["imaged $variant"]} | tr ' ' ',')" "$(echo ${seconds["cri $variant"]} | tr ' ' ',')" \
-    "$(echo ${seconds["ctr $variant"]} | tr ' ' ',')" "$(echo ${seconds["raw $variant"]} | tr ' ' ',')" >>"$json"
+    "$imaged_s" "$cri22_s" "$cri16_s" "$ctr_s" "$raw_s" \
+    "$(ratio "$imaged_s" "$cri22_s")" "$(ratio "$imaged_s" "$cri16_s")" "$(ratio "$imaged_s" "$raw_s")" \
+    "$cpu_s" "$cri22_cpu_s" "$raw_cpu_s" "$(ratio "$cpu_s" "$raw_cpu_s")" \
+    "$rss_mb" "$cri22_rss_mb" "$cri16_rss_mb" "$x2_mb" "$x2_s" "$x2_rss_mb" \
+    "$(runs_json imaged "$variant")" "$(runs_json cri22 "$variant")" "$(runs_json cri16 "$variant")" \
+    "$(runs_json ctr "$variant")" "$(runs_json raw "$variant")" >>"$json"
 done
 read -r warm_imaged_p50 warm_imaged_p99 <<<"$warm_imaged"
 read -r warm_containerd_p50 warm_containerd_p99 <<<"$warm_containerd"
@@ -491,8 +578,10 @@ total_s=$(elapsed "$started")
 } >>"$json"
 
 printf '\nx2_s, x2_rss_MB: imaged cold pull of the same image at scale %s (%s MB tar)\n' "$double" "${double_mb[gzip]}"
-printf 'containerd %s (CRI peak RSS MB: gzip %s, zstd %s)\n' \
-  "$containerd_version" "$(median ${rss["cri gzip"]})" "$(median ${rss["cri zstd"]})"
+printf 'cri22: containerd %s CRI with max_concurrent_unpacks = 5; cri16, ctr: containerd %s\n' \
+  "$containerd22_version" "$containerd_version"
+printf 'cpu_s, raw_cpu_s: user + sys seconds of imaged and of the raw limit (containerd %s: %s)\n' \
+  "$containerd22_version" "$(for v in "${variants[@]}"; do cold_medians "$v"; printf '%s %s s, ' "$v" "$cri22_cpu_s"; done)"
 printf '10-way concurrent pull of bench/gzip: %ss, %s blob GETs for %s distinct blobs\n' \
   "$concurrent_seconds" "$blob_gets" "$distinct_blobs"
 printf 'imaged idle RSS: %s MB\n' "$idle_rss_mb"
