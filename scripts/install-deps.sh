@@ -1,8 +1,8 @@
 #!/bin/sh
-# Installs what the tests and the demo need, when missing: a registry, skopeo, htpasswd,
-# openssl, the CNI plugins with iproute2 and iptables (runtimed's network tests), runc, crun and
-# conmon, btrfs-progs (mkfs.btrfs, for the btrfs snapshotter's tests), and crictl/critest from
-# the shared cri-tools folder.
+# Installs what the build, the tests and the demo need, when missing: libisal-dev (ISA-L, which
+# imaged links for gzip), a registry, skopeo, htpasswd, openssl, the CNI plugins with iproute2
+# and iptables (runtimed's network tests), runc, crun and conmon, btrfs-progs (mkfs.btrfs, for
+# the btrfs snapshotter's tests), and crictl/critest from the shared cri-tools folder.
 set -eu
 here=$(cd "$(dirname "$0")/.." && pwd)
 missing=""
@@ -12,6 +12,8 @@ for pair in docker-registry:docker-registry skopeo:skopeo htpasswd:apache2-utils
   command -v "${pair%%:*}" >/dev/null 2>&1 || missing="$missing ${pair#*:}"
 done
 [ -x /usr/lib/cni/bridge ] || missing="$missing containernetworking-plugins"
+# imaged inflates gzip layers with ISA-L: the library to link against (and run with).
+dpkg -s libisal-dev >/dev/null 2>&1 || missing="$missing libisal-dev"
 if [ -n "$missing" ]; then
   echo "installing:$missing"
   apt-get update -qq
