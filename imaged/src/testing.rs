@@ -5,7 +5,7 @@
 
 use snapshotters::{ApplyStats, Error, Info, Kind, Mount, Snapshotter, Usage};
 use std::collections::BTreeMap;
-use std::io::Read;
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::SystemTime;
@@ -198,7 +198,7 @@ impl Snapshotter for MemorySnapshotter {
         Ok(())
     }
 
-    fn apply(&self, key: &str, tar: &mut dyn Read) -> Result<ApplyStats, Error> {
+    fn apply(&self, key: &str, tar: &mut dyn BufRead) -> Result<ApplyStats, Error> {
         if self.stat(key)?.kind != Kind::Active {
             return Err(precondition(key, "only an active snapshot can be written"));
         }

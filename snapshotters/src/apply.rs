@@ -32,7 +32,7 @@ mod stream;
 use std::collections::HashSet;
 use std::fs::File;
 use std::hash::{BuildHasher, RandomState};
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::mpsc::{channel, sync_channel};
@@ -83,15 +83,12 @@ pub(crate) enum Inodes {
 
 const OPAQUE_XATTR: &[u8] = b"trusted.overlay.opaque";
 
-/// Regular file data is copied through a buffer this large, with no fsync per file.
-const COPY_BUFFER: usize = 256 * 1024;
-
 /// Applies the layer in `tar` to the directory `root`, then reads `tar` to EOF. Returns the
 /// statistics and the cleaned paths of the directories the layer names itself (any other
 /// directory in `root` was created as a missing parent).
 pub(crate) fn apply_layer(
     root: &Path,
-    tar: &mut dyn Read,
+    tar: &mut dyn BufRead,
     limits: &ApplyLimits,
     whiteouts: Whiteouts,
     inodes: Inodes,
@@ -118,7 +115,6 @@ pub(crate) fn apply_layer(
             timed: HashSet::new(),
             opaque: HashSet::new(),
             hasher: RandomState::new(),
-            buffer: vec![0; COPY_BUFFER],
             parent: None,
             removed: false,
             files: Handoff::new(jobs, answers),
@@ -164,7 +160,6 @@ struct Layer {
     /// written paths remain, so another opaque marker there has nothing left to delete.
     opaque: HashSet<u64>,
     hasher: RandomState,
-    buffer: Vec<u8>,
     /// The previous entry's parent directory (cleaned path and descriptor), reused while
     /// entries share it: archives list a directory's files together.
     parent: Option<(Vec<u8>, OwnedFd)>,
@@ -551,13 +546,15 @@ impl Layer {
             });
             return Ok(());
         }
+        // Larger files are written from the stream's buffer as it comes, with no fsync.
         loop {
-            let n = stream.read_data(&mut self.buffer)?;
-            if n == 0 {
+            let data = stream.data()?;
+            if data.is_empty() {
                 break;
             }
-            file.write_all(&self.buffer[..n])
-                .map_err(io_error("write file"))?;
+            file.write_all(data).map_err(io_error("write file"))?;
+            let n = data.len();
+            stream.consume_data(n);
         }
         set_file_metadata(&file, entry)
     }

@@ -26,7 +26,7 @@ mod snapshots;
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::io::Read;
+use std::io::BufRead;
 use std::path::Path;
 use std::str::FromStr;
 use std::time::SystemTime;
@@ -230,7 +230,8 @@ pub trait Snapshotter: Send + Sync {
     /// directory, directly; nothing is mounted) and then reads `tar` to EOF, so a caller that
     /// hashes every byte also covers data after the end-of-archive blocks. A failed layer
     /// leaves the Active snapshot in place for the caller to [`remove`](Snapshotter::remove).
-    fn apply(&self, key: &str, tar: &mut dyn Read) -> Result<ApplyStats, Error>;
+    /// File content is written straight from the reader's buffer.
+    fn apply(&self, key: &str, tar: &mut dyn BufRead) -> Result<ApplyStats, Error>;
 
     /// Removes on-disk directories that no metadata refers to (crash leftovers, temporary
     /// `new-*` and `rm-*` directories). One that cannot be removed is logged and left for

@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
-use std::io::{self, Read};
+use std::io::{self, BufRead};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -430,7 +430,7 @@ impl Snapshotter for Snapshots {
         Ok(())
     }
 
-    fn apply(&self, key: &str, tar: &mut dyn Read) -> Result<ApplyStats, Error> {
+    fn apply(&self, key: &str, tar: &mut dyn BufRead) -> Result<ApplyStats, Error> {
         let record = self.store.read(key, |r| r.get(key))?;
         if record.kind != Kind::Active {
             return Err(Error::FailedPrecondition {

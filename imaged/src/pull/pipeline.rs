@@ -21,7 +21,7 @@ use bytes::{Bytes, BytesMut};
 use sha2::{Digest as _, Sha256};
 use snapshotters::Snapshotter;
 use std::fs::File;
-use std::io::{self, Read, Seek};
+use std::io::{self, BufRead, Read, Seek};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
@@ -483,8 +483,9 @@ fn apply_tar(
         })
 }
 
-/// The receiving end of a chunk channel as a `Read`; a closed channel is the end of the
-/// stream. Chunks read to the end go back to their sender when it recycles them.
+/// The receiving end of a chunk channel as a `BufRead` whose buffer is the current chunk; a
+/// closed channel is the end of the stream. Chunks read to the end go back to their sender
+/// when it recycles them.
 struct ChunkReader<T> {
     rx: Receiver<io::Result<T>>,
     chunk: Option<T>,
@@ -531,5 +532,15 @@ impl<T: AsRef<[u8]>> Read for ChunkReader<T> {
         buf[..n].copy_from_slice(&rest[..n]);
         self.position += n;
         Ok(n)
+    }
+}
+
+impl<T: AsRef<[u8]>> BufRead for ChunkReader<T> {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        self.current()
+    }
+
+    fn consume(&mut self, amount: usize) {
+        self.position += amount;
     }
 }

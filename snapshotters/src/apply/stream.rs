@@ -6,7 +6,7 @@
 //! exactly as it moves every other tar reader.
 
 use std::collections::BTreeMap;
-use std::io::{self, Read};
+use std::io::{self, BufRead};
 use std::ops::Range;
 
 use tar::Header;
@@ -44,7 +44,7 @@ pub(crate) struct Entry {
 
 /// A tar stream positioned between entries or inside one entry's data.
 pub(crate) struct TarStream<'r> {
-    reader: &'r mut dyn Read,
+    reader: &'r mut dyn BufRead,
     offset: u64,
     /// Data bytes of the current entry not read yet.
     remaining: u64,
@@ -75,7 +75,7 @@ impl Pending {
 }
 
 impl<'r> TarStream<'r> {
-    pub(crate) fn new(reader: &'r mut dyn Read) -> Self {
+    pub(crate) fn new(reader: &'r mut dyn BufRead) -> Self {
         TarStream {
             reader,
             offset: 0,
@@ -152,17 +152,37 @@ impl<'r> TarStream<'r> {
         Ok(n)
     }
 
+    /// The current entry's next data bytes, straight from the reader's buffer: empty at
+    /// the entry's end. [`TarStream::consume_data`] says how many were used.
+    pub(crate) fn data(&mut self) -> Result<&[u8], LayerError> {
+        if self.remaining == 0 {
+            return Ok(&[]);
+        }
+        let want = usize::try_from(self.remaining).unwrap_or(usize::MAX);
+        let buffered = fill_buf(self.reader).map_err(read_error)?;
+        if buffered.is_empty() {
+            return Err(LayerError::Truncated);
+        }
+        Ok(&buffered[..buffered.len().min(want)])
+    }
+
+    /// Marks `n` bytes of what [`TarStream::data`] returned as used.
+    pub(crate) fn consume_data(&mut self, n: usize) {
+        self.reader.consume(n);
+        self.offset += n as u64;
+        self.remaining -= n as u64;
+    }
+
     /// Reads the rest of the stream (end-of-archive blocks and anything after them) so that a
     /// caller hashing the stream sees every byte.
     pub(crate) fn drain(mut self) -> Result<(), Error> {
-        io::copy(&mut self.reader, &mut io::sink()).map_err(|source| Error::Layer {
-            path: format!("<data after byte {}>", self.offset),
-            reason: LayerError::Io {
-                op: "read archive",
-                source,
-            },
-        })?;
-        Ok(())
+        self.skip(u64::MAX).or_else(|e| match e {
+            LayerError::Truncated => Ok(()),
+            reason => Err(Error::Layer {
+                path: format!("<data after byte {}>", self.offset),
+                reason,
+            }),
+        })
     }
 
     fn read_extension(&mut self, kind: &'static str, size: u64) -> Result<Vec<u8>, LayerError> {
@@ -199,12 +219,17 @@ impl<'r> TarStream<'r> {
         Ok(())
     }
 
-    fn skip(&mut self, amount: u64) -> Result<(), LayerError> {
-        let copied =
-            io::copy(&mut (&mut self.reader).take(amount), &mut io::sink()).map_err(read_error)?;
-        self.offset += copied;
-        if copied < amount {
-            return Err(LayerError::Truncated);
+    /// Passes over `amount` bytes without copying them.
+    fn skip(&mut self, mut amount: u64) -> Result<(), LayerError> {
+        while amount > 0 {
+            let buffered = fill_buf(self.reader).map_err(read_error)?.len();
+            if buffered == 0 {
+                return Err(LayerError::Truncated);
+            }
+            let n = buffered.min(usize::try_from(amount).unwrap_or(usize::MAX));
+            self.reader.consume(n);
+            self.offset += n as u64;
+            amount -= n as u64;
         }
         Ok(())
     }
@@ -221,6 +246,19 @@ impl<'r> TarStream<'r> {
             }
         }
     }
+}
+
+/// The reader's buffered bytes, refilled when empty; retried when interrupted.
+fn fill_buf(reader: &mut dyn BufRead) -> io::Result<&[u8]> {
+    loop {
+        match reader.fill_buf() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+            Ok(_) => break,
+        }
+    }
+    // Filled now: this returns the same bytes, borrowed outside the loop.
+    reader.fill_buf()
 }
 
 fn read_error(source: io::Error) -> LayerError {
