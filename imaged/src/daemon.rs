@@ -148,18 +148,12 @@ impl Daemon {
     /// [`SHUTDOWN_GRACE`]; those still running then are dropped, which stops their pulls
     /// (a crash would leave no less, and start-up clears it).
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), StartError> {
-        let listener = plumbing::grpc::bind(&self.address).map_err(|source| StartError::Io {
-            path: self.address.clone(),
-            source,
+        let listener = plumbing::grpc::bind(&self.address, self.socket_gid).map_err(|source| {
+            StartError::Io {
+                path: self.address.clone(),
+                source,
+            }
         })?;
-        if let Some(gid) = self.socket_gid {
-            std::os::unix::fs::chown(&self.address, None, Some(gid)).map_err(|source| {
-                StartError::Io {
-                    path: self.address.clone(),
-                    source,
-                }
-            })?;
-        }
         tracing::info!(socket = %self.address.display(), "serving CRI image service");
         let collector = self
             .gc_interval

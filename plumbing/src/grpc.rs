@@ -17,9 +17,11 @@ use tracing::instrument::Instrumented;
 /// thousands of entries fits, so the server never waits for a window update in the middle.
 const WINDOW: u32 = 4 << 20;
 
-/// Binds a unix socket at `path` with mode 0660: the parent directory is created and a stale
-/// socket from an earlier process replaced; any other file there is refused.
-pub fn bind(path: &Path) -> io::Result<UnixListener> {
+/// Binds a unix socket at `path` with mode 0660 and, if given, the group `gid`: the parent
+/// directory is created and a stale socket from an earlier process replaced; any other file
+/// there is refused. The socket is bound under a temporary name and renamed into place once
+/// its mode and group are set, so no client ever finds it with others.
+pub fn bind(path: &Path, gid: Option<u32>) -> io::Result<UnixListener> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
     }
@@ -33,8 +35,18 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
         }
         Err(_) => {}
     }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    let mut staged = path.as_os_str().to_owned();
+    staged.push(format!(".{}.new", std::process::id()));
+    let staged = std::path::PathBuf::from(staged);
+    let _ = std::fs::remove_file(&staged);
+    let listener = UnixListener::bind(&staged)?;
+    let placed = std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o660))
+        .and_then(|()| std::os::unix::fs::chown(&staged, None, gid))
+        .and_then(|()| std::fs::rename(&staged, path));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&staged);
+        return Err(e);
+    }
     Ok(listener)
 }
 
@@ -127,14 +139,17 @@ mod tests {
         let _guard = runtime.enter();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/d.sock");
-        drop(bind(&path).unwrap());
-        let listener = bind(&path).unwrap();
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o660);
+        drop(bind(&path, None).unwrap());
+        let listener = bind(&path, Some(4242)).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+        assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), 4242);
+        let left: Vec<_> = std::fs::read_dir(path.parent().unwrap()).unwrap().collect();
+        assert_eq!(left.len(), 1, "only the socket: {left:?}");
         drop(listener);
         let file = dir.path().join("plain");
         std::fs::write(&file, b"keep").unwrap();
-        let err = bind(&file).unwrap_err();
+        let err = bind(&file, None).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
         assert_eq!(std::fs::read(&file).unwrap(), b"keep");
     }

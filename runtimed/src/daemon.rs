@@ -67,10 +67,11 @@ impl Daemon {
 
     /// Serves until `shutdown` resolves, then lets running requests finish.
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), StartError> {
-        let listener = plumbing::grpc::bind(&self.address).map_err(|source| StartError::Io {
-            path: self.address.clone(),
-            source,
-        })?;
+        let listener =
+            plumbing::grpc::bind(&self.address, None).map_err(|source| StartError::Io {
+                path: self.address.clone(),
+                source,
+            })?;
         let (streams, stream_listener) = self.bind_streams().await?;
         self.service.remove_unrecorded().await;
         tracing::info!(socket = %self.address.display(), "serving CRI runtime service");
