@@ -130,9 +130,10 @@ median() {
 # ratio A B: A / B with two decimals.
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 
-# cpu_seconds PID: utime + stime of PID in seconds.
+# cpu_seconds PID: user + sys seconds of PID and of the children it waited for (containerd
+# runs igzip or pigz, when installed, to decompress).
 cpu_seconds() {
-  awk -v hz="$(getconf CLK_TCK)" '{ sub(/^.*\) /, ""); printf "%.2f", ($12 + $13) / hz }' "/proc/$1/stat"
+  awk -v hz="$(getconf CLK_TCK)" '{ sub(/^.*\) /, ""); printf "%.2f", ($12 + $13 + $14 + $15) / hz }' "/proc/$1/stat"
 }
 
 # peak_rss_mb PID: VmHWM of PID in MB.
@@ -580,8 +581,13 @@ total_s=$(elapsed "$started")
 printf '\nx2_s, x2_rss_MB: imaged cold pull of the same image at scale %s (%s MB tar)\n' "$double" "${double_mb[gzip]}"
 printf 'cri22: containerd %s CRI with max_concurrent_unpacks = 5; cri16, ctr: containerd %s\n' \
   "$containerd22_version" "$containerd_version"
+cri22_cpus=()
+for variant in "${variants[@]}"; do
+  cold_medians "$variant"
+  cri22_cpus+=("$variant $cri22_cpu_s s")
+done
 printf 'cpu_s, raw_cpu_s: user + sys seconds of imaged and of the raw limit (containerd %s: %s)\n' \
-  "$containerd22_version" "$(for v in "${variants[@]}"; do cold_medians "$v"; printf '%s %s s, ' "$v" "$cri22_cpu_s"; done)"
+  "$containerd22_version" "$(IFS=,; echo "${cri22_cpus[*]}" | sed 's/,/, /g')"
 printf '10-way concurrent pull of bench/gzip: %ss, %s blob GETs for %s distinct blobs\n' \
   "$concurrent_seconds" "$blob_gets" "$distinct_blobs"
 printf 'imaged idle RSS: %s MB\n' "$idle_rss_mb"
