@@ -62,6 +62,8 @@ missing=()
 command -v containerd >/dev/null || missing+=(containerd)
 command -v libdeflate-gunzip >/dev/null || missing+=(libdeflate-tools)
 command -v zstd >/dev/null || missing+=(zstd)
+# containerd decompresses gzip with igzip when it finds it: its fastest configuration.
+command -v igzip >/dev/null || missing+=(isal)
 if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >&2
 fi
