@@ -4,7 +4,7 @@
 use crate::check;
 use crate::config::Config;
 use crate::content::{ContentError, ContentStore};
-use crate::cri::CriImageService;
+use crate::cri::ImageServer;
 use crate::images::{ImageStore, ImageStoreError};
 use crate::internal_api::InternalApi;
 use crate::manifest::HostPlatform;
@@ -12,7 +12,6 @@ use crate::metrics::Metrics;
 use crate::pull::{EXTRACT_KEY_PREFIX, PullSettings};
 use crate::registry::Registry;
 use crate::service::ImageService;
-use proto::cri::image_service_server::ImageServiceServer;
 use proto::imaged::images_server::ImagesServer;
 use proto::imaged::snapshots_server::SnapshotsServer;
 use snapshotters::{Backend, Kind, Snapshots, Snapshotter};
@@ -174,9 +173,7 @@ impl Daemon {
         };
         let server = tonic::transport::Server::builder()
             .layer(plumbing::grpc::RpcSpans::new(rpc_span))
-            .add_service(ImageServiceServer::new(CriImageService::new(
-                self.service.clone(),
-            )))
+            .add_service(ImageServer::new(self.service.clone()))
             .add_service(ImagesServer::new(internal.clone()))
             .add_service(SnapshotsServer::new(internal))
             .serve_with_incoming_shutdown(plumbing::grpc::incoming(listener), shutdown);

@@ -122,6 +122,8 @@ struct State {
     /// names are kept here rather than looked up per call, so listing does no lookups.
     images: BTreeMap<Digest, Arc<NamedImage>>,
     names: BTreeMap<String, Digest>,
+    /// Counts the changes to the two maps, for whoever keeps something made from them.
+    generation: u64,
 }
 
 impl State {
@@ -248,6 +250,7 @@ impl ImageStore {
         for name in names {
             state.set_name(name.clone(), record.id.clone());
         }
+        state.generation += 1;
         Ok(())
     }
 
@@ -288,10 +291,18 @@ impl ImageStore {
         }
     }
 
-    /// Every image with its names.
+    /// Every image with its names, by id.
     pub fn list(&self) -> Vec<Arc<NamedImage>> {
         let state = self.state.read().expect("image state");
         state.images.values().cloned().collect()
+    }
+
+    /// Grows with every change of images or names: what was made from a [`list`] taken
+    /// after reading it holds while it stays the same.
+    ///
+    /// [`list`]: ImageStore::list
+    pub fn generation(&self) -> u64 {
+        self.state.read().expect("image state").generation
     }
 
     /// Removes an image and every name pointing at it.
@@ -319,6 +330,7 @@ impl ImageStore {
         for name in &names {
             state.names.remove(name);
         }
+        state.generation += 1;
         Ok(())
     }
 

@@ -32,6 +32,9 @@ pub struct ImageService {
     pinned: Vec<String>,
     fs_usage: Arc<FsUsage>,
     metrics: Arc<Metrics>,
+    /// The encoded answer to an unfiltered ListImages, and the image store's generation it
+    /// was made at: the kubelet lists every few seconds, and the store rarely changes.
+    listing: std::sync::Mutex<Option<(u64, bytes::Bytes)>>,
 }
 
 /// How long ImageFsInfo reuses a walk of an unchanged store: containerd's period for
@@ -92,6 +95,7 @@ impl ImageService {
             pinned,
             fs_usage: Arc::default(),
             metrics,
+            listing: std::sync::Mutex::default(),
         }
     }
 
@@ -158,9 +162,29 @@ impl ImageService {
             Some(text) => self.images.lookup(text)?.into_iter().collect(),
             None => self.images.list(),
         };
-        let mut images: Vec<cri::Image> = named.iter().map(|n| self.to_cri(n)).collect();
-        images.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(images)
+        // The store lists by id, the order of the answer.
+        Ok(named.iter().map(|n| self.to_cri(n)).collect())
+    }
+
+    /// The ListImagesResponse for `filter`, protobuf-encoded. Without a filter it is made
+    /// once per change of the image store and shared by every call until the next change.
+    pub fn list_encoded(&self, filter: Option<&str>) -> Result<bytes::Bytes, Error> {
+        use prost::Message as _;
+        let encode =
+            |images| bytes::Bytes::from(cri::ListImagesResponse { images }.encode_to_vec());
+        if filter.is_some_and(|f| !f.is_empty()) {
+            return Ok(encode(self.list(filter)?));
+        }
+        // Read before listing: a change in between makes the next call list again.
+        let generation = self.images.generation();
+        if let Some((made, encoded)) = &*self.listing.lock().expect("listing")
+            && *made == generation
+        {
+            return Ok(encoded.clone());
+        }
+        let encoded = encode(self.list(None)?);
+        *self.listing.lock().expect("listing") = Some((generation, encoded.clone()));
+        Ok(encoded)
     }
 
     /// Removes an image under all its names; absent images are fine.

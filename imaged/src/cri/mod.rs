@@ -1,7 +1,10 @@
 //! The CRI v1 `ImageService` over gRPC: a thin layer that names the image in the RPC's span,
 //! calls [`ImageService`](crate::service::ImageService) and converts errors.
 
+mod listing;
 pub mod status;
+
+pub use listing::ImageServer;
 
 use crate::reference::is_docker_hub;
 use crate::registry::auth::{AuthInput, Credentials};
@@ -11,7 +14,7 @@ use proto::cri::image_service_server;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
-/// The tonic server side of `runtime.v1.ImageService`.
+/// The tonic server side of `runtime.v1.ImageService`, served inside [`ImageServer`].
 #[derive(Clone)]
 pub struct CriImageService {
     service: Arc<ImageService>,
@@ -63,6 +66,7 @@ pub fn credentials(
 
 #[tonic::async_trait]
 impl image_service_server::ImageService for CriImageService {
+    /// The decoded form of what [`ImageServer`] answers ListImages with on the socket.
     async fn list_images(
         &self,
         request: Request<cri::ListImagesRequest>,

@@ -137,6 +137,19 @@ async fn tags_accumulate_move_and_go_with_removal() {
         imaged.status(&format!("{name}:3")).await.unwrap().id,
         b.id()
     );
+    // The listing, kept between calls, follows the change.
+    let tags: Vec<Vec<String>> = imaged
+        .list()
+        .await
+        .into_iter()
+        .map(|i| i.repo_tags)
+        .collect();
+    assert_eq!(tags.len(), 2, "{tags:?}");
+    assert!(
+        tags.contains(&vec![format!("{name}:1"), format!("{name}:2")]),
+        "{tags:?}"
+    );
+    assert!(tags.contains(&vec![format!("{name}:3")]), "{tags:?}");
     // Removing by one tag removes every name of the image, repeatedly without error.
     imaged.remove(&format!("{name}:1")).await;
     imaged.remove(&format!("{name}:1")).await;
