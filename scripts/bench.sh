@@ -246,6 +246,10 @@ state = "${ctrd_dir[22]}/state"
     max_concurrent_downloads = 3
     max_concurrent_unpacks = 5
     config_path = "${ctrd_dir[22]}/certs.d"
+    # Without this the transfer service unpacks into overlayfs only.
+    [[plugins."io.containerd.transfer.v1.local".unpack_config]]
+      platform = "linux/amd64"
+      snapshotter = "$snapshotter"
   [plugins."io.containerd.cri.v1.images"]
     snapshotter = "$snapshotter"
     use_local_image_pull = false
