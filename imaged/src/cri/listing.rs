@@ -2,7 +2,7 @@
 //! with the encoding [`ImageService::list_encoded`] keeps, so a call costs a copy of bytes
 //! rather than building, encoding and dropping a message per image.
 
-use super::{CriImageService, status};
+use super::{CriImageService, list_filter, status};
 use crate::service::ImageService;
 use bytes::{BufMut as _, Bytes};
 use proto::cri::{self, image_service_server::ImageServiceServer};
@@ -67,13 +67,8 @@ impl UnaryService<cri::ListImagesRequest> for List {
         let service = self.0.clone();
         Box::pin(async move {
             let request = request.into_inner();
-            let filter = request
-                .filter
-                .as_ref()
-                .and_then(|f| f.image.as_ref())
-                .map(|s| s.image.as_str());
             let encoded = service
-                .list_encoded(filter)
+                .list_encoded(list_filter(&request))
                 .map_err(|e| status::to_status(&e))?;
             Ok(Response::new(encoded))
         })

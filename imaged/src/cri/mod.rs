@@ -27,6 +27,15 @@ impl CriImageService {
     }
 }
 
+/// The image a ListImages request is limited to, if any.
+fn list_filter(request: &cri::ListImagesRequest) -> Option<&str> {
+    request
+        .filter
+        .as_ref()
+        .and_then(|f| f.image.as_ref())
+        .map(|s| s.image.as_str())
+}
+
 /// The requested image, also recorded in the RPC's span.
 fn image_name(spec: Option<&cri::ImageSpec>) -> &str {
     let name = spec.map_or("", |s| s.image.as_str());
@@ -72,14 +81,9 @@ impl image_service_server::ImageService for CriImageService {
         request: Request<cri::ListImagesRequest>,
     ) -> Result<Response<cri::ListImagesResponse>, Status> {
         let request = request.into_inner();
-        let filter = request
-            .filter
-            .as_ref()
-            .and_then(|f| f.image.as_ref())
-            .map(|s| s.image.as_str());
         let images = self
             .service
-            .list(filter)
+            .list(list_filter(&request))
             .map_err(|e| status::to_status(&e))?;
         Ok(Response::new(cri::ListImagesResponse { images }))
     }
