@@ -233,7 +233,7 @@ impl ContentStore {
             hasher,
             written,
             resumed_from: written,
-            writeback_from: 0,
+            writeback_from: written,
             digest: digest.clone(),
             size,
             target: self.path(digest),

@@ -4,7 +4,10 @@
 //!
 //! The reader is written here over the raw `isal-sys` bindings because the `isal-rs` reader
 //! takes two inflate calls in a member that produce no output for corrupt input, and short
-//! reads (a chunk ending a few bytes into a Huffman code) do that to valid streams.
+//! reads (a chunk ending a few bytes into a Huffman code) do that to valid streams. Each
+//! member's header is read with a header state of our own, kept across calls: the one
+//! `isal_inflate` makes for itself lives for one call, so a header with a name, comment or
+//! extra field split by a short read would lose its flags.
 
 use crate::Stream;
 use isal_sys::igzip_lib as isal;
@@ -27,32 +30,43 @@ struct Gunzip<R> {
     consumed: u64,
 }
 
-/// The inflate state: about 100 KiB (history and lookup tables), so on the heap.
-struct State(Box<isal::inflate_state>);
+/// The inflate state (about 100 KiB of history and lookup tables, so on the heap) and the
+/// state of the member header being read.
+struct State {
+    inflate: Box<isal::inflate_state>,
+    header: Box<isal::isal_gzip_header>,
+}
 
-// SAFETY: the state's only pointers are next_in and next_out, which point into buffers
-// borrowed for one isal_inflate call and are null between calls; nothing else ties the state
-// to a thread.
+// SAFETY: the inflate state's only pointers are next_in and next_out, which point into
+// buffers borrowed for one call and are null between calls; the header's buffer pointers are
+// always null (its fields are skipped, not kept). Nothing ties either to a thread.
 unsafe impl Send for State {}
 
 impl<R: BufRead> Gunzip<R> {
     fn new(input: R) -> Self {
-        let mut state = Box::<isal::inflate_state>::new_uninit();
-        // SAFETY: isal_inflate_init initialises every field of the state it is given.
-        let mut state = unsafe {
-            isal::isal_inflate_init(state.as_mut_ptr());
-            state.assume_init()
+        // SAFETY: both structs hold integers, arrays and pointers only, for which zero bytes
+        // are valid values; the init functions then set what they need.
+        let (mut inflate, mut header) = unsafe {
+            (
+                Box::<isal::inflate_state>::new_zeroed().assume_init(),
+                Box::<isal::isal_gzip_header>::new_zeroed().assume_init(),
+            )
         };
-        state.crc_flag = isal::ISAL_GZIP;
+        // SAFETY: both point to live, writable structs of the right type.
+        unsafe {
+            isal::isal_inflate_init(&mut *inflate);
+            isal::isal_gzip_header_init(&mut *header);
+        }
+        inflate.crc_flag = isal::ISAL_GZIP;
         Self {
             input,
-            state: State(state),
+            state: State { inflate, header },
             consumed: 0,
         }
     }
 
     fn member_finished(&self) -> bool {
-        self.state.0.block_state == isal::isal_block_state_ISAL_BLOCK_FINISH
+        self.state.inflate.block_state == isal::isal_block_state_ISAL_BLOCK_FINISH
     }
 
     /// Inflates from the buffered input into `out`; returns (input consumed, output produced).
@@ -60,22 +74,31 @@ impl<R: BufRead> Gunzip<R> {
         let input = self.input.fill_buf()?;
         let avail_in = u32::try_from(input.len()).unwrap_or(u32::MAX);
         let avail_out = u32::try_from(out.len()).unwrap_or(u32::MAX);
-        let state = &mut *self.state.0;
+        let state = &mut *self.state.inflate;
         state.next_in = input.as_ptr().cast_mut();
         state.avail_in = avail_in;
         state.next_out = out.as_mut_ptr();
         state.avail_out = avail_out;
+        // The header is read until done (wrapper_flag set), then the member is inflated.
+        let in_header = state.wrapper_flag == 0;
         // SAFETY: next_in/avail_in describe the reader's buffer and next_out/avail_out `out`,
-        // both live for this call; isal_inflate reads only the former and writes only the
-        // latter. The pointers are cleared before the buffers can go away.
-        let code = unsafe { isal::isal_inflate(state) };
+        // both live for this call; ISA-L reads only the former and writes only the latter.
+        // The pointers are cleared before the buffers can go away.
+        let code = unsafe {
+            if in_header {
+                isal::isal_read_gzip_header(state, &mut *self.state.header)
+            } else {
+                isal::isal_inflate(state)
+            }
+        };
         let consumed = (avail_in - state.avail_in) as usize;
         let produced = (avail_out - state.avail_out) as usize;
         state.next_in = std::ptr::null_mut();
         state.next_out = std::ptr::null_mut();
         self.input.consume(consumed);
         self.consumed += consumed as u64;
-        if code != isal::ISAL_DECOMP_OK as i32 {
+        // A header cut short asks for more input (ISAL_END_INPUT); errors are negative.
+        if code < 0 || (!in_header && code != isal::ISAL_DECOMP_OK as i32) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!(
@@ -90,9 +113,12 @@ impl<R: BufRead> Gunzip<R> {
 
     /// Starts the next member after one that finished.
     fn reset(&mut self) {
-        // SAFETY: the state was initialised by isal_inflate_init.
-        unsafe { isal::isal_inflate_reset(&mut *self.state.0) };
-        self.state.0.crc_flag = isal::ISAL_GZIP;
+        // SAFETY: both were initialised in `new` and are live.
+        unsafe {
+            isal::isal_inflate_reset(&mut *self.state.inflate);
+            isal::isal_gzip_header_init(&mut *self.state.header);
+        }
+        self.state.inflate.crc_flag = isal::ISAL_GZIP;
     }
 }
 
@@ -225,15 +251,30 @@ mod tests {
     }
 
     #[test]
-    fn header_fields_are_skipped() {
+    fn header_fields_are_skipped_however_the_header_is_split() {
         let mut encoder = flate2::GzBuilder::new()
             .filename("layer.tar")
             .comment("a comment")
             .extra(vec![1, 2, 3, 4])
             .write(Vec::new(), flate2::Compression::fast());
         encoder.write_all(b"payload").unwrap();
-        let compressed = encoder.finish().unwrap();
-        assert_eq!(gunzip(compressed.as_slice()).unwrap(), b"payload");
+        let named = encoder.finish().unwrap();
+        // The same member with a header CRC (FHCRC) instead: flags, time, xfl, os, crc16.
+        let plain = gzip(b"payload");
+        let mut header = vec![0x1f, 0x8b, 8, 0x02, 0, 0, 0, 0, 0, 3];
+        let mut crc = flate2::Crc::new();
+        crc.update(&header);
+        header.extend_from_slice(&(crc.sum() as u16).to_le_bytes());
+        let checked = [header.as_slice(), &plain[10..]].concat();
+        for compressed in [named, checked] {
+            assert_eq!(gunzip(compressed.as_slice()).unwrap(), b"payload");
+            for step in [1, 2, 3, 7] {
+                let reader = BufReader::with_capacity(step, Dribble(&compressed, step));
+                let mut out = Vec::new();
+                Gunzip::new(reader).read_to_end(&mut out).unwrap();
+                assert_eq!(out, b"payload", "reads of {step} bytes");
+            }
+        }
     }
 
     #[test]

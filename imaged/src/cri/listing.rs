@@ -113,6 +113,7 @@ impl Decoder for ListCodec {
         use prost::Message as _;
         cri::ListImagesRequest::decode(src)
             .map(Some)
-            .map_err(|e| Status::invalid_argument(format!("ListImagesRequest: {e}")))
+            // What the generated server's codec answers for a request it cannot decode.
+            .map_err(|e| Status::internal(e.to_string()))
     }
 }
