@@ -2,8 +2,9 @@
 //! command-line clients dial it.
 
 use crate::authority::{self, Filtered};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, RenameFlags};
 use std::io;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 use std::task::{Context, Poll};
 use tokio::net::UnixListener;
@@ -19,14 +20,67 @@ const WINDOW: u32 = 4 << 20;
 
 /// Binds a unix socket at `path` with mode 0660 and, if given, the group `gid`: the parent
 /// directory is created and a stale socket from an earlier process replaced; any other file
-/// there is refused. The socket is bound under a temporary name and renamed into place once
+/// there is refused. The socket is bound under a staging name and renamed into place once
 /// its mode and group are set, so no client ever finds it with others.
 pub fn bind(path: &Path, gid: Option<u32>) -> io::Result<UnixListener> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)?;
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a file path",
+        ));
+    };
+    let parent = if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    };
+    std::fs::create_dir_all(parent)?;
+    let dir = rustix::fs::open(
+        parent,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    remove_stale(&dir, name)?;
+    let staged = format!(".{}.{}", name.to_string_lossy(), std::process::id());
+    // Through the directory's descriptor the address stays short, however deep the
+    // directory: a socket address holds 107 bytes.
+    let address = format!("/proc/self/fd/{}/{staged}", dir.as_raw_fd());
+    let _ = rustix::fs::unlinkat(&dir, staged.as_str(), AtFlags::empty());
+    let listener = UnixListener::bind(&address)?;
+    let placed = rustix::fs::chmodat(
+        &dir,
+        staged.as_str(),
+        Mode::from_raw_mode(0o660),
+        AtFlags::empty(),
+    )
+    .and_then(|()| match gid {
+        Some(gid) => rustix::fs::chownat(
+            &dir,
+            staged.as_str(),
+            None,
+            Some(rustix::fs::Gid::from_raw(gid)),
+            AtFlags::empty(),
+        ),
+        None => Ok(()),
+    })
+    // NOREPLACE: a file that appeared at `path` since the stale socket went is kept.
+    .and_then(|()| {
+        rustix::fs::renameat_with(&dir, staged.as_str(), &dir, name, RenameFlags::NOREPLACE)
+    });
+    if let Err(e) = placed {
+        let _ = rustix::fs::unlinkat(&dir, staged.as_str(), AtFlags::empty());
+        return Err(e.into());
     }
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path)?,
+    Ok(listener)
+}
+
+/// Removes a socket left at `name` in `dir` by an earlier process, and staged sockets of
+/// earlier processes (`.<name>.<pid>`); anything else at `name` is refused.
+fn remove_stale(dir: &OwnedFd, name: &std::ffi::OsStr) -> io::Result<()> {
+    match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(stat) if FileType::from_raw_mode(stat.st_mode) == FileType::Socket => {
+            rustix::fs::unlinkat(dir, name, AtFlags::empty())?;
+        }
         Ok(_) => {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
@@ -35,19 +89,24 @@ pub fn bind(path: &Path, gid: Option<u32>) -> io::Result<UnixListener> {
         }
         Err(_) => {}
     }
-    let mut staged = path.as_os_str().to_owned();
-    staged.push(format!(".{}.new", std::process::id()));
-    let staged = std::path::PathBuf::from(staged);
-    let _ = std::fs::remove_file(&staged);
-    let listener = UnixListener::bind(&staged)?;
-    let placed = std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o660))
-        .and_then(|()| std::os::unix::fs::chown(&staged, None, gid))
-        .and_then(|()| std::fs::rename(&staged, path));
-    if let Err(e) = placed {
-        let _ = std::fs::remove_file(&staged);
-        return Err(e);
+    let prefix = format!(".{}.", name.to_string_lossy());
+    let listing = rustix::fs::openat(
+        dir,
+        ".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    for entry in rustix::fs::Dir::read_from(&listing)? {
+        let entry = entry?;
+        let staged = entry.file_name().to_string_lossy();
+        let is_staged = staged
+            .strip_prefix(&prefix)
+            .is_some_and(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()));
+        if is_staged && entry.file_type() == FileType::Socket {
+            let _ = rustix::fs::unlinkat(dir, entry.file_name(), AtFlags::empty());
+        }
     }
-    Ok(listener)
+    Ok(())
 }
 
 /// The connections a tonic server takes from `listener`, each behind the `:authority` filter
@@ -128,6 +187,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
     use tower::{Layer as _, Service as _, ServiceExt as _};
 
     #[test]
@@ -147,6 +207,19 @@ mod tests {
         let left: Vec<_> = std::fs::read_dir(path.parent().unwrap()).unwrap().collect();
         assert_eq!(left.len(), 1, "only the socket: {left:?}");
         drop(listener);
+        // A staged socket a crashed process left is cleared by the next bind.
+        let crashed = path.with_file_name(".d.sock.99999999");
+        drop(std::os::unix::net::UnixListener::bind(&crashed).unwrap());
+        drop(bind(&path, None).unwrap());
+        assert!(!crashed.exists());
+        // A path of 100 bytes binds, though a staging name beside it would not fit.
+        let deep = dir
+            .path()
+            .join("x".repeat(100 - dir.path().as_os_str().len() - 8));
+        let long = deep.join("a.sock");
+        assert_eq!(long.as_os_str().len(), 100);
+        drop(bind(&long, None).unwrap());
+        assert!(long.exists());
         let file = dir.path().join("plain");
         std::fs::write(&file, b"keep").unwrap();
         let err = bind(&file, None).unwrap_err();
