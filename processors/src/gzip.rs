@@ -44,19 +44,18 @@ unsafe impl Send for State {}
 
 impl<R: BufRead> Gunzip<R> {
     fn new(input: R) -> Self {
+        let mut inflate = Box::<isal::inflate_state>::new_uninit();
+        let mut header = Box::<isal::isal_gzip_header>::new_uninit();
         // SAFETY: both structs hold integers, arrays and pointers only, for which zero bytes
-        // are valid values; the init functions then set what they need.
-        let (mut inflate, mut header) = unsafe {
-            (
-                Box::<isal::inflate_state>::new_zeroed().assume_init(),
-                Box::<isal::isal_gzip_header>::new_zeroed().assume_init(),
-            )
+        // are valid values, so zeroing initialises them; the init functions then set what
+        // they need.
+        let (mut inflate, header) = unsafe {
+            inflate.as_mut_ptr().write_bytes(0, 1);
+            header.as_mut_ptr().write_bytes(0, 1);
+            isal::isal_inflate_init(inflate.as_mut_ptr());
+            isal::isal_gzip_header_init(header.as_mut_ptr());
+            (inflate.assume_init(), header.assume_init())
         };
-        // SAFETY: both point to live, writable structs of the right type.
-        unsafe {
-            isal::isal_inflate_init(&mut *inflate);
-            isal::isal_gzip_header_init(&mut *header);
-        }
         inflate.crc_flag = isal::ISAL_GZIP;
         Self {
             input,
