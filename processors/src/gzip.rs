@@ -160,17 +160,17 @@ impl<R: BufRead> Read for Gunzip<R> {
 }
 
 /// What an `isal_inflate` error code means.
-fn describe(code: i32) -> String {
+fn describe(code: i32) -> std::borrow::Cow<'static, str> {
     match code {
-        isal::ISAL_INVALID_BLOCK => "invalid deflate block".to_string(),
-        isal::ISAL_INVALID_SYMBOL => "invalid deflate symbol".to_string(),
-        isal::ISAL_INVALID_LOOKBACK => "invalid back-reference distance".to_string(),
-        isal::ISAL_INVALID_WRAPPER => "not a gzip member (bad header)".to_string(),
-        isal::ISAL_UNSUPPORTED_METHOD => "unsupported compression method".to_string(),
+        isal::ISAL_INVALID_BLOCK => "invalid deflate block".into(),
+        isal::ISAL_INVALID_SYMBOL => "invalid deflate symbol".into(),
+        isal::ISAL_INVALID_LOOKBACK => "invalid back-reference distance".into(),
+        isal::ISAL_INVALID_WRAPPER => "not a gzip member (bad header)".into(),
+        isal::ISAL_UNSUPPORTED_METHOD => "unsupported compression method".into(),
         isal::ISAL_INCORRECT_CHECKSUM => {
-            "the member's CRC32 or length does not match its trailer".to_string()
+            "the member's CRC32 or length does not match its trailer".into()
         }
-        other => format!("inflate failed with code {other}"),
+        other => format!("inflate failed with code {other}").into(),
     }
 }
 

@@ -76,7 +76,6 @@ impl UnaryService<cri::ListImagesRequest> for List {
 }
 
 /// Decodes a ListImagesRequest; "encodes" a response that is protobuf already.
-#[derive(Default)]
 struct ListCodec;
 
 impl Codec for ListCodec {
