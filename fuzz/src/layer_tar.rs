@@ -15,6 +15,9 @@
 //! content; the parent is part of the listing, so the copy must leave it unchanged. The
 //! snapshot is prepared with the unpack label, as the puller prepares, so native links the
 //! parent's files into it and a change made through such a link shows in the listing.
+//! Native also applies layers alone and merges them onto their parent at commit, as the
+//! puller unpacks with it: inputs of even length go that way (and the merge is checked like
+//! the apply), the others onto the copy.
 //!
 //! Needs root: the applier creates device nodes (mknod, whiteouts included), changes owners
 //! (lchown) and sets `trusted.*` xattrs, as imaged does in production.
@@ -26,8 +29,11 @@ use std::sync::{Arc, OnceLock};
 
 use snapshotters::{Backend, Snapshots, Snapshotter};
 
-/// The committed parent, for snapshotters without rebase.
+/// The committed parent, for snapshotters that can apply a layer onto a copy of it.
 const PARENT: &str = "fuzz-parent";
+
+/// What a layer applied alone is committed as, merged onto [`PARENT`].
+const MERGED: &str = "fuzz-merged";
 
 /// The Active snapshot each input is applied to.
 const KEY: &str = "fuzz-layer";
@@ -124,8 +130,8 @@ fn bench() -> &'static Bench {
         let snapshotter =
             Snapshots::open(backend(), root.clone(), Arc::new(db)).expect("open snapshotter");
         let snapshots = root.join("snapshots");
-        let parent =
-            (!snapshotter.rebase()).then(|| (PARENT, make_parent(&snapshotter, &snapshots)));
+        let parent = (backend() != Backend::Overlayfs)
+            .then(|| (PARENT, make_parent(&snapshotter, &snapshots)));
         Bench {
             snapshots,
             base,
@@ -215,21 +221,39 @@ pub fn run(data: &[u8]) {
         .as_ref()
         .map(|(name, dir)| (*name, dir.as_path()))
         .unzip();
+    let merge = backend() == Backend::Native && data.len().is_multiple_of(2);
+    let prepared_on = if merge { None } else { parent };
     bench
         .snapshotter
-        .prepare(KEY, parent, unpack_labels())
+        .prepare(KEY, prepared_on, unpack_labels())
         .expect("prepare snapshot");
     let snapshot = snapshot_dir(&bench.snapshots, parent_dir);
     let before = listing(&bench.base, &snapshot);
     let mut tar = data;
-    match bench.snapshotter.apply(KEY, &mut tar) {
-        Ok(stats) => assert!(
-            stats.bytes <= data.len() as u64,
-            "{} bytes of file content applied from {} bytes of tar",
-            stats.bytes,
-            data.len()
-        ),
-        Err(error) => drop(error.to_string()),
+    let applied = match bench.snapshotter.apply(KEY, &mut tar) {
+        Ok(stats) => {
+            assert!(
+                stats.bytes <= data.len() as u64,
+                "{} bytes of file content applied from {} bytes of tar",
+                stats.bytes,
+                data.len()
+            );
+            true
+        }
+        Err(error) => {
+            drop(error.to_string());
+            false
+        }
+    };
+    let mut key = KEY;
+    if merge && applied {
+        match bench
+            .snapshotter
+            .commit(MERGED, KEY, parent, unpack_labels())
+        {
+            Ok(()) => key = MERGED,
+            Err(error) => drop(error.to_string()),
+        }
     }
     let after = listing(&bench.base, &snapshot);
     if before != after {
@@ -239,7 +263,7 @@ pub fn run(data: &[u8]) {
             "apply changed files outside the snapshot's directory:\nbefore: {gone:#?}\nafter: {new:#?}"
         );
     }
-    bench.snapshotter.remove(KEY).expect("remove snapshot");
+    bench.snapshotter.remove(key).expect("remove snapshot");
     let left = others(&bench.snapshots, parent_dir);
     assert!(left.is_empty(), "removed snapshot left {left:?}");
 }

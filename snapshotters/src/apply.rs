@@ -7,7 +7,7 @@
 //!   layer root by [`resolve`]. `..` and absolute names are clamped into the root, symlinked
 //!   parents resolve inside it, and nothing is ever created or changed through a final
 //!   symlink.
-//! - Whiteouts take one of two forms ([`Whiteouts`]). For overlayfs they are written in its
+//! - Whiteouts take one of three forms ([`Whiteouts`]). For overlayfs they are written in its
 //!   on-disk form: `.wh.<name>` becomes a 0:0 character device, `.wh..wh..opq` the
 //!   `trusted.overlay.opaque=y` xattr; the layer is applied alone, without its parents, so
 //!   lower layers are never consulted: missing parent directories are created 0755 and a
@@ -17,6 +17,8 @@
 //!   times of directories the layer changes without naming them are kept. What the layer
 //!   wrote is known by its names as spelled in the archive: a whiteout reaching a written
 //!   entry through a symlinked parent deletes it (it stays inside the root either way).
+//!   A native layer applied without its parent lists what its whiteouts hide, by their
+//!   names as spelled, for the merge onto the parent at commit.
 //! - Metadata goes on in the order create, lchown, xattrs, chmod, times (chown clears
 //!   setuid, setgid and `security.capability`); directory times are set after the whole
 //!   layer, so children added later do not change them.
@@ -43,7 +45,7 @@ use rustix::fs::{
 use rustix::io::Errno;
 
 use crate::{ApplyStats, Error, LayerError};
-use crate::{copy, fsutil};
+use crate::{copy, fsutil, hidden};
 use files::{Handoff, Job};
 use resolve::{Missing, open_dir};
 use stream::{Entry, TarStream, Time};
@@ -68,6 +70,11 @@ pub(crate) enum Whiteouts {
     Overlay,
     /// Deletions, in a tree that starts as a copy of the parent.
     Delete,
+    /// A list of what they hide ([`hidden`]), beside a tree that starts empty and is merged
+    /// onto its parent later; the directories they name are created, so that the merge
+    /// enters them. A hardlink to a file the layer does not contain needs the parent, and
+    /// fails with [`LayerError::NeedsParent`].
+    Record,
 }
 
 /// Whether the files of the tree a layer applies to are its own.
@@ -86,12 +93,15 @@ const OPAQUE_XATTR: &[u8] = b"trusted.overlay.opaque";
 /// Applies the layer in `tar` to the directory `root`, then reads `tar` to EOF. Returns the
 /// statistics and the cleaned paths of the directories the layer names itself (any other
 /// directory in `root` was created as a missing parent).
+///
+/// With [`Whiteouts::Record`], the list goes to `hidden_list`.
 pub(crate) fn apply_layer(
     root: &Path,
     tar: &mut dyn BufRead,
     limits: &ApplyLimits,
     whiteouts: Whiteouts,
     inodes: Inodes,
+    hidden_list: &Path,
 ) -> Result<(ApplyStats, Vec<Vec<u8>>), Error> {
     let root_fd = rustix::fs::open(
         root,
@@ -109,6 +119,8 @@ pub(crate) fn apply_layer(
             stats: ApplyStats::default(),
             dir_times: Vec::new(),
             whiteouts,
+            recorder: (whiteouts == Whiteouts::Record)
+                .then(|| hidden::Recorder::new(hidden_list.to_path_buf())),
             inodes,
             privatized: HashSet::new(),
             written: HashSet::new(),
@@ -126,6 +138,9 @@ pub(crate) fn apply_layer(
         layer.files.wait();
         applied.and(layer.files.check())?;
         layer.set_dir_times()?;
+        if let Some(recorder) = layer.recorder.take() {
+            recorder.finish()?;
+        }
         stream.drain()?;
         let dirs = layer
             .dir_times
@@ -145,6 +160,8 @@ struct Layer {
     /// Directory times to set at the end, in archive order.
     dir_times: Vec<DirTimes>,
     whiteouts: Whiteouts,
+    /// With [`Whiteouts::Record`]: where the whiteouts go.
+    recorder: Option<hidden::Recorder>,
     inodes: Inodes,
     /// With [`Inodes::SharedWithParent`]: hashes of the hardlink targets given an inode of
     /// their own, which later links must join rather than copy again.
@@ -244,6 +261,10 @@ impl Layer {
             (Name::Whiteout(target), Whiteouts::Delete) => {
                 return self.delete_hidden(parent, target);
             }
+            (Name::Opaque, Whiteouts::Record) => return self.record(parent, None),
+            (Name::Whiteout(target), Whiteouts::Record) => {
+                return self.record(parent, Some(target));
+            }
             (Name::AufsMeta, _) => return Ok(()),
             (Name::Plain, _) => {}
         }
@@ -304,9 +325,7 @@ impl Layer {
         let path = join(parent, target);
         let dir = match open_dir(&self.root, parent, Missing::Fail) {
             Ok(dir) => dir,
-            Err(e) if matches!(Errno::from_io_error(&e), Some(Errno::NOENT | Errno::NOTDIR)) => {
-                return Ok(());
-            }
+            Err(e) if is_missing(&e) => return Ok(()),
             Err(e) => return Err(io_error("open parent directory")(e)),
         };
         if self.is_written(&path) {
@@ -354,6 +373,18 @@ impl Layer {
             }
         }
         Ok(())
+    }
+
+    /// With [`Whiteouts::Record`]: lists `parent/target` as hidden, or `parent` as opaque
+    /// without a target, after creating `parent` if the layer has not.
+    fn record(&mut self, parent: &[u8], target: Option<&[u8]>) -> Result<(), LayerError> {
+        open_dir(&self.root, parent, Missing::Create).map_err(io_error("open parent directory"))?;
+        let recorder = self.recorder.as_mut().expect("a recorder in Record mode");
+        let recorded = match target {
+            Some(target) => recorder.hide(&join(parent, target)),
+            None => recorder.opaque(parent),
+        };
+        recorded.map_err(io_error("record whiteout"))
     }
 
     /// Whether `path` or a directory above it was made opaque already.
@@ -573,8 +604,21 @@ impl Layer {
             return Err(io_error("hard link to the root directory")(Errno::PERM));
         }
         let (target_parent, target_base) = split_last(&target);
-        let target_dir = open_dir(&self.root, target_parent, Missing::Fail)
-            .map_err(io_error("open hard link target directory"))?;
+        let below = || LayerError::NeedsParent {
+            target: String::from_utf8_lossy(&target).into_owned(),
+        };
+        let target_dir = match open_dir(&self.root, target_parent, Missing::Fail) {
+            Err(e) if self.whiteouts == Whiteouts::Record && is_missing(&e) => return Err(below()),
+            opened => opened.map_err(io_error("open hard link target directory"))?,
+        };
+        if self.whiteouts == Whiteouts::Record
+            && matches!(
+                rustix::fs::statat(&target_dir, target_base, AtFlags::SYMLINK_NOFOLLOW),
+                Err(Errno::NOENT)
+            )
+        {
+            return Err(below());
+        }
         // The target's own header may still be on its way onto the inode.
         self.files.wait();
         self.own_inode(&target_dir, &target, target_base)?;
@@ -643,9 +687,7 @@ impl Layer {
         let (parent, base) = split_last(path);
         let dir = match open_dir(&self.root, parent, Missing::Fail) {
             Ok(dir) => dir,
-            Err(e) if matches!(Errno::from_io_error(&e), Some(Errno::NOENT | Errno::NOTDIR)) => {
-                return Ok(());
-            }
+            Err(e) if is_missing(&e) => return Ok(()),
             Err(e) => return Err(e),
         };
         match rustix::fs::statat(&dir, base, AtFlags::SYMLINK_NOFOLLOW) {
@@ -764,6 +806,15 @@ fn clear(
     } else {
         Existing::Other
     })
+}
+
+/// Whether a lookup failed because a component of the path is not there (or not a
+/// directory).
+fn is_missing(error: &io::Error) -> bool {
+    matches!(
+        Errno::from_io_error(error),
+        Some(Errno::NOENT | Errno::NOTDIR)
+    )
 }
 
 fn is_whiteout(stat: &Stat) -> bool {

@@ -79,7 +79,7 @@ impl Layout for BtrfsLayout {
         vec![bind(&fs, snapshot.kind == Kind::Active)]
     }
 
-    fn whiteouts(&self) -> Whiteouts {
+    fn whiteouts(&self, _: &Record) -> Whiteouts {
         Whiteouts::Delete
     }
 

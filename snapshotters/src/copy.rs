@@ -1,7 +1,8 @@
 //! Copies of snapshot trees, for snapshotters whose snapshots start as a copy of their
 //! parent: a full copy ([`copy_tree`]) for a snapshot anything may write into, or one that
 //! shares the parent's files ([`link_tree`]) for a snapshot only the layer applier writes,
-//! which replaces what it changes rather than changing it in place ([`privatize`]).
+//! which replaces what it changes rather than changing it in place ([`privatize`]); and the
+//! same sharing copy merged under a layer applied alone ([`merge_tree`]).
 //!
 //! Like the removal in `fsutil`, the copy never recurses and holds a fixed number of
 //! descriptors: a hostile layer can nest directories thousands of levels deep, so each tree is
@@ -19,11 +20,14 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use rustix::fs::{AtFlags, CWD, FileType, Gid, Mode, OFlags, SeekFrom, Stat, Uid, XattrFlags};
+use rustix::fs::{
+    AtFlags, CWD, FileType, Gid, Mode, OFlags, SeekFrom, Stat, Timestamps, Uid, XattrFlags,
+};
 use rustix::io::Errno;
 
 use crate::Error;
 use crate::fsutil;
+use crate::hidden::Hidden;
 
 /// Copies everything below `from` into the existing empty directory `to`, and gives `to` the
 /// owner, mode, xattrs and times of `from`.
@@ -32,7 +36,7 @@ use crate::fsutil;
 /// file system can reflink), and a name that already exists in `to` is an error rather than
 /// merged.
 pub(crate) fn copy_tree(from: &Path, to: &Path) -> Result<(), Error> {
-    tree(from, to, false)
+    tree(from, to, false, None)
 }
 
 /// Like [`copy_tree`], except that every entry other than a directory is a new hardlink to
@@ -41,10 +45,21 @@ pub(crate) fn copy_tree(from: &Path, to: &Path) -> Result<(), Error> {
 /// `fs.protected_hardlinks` without the capability) is copied instead, its other names
 /// linked to that copy.
 pub(crate) fn link_tree(from: &Path, to: &Path) -> Result<(), Error> {
-    tree(from, to, true)
+    tree(from, to, true, None)
 }
 
-fn tree(from: &Path, to: &Path, share: bool) -> Result<(), Error> {
+/// Makes `upper`, the tree of a layer applied alone, the tree of that layer on top of
+/// `lower`: every entry of `lower` that the layer neither replaces (an entry of its own at
+/// the same path) nor hides (`hidden`) is linked in as [`link_tree`] links. A directory both
+/// have is merged and keeps the layer's attributes (its times as they were before the merge
+/// linked into it), unless the layer made it opaque; `upper`'s root takes `lower`'s
+/// attributes, as a layer's root entry does not count. This is what overlayfs shows of the
+/// two, and a directory the layer only implied is left for [`crate::implicit`].
+pub(crate) fn merge_tree(lower: &Path, upper: &Path, hidden: &Hidden) -> Result<(), Error> {
+    tree(lower, upper, true, Some(hidden))
+}
+
+fn tree(from: &Path, to: &Path, share: bool, merge: Option<&Hidden>) -> Result<(), Error> {
     let src = open_dir(CWD, from)
         .op("open directory")
         .map_err(|f| f.at(from))?;
@@ -65,8 +80,13 @@ fn tree(from: &Path, to: &Path, share: bool) -> Result<(), Error> {
         rel: PathBuf::new(),
         links: HashMap::new(),
         share,
+        merge,
     };
-    let (src, dst) = copier.walk(src, dst)?;
+    let (src, dst) = match merge {
+        // The layer hides all of `lower` below its root.
+        Some(hidden) if hidden.is_opaque(b"") => (src, dst),
+        _ => copier.walk(src, dst)?,
+    };
     set_metadata(&src, c".", &dst, c".", &stat).map_err(|f| f.at(from))
 }
 
@@ -82,13 +102,24 @@ struct Copier<'a> {
     links: HashMap<(u64, u64), (PathBuf, CString)>,
     /// Whether entries other than directories are linked to the source rather than copied.
     share: bool,
+    /// With [`merge_tree`]: what the destination's layer hides of the source.
+    merge: Option<&'a Hidden>,
+}
+
+/// A source directory the walk enters.
+enum Subdir {
+    /// Not in the destination: created there, and given the source's `lstat` attributes
+    /// once its content is complete.
+    New(Stat),
+    /// In the destination too (a merge): entered, and given back its times afterwards.
+    Shared(Timestamps),
 }
 
 /// A directory entered by the walk, with the subdirectories of its parent still to copy.
 struct Frame {
     name: CString,
-    stat: Stat,
-    rest: Vec<(CString, Stat)>,
+    subdir: Subdir,
+    rest: Vec<(CString, Subdir)>,
 }
 
 impl Copier<'_> {
@@ -96,15 +127,16 @@ impl Copier<'_> {
     /// tops again.
     fn walk(&mut self, mut src: OwnedFd, mut dst: OwnedFd) -> Result<(OwnedFd, OwnedFd), Error> {
         let mut stack = Vec::new();
-        let mut subdirs = self.copy_entries(&src, &dst)?;
+        let mut subdirs = self.copy_entries(&src, &dst, self.merge.is_some())?;
         loop {
-            if let Some((name, stat)) = subdirs.pop() {
-                (src, dst) =
-                    descend(&src, &dst, &name).map_err(|f| f.at(self.path(Some(&name))))?;
+            if let Some((name, subdir)) = subdirs.pop() {
+                let shared = matches!(subdir, Subdir::Shared(_));
+                (src, dst) = descend(&src, &dst, &name, !shared)
+                    .map_err(|f| f.at(self.path(Some(&name))))?;
                 self.rel.push(OsStr::from_bytes(name.to_bytes()));
-                let inner = self.copy_entries(&src, &dst)?;
+                let inner = self.copy_entries(&src, &dst, shared)?;
                 let rest = std::mem::replace(&mut subdirs, inner);
-                stack.push(Frame { name, stat, rest });
+                stack.push(Frame { name, subdir, rest });
                 continue;
             }
             let Some(frame) = stack.pop() else {
@@ -114,25 +146,46 @@ impl Copier<'_> {
             self.rel.pop();
             // Only now: creating the entries would change its times, and its default ACL would
             // otherwise be inherited by copies that bring their own.
-            set_metadata(&src, &frame.name, &dst, &frame.name, &frame.stat)
-                .map_err(|f| f.at(self.path(Some(&frame.name))))?;
+            let done = match &frame.subdir {
+                Subdir::New(stat) => set_metadata(&src, &frame.name, &dst, &frame.name, stat),
+                Subdir::Shared(times) => {
+                    rustix::fs::utimensat(&dst, &frame.name, times, AtFlags::SYMLINK_NOFOLLOW)
+                        .op("restore times")
+                }
+            };
+            done.map_err(|f| f.at(self.path(Some(&frame.name))))?;
             subdirs = frame.rest;
         }
     }
 
-    /// Copies the entries of `src` other than directories into `dst` and returns the names and
-    /// `lstat`s of the subdirectories, which the walk copies next.
+    /// Copies the entries of `src` other than directories into `dst` and returns the
+    /// subdirectories, which the walk copies next. With `merging`, `dst` is a directory of
+    /// the layer [`merge_tree`] links into, and each entry is first looked up there.
     fn copy_entries(
         &mut self,
         src: &OwnedFd,
         dst: &OwnedFd,
-    ) -> Result<Vec<(CString, Stat)>, Error> {
+        merging: bool,
+    ) -> Result<Vec<(CString, Subdir)>, Error> {
         // Read completely first, so that no directory stream stays open below this level.
         let entries = fsutil::read_entries(src)
             .op("read directory")
             .map_err(|f| f.at(self.path(None)))?;
         let mut subdirs = Vec::new();
         for (name, kind) in entries {
+            if let Some(hidden) = self.merge.filter(|_| merging) {
+                let merged = self
+                    .merge_entry(hidden, src, dst, &name, kind)
+                    .map_err(|f| f.at(self.path(Some(&name))))?;
+                match merged {
+                    Merged::Absent => {}
+                    Merged::Skipped => continue,
+                    Merged::Shared(times) => {
+                        subdirs.push((name, Subdir::Shared(times)));
+                        continue;
+                    }
+                }
+            }
             // Linking needs no lstat, unless the directory listing leaves the type open.
             let linked = self.share && !matches!(kind, FileType::Directory | FileType::Unknown);
             let copied = match linked {
@@ -140,12 +193,51 @@ impl Copier<'_> {
                 false => self.copy_entry(src, dst, &name),
             };
             match copied {
-                Ok(Some(stat)) => subdirs.push((name, stat)),
+                Ok(Some(stat)) => subdirs.push((name, Subdir::New(stat))),
                 Ok(None) => {}
                 Err(f) => return Err(f.at(self.path(Some(&name)))),
             }
         }
         Ok(subdirs)
+    }
+
+    /// What [`merge_tree`] does with the source's entry `name`: hidden by the layer, or
+    /// replaced by its entry of that name, it stays out; a directory both have is merged
+    /// unless the layer made it opaque.
+    fn merge_entry(
+        &self,
+        hidden: &Hidden,
+        src: &OwnedFd,
+        dst: &OwnedFd,
+        name: &CStr,
+        kind: FileType,
+    ) -> Result<Merged, Failed> {
+        let mut path = self.rel.as_os_str().as_bytes().to_vec();
+        if !path.is_empty() {
+            path.push(b'/');
+        }
+        path.extend_from_slice(name.to_bytes());
+        if hidden.hides(&path) {
+            return Ok(Merged::Skipped);
+        }
+        let upper = match rustix::fs::statat(dst, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(upper) => upper,
+            Err(Errno::NOENT) => return Ok(Merged::Absent),
+            Err(e) => return Err(e).op("inspect the layer's entry"),
+        };
+        let lower_is_dir = match kind {
+            FileType::Unknown => fsutil::is_dir(
+                &rustix::fs::statat(src, name, AtFlags::SYMLINK_NOFOLLOW).op("inspect")?,
+            ),
+            kind => kind == FileType::Directory,
+        };
+        Ok(
+            if lower_is_dir && fsutil::is_dir(&upper) && !hidden.is_opaque(&path) {
+                Merged::Shared(fsutil::stat_times(&upper))
+            } else {
+                Merged::Skipped
+            },
+        )
     }
 
     /// Copies (or links) one entry that is not a directory; for a directory, returns its
@@ -271,6 +363,16 @@ pub(crate) fn privatize(dir: &OwnedFd, name: &CStr) -> io::Result<()> {
     replaced
 }
 
+/// What [`merge_tree`] makes of one entry of the lower tree.
+enum Merged {
+    /// The layer has nothing there: the entry is linked (or its directory copied) in.
+    Absent,
+    /// Hidden or replaced by the layer.
+    Skipped,
+    /// A directory in both, merged; these are the layer's directory's times.
+    Shared(Timestamps),
+}
+
 /// A failed step; [`Failed::at`] names the entry it was about.
 struct Failed {
     op: &'static str,
@@ -301,10 +403,18 @@ fn open_dir<Fd: AsFd, P: rustix::path::Arg>(dir: Fd, path: P) -> rustix::io::Res
     rustix::fs::openat(dir, path, flags, Mode::empty())
 }
 
-fn descend(src: &OwnedFd, dst: &OwnedFd, name: &CStr) -> Result<(OwnedFd, OwnedFd), Failed> {
+/// Enters `name` in both trees, creating it in `dst` first when `create`.
+fn descend(
+    src: &OwnedFd,
+    dst: &OwnedFd,
+    name: &CStr,
+    create: bool,
+) -> Result<(OwnedFd, OwnedFd), Failed> {
     let src = open_dir(src, name).op("open directory")?;
-    // Private until its own mode is copied, once its content is complete.
-    rustix::fs::mkdirat(dst, name, Mode::from_raw_mode(0o700)).op("create directory")?;
+    if create {
+        // Private until its own mode is copied, once its content is complete.
+        rustix::fs::mkdirat(dst, name, Mode::from_raw_mode(0o700)).op("create directory")?;
+    }
     let dst = open_dir(dst, name).op("open directory")?;
     Ok((src, dst))
 }

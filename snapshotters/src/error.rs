@@ -127,6 +127,13 @@ pub enum LayerError {
         /// The configured cap.
         limit: u64,
     },
+    /// A hardlink to a file the layer does not contain, in a layer applied without its
+    /// parent: it can only be applied onto a copy of the parent, if it has one.
+    #[error("hard link to {target:?}, which the layer does not contain")]
+    NeedsParent {
+        /// The cleaned target path.
+        target: String,
+    },
     /// A file system call failed while applying the entry.
     #[error("{op}: {source}")]
     Io {
@@ -177,6 +184,7 @@ impl Error {
                 | LayerError::Sparse
                 | LayerError::UnsupportedType(_)
                 | LayerError::InvalidWhiteout
+                | LayerError::NeedsParent { .. }
                 | LayerError::DeviceNumber => ErrorKind::InvalidArgument,
             },
         }

@@ -18,6 +18,7 @@ mod btrfs_ioctl;
 mod copy;
 mod error;
 mod fsutil;
+mod hidden;
 mod implicit;
 mod metastore;
 mod native;

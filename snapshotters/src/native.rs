@@ -2,7 +2,10 @@
 //!
 //! An Active child starts as a copy of its parent, and its layers delete what their whiteouts
 //! hide; a View of a parent is a read-only bind of the parent itself, since nothing can change
-//! it. A snapshot that something may write into (a container's rootfs) is a full copy,
+//! it. A layer may also be applied alone, into a snapshot without a parent, so that the
+//! layers of an image unpack side by side: its whiteouts are then listed ([`hidden`]), and a
+//! commit onto a parent (a rebase) merges the parent's tree into it, linking in every entry
+//! the layer neither replaces nor hides, which gives what overlayfs would show of the two. A snapshot that something may write into (a container's rootfs) is a full copy,
 //! reflinked where the filesystem can. A snapshot a layer is unpacked into ([`UNPACK_LABEL`])
 //! is written by the applier alone, which replaces what it changes and never writes into an
 //! existing file: there the parent's files are hardlinked rather than copied, so unpacking an
@@ -16,10 +19,11 @@ use std::fs::File;
 use std::path::Path;
 
 use crate::apply::{Inodes, Whiteouts};
-use crate::copy;
+use crate::hidden::{self, Hidden};
 use crate::metastore::{Record, Snapshot};
 use crate::snapshots::{Layout, bind, make_dir};
 use crate::{Error, Kind, Mount, UNPACK_LABEL};
+use crate::{copy, implicit};
 
 pub(crate) struct NativeLayout;
 
@@ -64,15 +68,38 @@ impl Layout for NativeLayout {
         }
     }
 
-    fn whiteouts(&self) -> Whiteouts {
-        Whiteouts::Delete
+    fn whiteouts(&self, record: &Record) -> Whiteouts {
+        match record.parent {
+            Some(_) => Whiteouts::Delete,
+            None => Whiteouts::Record,
+        }
     }
 
     fn rebase(&self) -> bool {
-        false
+        true
     }
 
-    fn committed(&self, _: &Path, _: &Record, _: &Snapshot) -> Result<(), Error> {
-        Ok(())
+    fn applied(&self, dir: &Path, record: &Record, named: &[Vec<u8>]) -> Result<(), Error> {
+        match record.parent {
+            Some(_) => Ok(()),
+            None => implicit::record(&dir.join("fs"), &dir.join(implicit::FILE), named),
+        }
+    }
+
+    /// Merges the layer onto its parent's tree: links in what it keeps of the parent, then
+    /// gives the directories the layer only implied the parent's attributes.
+    fn rebase_onto(&self, dir: &Path, parent: &Path) -> Result<(), Error> {
+        let fs = dir.join("fs");
+        let hidden = Hidden::load(&dir.join(hidden::FILE))?;
+        copy::merge_tree(parent, &fs, &hidden)?;
+        implicit::copy_up(&fs, &dir.join(implicit::FILE), &[parent.to_path_buf()])
+    }
+
+    /// What a layer applied alone listed is done with, whether it was merged or committed
+    /// without a parent.
+    fn committed(&self, snapshots: &Path, before: &Record, _: &Snapshot) -> Result<(), Error> {
+        let dir = snapshots.join(before.id.to_string());
+        hidden::remove(&dir.join(hidden::FILE))?;
+        implicit::copy_up(&dir.join("fs"), &dir.join(implicit::FILE), &[])
     }
 }

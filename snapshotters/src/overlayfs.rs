@@ -60,7 +60,7 @@ impl Layout for OverlayLayout {
         overlay_mounts(snapshots, snapshot, self.index_off)
     }
 
-    fn whiteouts(&self) -> Whiteouts {
+    fn whiteouts(&self, _: &Record) -> Whiteouts {
         Whiteouts::Overlay
     }
 
@@ -68,7 +68,7 @@ impl Layout for OverlayLayout {
         true
     }
 
-    fn applied(&self, dir: &Path, named: &[Vec<u8>]) -> Result<(), Error> {
+    fn applied(&self, dir: &Path, _: &Record, named: &[Vec<u8>]) -> Result<(), Error> {
         implicit::record(&dir.join("fs"), &dir.join(implicit::FILE), named)
     }
 

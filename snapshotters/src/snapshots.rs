@@ -20,7 +20,9 @@ use redb::Database;
 
 use crate::apply::{self, ApplyLimits, Inodes, Whiteouts};
 use crate::metastore::{MetaStore, Record, Snapshot};
-use crate::{ApplyStats, Backend, Error, Finding, Info, Kind, Mount, Snapshotter, Usage, fsutil};
+use crate::{
+    ApplyStats, Backend, Error, Finding, Info, Kind, Mount, Snapshotter, Usage, fsutil, hidden,
+};
 
 /// What one backend decides.
 pub(crate) trait Layout: Send + Sync {
@@ -42,15 +44,23 @@ pub(crate) trait Layout: Send + Sync {
     /// The mounts of an Active or View snapshot; `snapshots` holds the id directories.
     fn mounts(&self, snapshots: &Path, snapshot: &Snapshot) -> Vec<Mount>;
 
-    /// How layers write whiteouts: overlay markers, or deletions from a copy of the parent.
-    fn whiteouts(&self) -> Whiteouts;
+    /// How layers write whiteouts into the Active snapshot `record`: overlay markers,
+    /// deletions from a copy of the parent, or a list for a later merge onto the parent.
+    fn whiteouts(&self, record: &Record) -> Whiteouts;
 
     /// Whether a snapshot prepared without a parent can get one at commit.
     fn rebase(&self) -> bool;
 
-    /// Runs after a layer was applied into `dir/fs`; `named` lists the directories the
-    /// layer had entries for.
-    fn applied(&self, _dir: &Path, _named: &[Vec<u8>]) -> Result<(), Error> {
+    /// Runs after a layer was applied into `dir/fs` of the Active snapshot `record`;
+    /// `named` lists the directories the layer had entries for.
+    fn applied(&self, _dir: &Path, _record: &Record, _named: &[Vec<u8>]) -> Result<(), Error> {
+        Ok(())
+    }
+
+    /// Runs before the commit transaction of `dir`, an Active snapshot prepared without a
+    /// parent, onto the committed parent whose tree is `parent`: work too long to hold the
+    /// database's one writer for. Running it again after a failed commit changes nothing.
+    fn rebase_onto(&self, _dir: &Path, _parent: &Path) -> Result<(), Error> {
         Ok(())
     }
 
@@ -228,6 +238,14 @@ impl Snapshots {
         self.filled(&doomed);
     }
 
+    /// Marks a directory as in use, unless something else has it already.
+    fn try_claim(&self, dir: &Path) -> bool {
+        self.filling
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(dir.to_path_buf())
+    }
+
     /// Marks a directory as in use by an operation, which cleanup and check leave alone.
     fn claim(&self, dir: &Path) {
         self.filling
@@ -317,6 +335,31 @@ impl Snapshots {
         Ok(broken)
     }
 
+    /// The part of a rebase of `key` onto `parent` that runs before the commit transaction,
+    /// once both are found fit for it (the transaction checks them again).
+    fn rebase_onto(&self, key: &str, parent: &str) -> Result<(), Error> {
+        let (record, parent_record) = self.store.read(key, |r| {
+            let record = r.get(key)?;
+            Ok((record, r.committed_parent(parent)?))
+        })?;
+        if record.kind != Kind::Active || record.parent.is_some() {
+            return Ok(());
+        }
+        self.check_rebase(key, &record, Some(parent))?;
+        let dir = self.dir(record.id);
+        if !self.try_claim(&dir) {
+            return Err(Error::FailedPrecondition {
+                key: key.to_owned(),
+                reason: "another commit of it is under way".into(),
+            });
+        }
+        let rebased = self
+            .layout
+            .rebase_onto(&dir, &self.fs_dir(parent_record.id));
+        self.filled(&dir);
+        rebased
+    }
+
     fn check_rebase(&self, key: &str, record: &Record, parent: Option<&str>) -> Result<(), Error> {
         match (&record.parent, parent) {
             (None, Some(parent)) if !self.layout.rebase() => Err(Error::FailedPrecondition {
@@ -357,6 +400,9 @@ impl Snapshotter for Snapshots {
         parent: Option<&str>,
         labels: BTreeMap<String, String>,
     ) -> Result<(), Error> {
+        if let Some(parent) = parent {
+            self.rebase_onto(key, parent)?;
+        }
         self.store.write(key, |tx| {
             let record = tx.get(key)?;
             self.check_rebase(key, &record, parent)?;
@@ -441,12 +487,20 @@ impl Snapshotter for Snapshots {
                 ),
             });
         }
+        let dir = self.dir(record.id);
         let fs = self.fs_dir(record.id);
-        let inodes = self.layout.inodes(&self.dir(record.id))?;
-        let (stats, named) =
-            apply::apply_layer(&fs, tar, &self.limits, self.layout.whiteouts(), inodes)
-                .map_err(|e| on_full_disk(e, &fs))?;
-        self.layout.applied(&self.dir(record.id), &named)?;
+        let inodes = self.layout.inodes(&dir)?;
+        let whiteouts = self.layout.whiteouts(&record);
+        let (stats, named) = apply::apply_layer(
+            &fs,
+            tar,
+            &self.limits,
+            whiteouts,
+            inodes,
+            &dir.join(hidden::FILE),
+        )
+        .map_err(|e| on_full_disk(e, &fs))?;
+        self.layout.applied(&dir, &record, &named)?;
         if self.sync_fs {
             let dir = fs::File::open(&fs).map_err(Error::io("open", &fs))?;
             rustix::fs::syncfs(&dir).map_err(|e| Error::io("sync filesystem of", &fs)(e.into()))?;

@@ -150,3 +150,79 @@ fn an_inode_at_its_link_limit_is_copied_once_for_all_its_names() {
     assert_ne!(lower.meta("many/0").ino(), copy.ino());
     assert_eq!(lower.meta("many/0").nlink(), LINK_MAX);
 }
+
+/// A layer applied alone and merged onto its parent at commit: a directory it names only
+/// through a whiteout keeps the parent's attributes, one it names itself keeps its own
+/// (times included, though the merge linked into it), hardlinks of the parent stay one
+/// inode, and an opaque root hides all of the parent.
+#[test]
+fn a_layer_applied_alone_merges_onto_its_parent() {
+    let mut env = Env::new(native);
+    env.unpack = Unpack::Rebased;
+    let first = Tar::new()
+        .entry(
+            owned(EntryType::Directory, "a/", 0o750, 7, 1_500_000_000),
+            b"",
+        )
+        .file("a/x", b"x", 0o644)
+        .file("a/y", b"y", 0o644)
+        .entry(
+            owned(EntryType::Directory, "b/", 0o755, 0, 1_500_000_000),
+            b"",
+        )
+        .file("b/old", b"old", 0o644)
+        .file("t", b"target", 0o644)
+        .link("t2", "t")
+        .build();
+    env.layer("1", None, &first);
+    let second = Tar::new()
+        .file("a/.wh.x", b"", 0o644)
+        .entry(
+            owned(EntryType::Directory, "b/", 0o711, 0, 1_600_000_000),
+            b"",
+        )
+        .file("b/new", b"new", 0o644)
+        .build();
+    env.layer("2", Some("1"), &second);
+    let view = env.view("2");
+    assert_eq!(view.list("a"), ["y"]);
+    let a = view.meta("a");
+    assert_eq!(
+        (a.mode() & 0o7777, a.uid(), a.mtime()),
+        (0o750, 7, 1_500_000_000)
+    );
+    assert_eq!(view.list("b"), ["new", "old"]);
+    let b = view.meta("b");
+    assert_eq!((b.mode() & 0o7777, b.mtime()), (0o711, 1_600_000_000));
+    assert_eq!(view.meta("t").ino(), view.meta("t2").ino());
+    assert_eq!(view.meta("t").ino(), env.view("1").meta("t").ino());
+    drop(view);
+
+    let third = Tar::new()
+        .file(".wh..wh..opq", b"", 0o644)
+        .file("only", b"only", 0o644)
+        .build();
+    env.layer("3", Some("2"), &third);
+    assert_eq!(env.view("3").list(""), ["only"]);
+    assert_eq!(env.view("2").list("b"), ["new", "old"]);
+}
+
+/// Nothing of the parent reaches a layer's snapshot before its commit, and a failed rebase
+/// (the parent is gone) leaves the layer's snapshot Active and unmerged.
+#[test]
+fn the_merge_happens_at_commit_and_only_onto_a_committed_parent() {
+    let env = Env::new(native);
+    env.layer("1", None, &Tar::new().file("below", b"b", 0o644).build());
+    let key = "extract 2";
+    let mounts = env.sn.prepare(key, None, unpack("2")).unwrap();
+    env.apply(key, &Tar::new().file("above", b"a", 0o644).build())
+        .unwrap();
+    assert_eq!(Mounted::new(&mounts).list(""), ["above"]);
+    assert!(matches!(
+        env.sn.commit("2", key, Some("missing"), unpack("2")),
+        Err(snapshotters::Error::NotFound { .. })
+    ));
+    assert_eq!(Mounted::new(&mounts).list(""), ["above"]);
+    env.sn.commit("2", key, Some("1"), unpack("2")).unwrap();
+    assert_eq!(env.view("2").list(""), ["above", "below"]);
+}

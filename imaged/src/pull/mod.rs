@@ -4,11 +4,12 @@
 //!
 //! Each layer body flows through one pass: HTTP chunks -> content-store ingest (digest
 //! checked) -> processor chain -> diff_id hash -> tar applier. Where the snapshotter can
-//! rebase (overlayfs), layers are applied into independent snapshots with no parent and get
-//! their parent when committed, so no layer waits for the one below it. Elsewhere (btrfs,
-//! native) a layer is applied onto its committed parent: layers still download
-//! concurrently, the one next in line streams straight into its snapshot, and the others
-//! go to the content store first and are applied from there once their parent commits.
+//! rebase (overlayfs, native), layers are applied into independent snapshots with no parent
+//! and get their parent when committed, so no layer waits for the one below it. Elsewhere
+//! (btrfs, or native for a layer that needs its parent's files) a layer is applied onto its
+//! committed parent: layers still download concurrently, the one next in line streams
+//! straight into its snapshot, and the others go to the content store first and are applied
+//! from there once their parent commits.
 
 mod pipeline;
 
@@ -162,6 +163,22 @@ pub enum PullError {
         /// Layer blob.
         digest: Digest,
     },
+}
+
+impl PullError {
+    /// Whether a layer applied without its parent needs the parent's files.
+    fn needs_parent(&self) -> bool {
+        matches!(
+            self,
+            PullError::Apply {
+                source: snapshotters::Error::Layer {
+                    reason: snapshotters::LayerError::NeedsParent { .. },
+                    ..
+                },
+                ..
+            }
+        )
+    }
 }
 
 /// `layer <digest>: <what><cause>`, or the cause alone when it names the layer already
@@ -464,10 +481,17 @@ impl Puller {
             layer: layers[i].clone(),
             progress: progress.clone(),
         };
-        let committed = if self.snapshotter.rebase() {
-            self.unpack_independent(layers, &missing, job).await
-        } else {
-            self.unpack_on_parents(layers, &missing, job).await
+        let committed = match self.snapshotter.rebase() {
+            true => match self.unpack_independent(layers, &missing, &job).await {
+                // Rare (a hardlink to a lower layer's file), and only where a snapshotter
+                // can also apply a layer onto its parent: then it does.
+                Err(e) if e.needs_parent() => {
+                    tracing::info!(error = %e, "applying the layers onto their parents instead");
+                    self.unpack_on_parents(layers, &missing, job).await
+                }
+                other => other,
+            },
+            false => self.unpack_on_parents(layers, &missing, job).await,
         };
         if committed.is_ok() && self.discard_unpacked_layers {
             self.discard(missing.iter().map(|&i| layers[i].digest.clone()).collect())
@@ -477,7 +501,7 @@ impl Puller {
         committed
     }
 
-    /// Applies every missing layer at once, each into a snapshot of its own, then commits
+    /// Applies every missing layer at once, each into a snapshot of its own, and commits
     /// them base first, each rebased onto the one below.
     async fn unpack_independent(
         self: &Arc<Self>,
@@ -508,19 +532,23 @@ impl Puller {
             );
             tasks.push((i, task));
         }
+        // Each layer is committed as soon as it and the ones below are applied: a rebase
+        // that merges trees (native) then overlaps the layers still being applied.
         tasks.sort_by_key(|(i, _)| *i);
-        let mut outcomes = Vec::with_capacity(tasks.len());
-        for (_, task) in tasks {
-            outcomes.push(task.await.expect("layer task"));
-        }
-        let snapshotter = self.snapshotter.clone();
-        let plan: Vec<(LayerRecord, Option<Digest>)> = missing
-            .iter()
-            .map(|&i| (layers[i].clone(), parent_chain(layers, i)))
-            .collect();
-        tokio::task::spawn_blocking(move || settle(snapshotter.as_ref(), &plan, outcomes))
+        let mut settler = Settler::new(self.snapshotter.clone());
+        for (i, task) in tasks {
+            let outcome = task.await.expect("layer task");
+            let (layer, parent) = (layers[i].clone(), parent_chain(layers, i));
+            settler = tokio::task::spawn_blocking(move || {
+                settler.settle(&layer, parent.as_ref(), outcome);
+                settler
+            })
             .await
-            .expect("commit task")
+            .expect("commit task");
+        }
+        tokio::task::spawn_blocking(move || settler.finish())
+            .await
+            .expect("removal task")
     }
 
     /// Applies each missing layer onto its committed parent and commits it, base first.
@@ -954,50 +982,68 @@ fn send_layer(progress: &Progress, layer: &LayerRecord, downloaded: u64, finishe
     );
 }
 
-/// Commits the unpacked layers base first (`plan` and `outcomes` in layer order), or, when
-/// any layer failed, removes every snapshot this pull unpacked and returns the first failure.
-fn settle(
-    snapshotter: &dyn Snapshotter,
-    plan: &[(LayerRecord, Option<Digest>)],
-    outcomes: Vec<Result<String, PullError>>,
-) -> Result<(), PullError> {
-    let mut keys = Vec::with_capacity(outcomes.len());
-    let mut failure = None;
-    for outcome in outcomes {
-        match outcome {
-            Ok(key) => keys.push(key),
-            Err(e) => failure = failure.or(Some(e)),
-        }
-    }
-    match failure {
-        Some(e) => {
-            remove_all(snapshotter, &keys);
-            Err(e)
-        }
-        None => commit_in_order(snapshotter, plan, &keys),
-    }
+/// Commits the layers a pull unpacked, base first, each onto the one below; once one fails
+/// (to apply or to commit), removes every snapshot the pull unpacked, committed or not, and
+/// keeps the lowest failure.
+struct Settler {
+    snapshotter: Arc<dyn Snapshotter>,
+    /// Names committed by this pull, base first.
+    committed: Vec<String>,
+    failure: Option<PullError>,
 }
 
-fn commit_in_order(
-    snapshotter: &dyn Snapshotter,
-    plan: &[(LayerRecord, Option<Digest>)],
-    keys: &[String],
-) -> Result<(), PullError> {
-    for (done, ((layer, parent), key)) in plan.iter().zip(keys).enumerate() {
-        if let Err(source) = snapshotter.commit(
-            layer.chain_id.as_str(),
-            key,
-            parent.as_ref().map(Digest::as_str),
-            snapshot_labels(layer),
-        ) {
-            remove_all(snapshotter, &keys[done..]);
-            return Err(PullError::Snapshot {
-                key: layer.chain_id.to_string(),
-                source,
-            });
+impl Settler {
+    fn new(snapshotter: Arc<dyn Snapshotter>) -> Self {
+        Settler {
+            snapshotter,
+            committed: Vec::new(),
+            failure: None,
         }
     }
-    Ok(())
+
+    /// Takes the outcome of the next layer up: its Active snapshot's key, or why it failed.
+    fn settle(
+        &mut self,
+        layer: &LayerRecord,
+        parent: Option<&Digest>,
+        outcome: Result<String, PullError>,
+    ) {
+        let key = match outcome {
+            Ok(key) if self.failure.is_some() => {
+                return remove_all(self.snapshotter.as_ref(), &[key]);
+            }
+            Ok(key) => key,
+            Err(e) => {
+                self.failure.get_or_insert(e);
+                return;
+            }
+        };
+        let name = layer.chain_id.as_str();
+        let parent = parent.map(Digest::as_str);
+        match self
+            .snapshotter
+            .commit(name, &key, parent, snapshot_labels(layer))
+        {
+            Ok(()) => self.committed.push(name.to_owned()),
+            Err(source) => {
+                remove_all(self.snapshotter.as_ref(), &[key]);
+                self.failure = Some(PullError::Snapshot {
+                    key: name.to_owned(),
+                    source,
+                });
+            }
+        }
+    }
+
+    fn finish(mut self) -> Result<(), PullError> {
+        let Some(failure) = self.failure else {
+            return Ok(());
+        };
+        // Top first: a committed snapshot with children cannot go.
+        self.committed.reverse();
+        remove_all(self.snapshotter.as_ref(), &self.committed);
+        Err(failure)
+    }
 }
 
 fn remove_all(snapshotter: &dyn Snapshotter, keys: &[String]) {
@@ -1030,8 +1076,8 @@ mod tests {
             .collect()
     }
 
-    /// What `unpack` hands to `settle` for layers `missing`: the plan, and each layer's
-    /// parentless Active snapshot as `unpack_layer` prepares it.
+    /// What `unpack_independent` settles for layers `missing`: each layer with its parent,
+    /// and its parentless Active snapshot as `unpack_layer` prepares it.
     fn unpacked(
         snapshotter: &MemorySnapshotter,
         layers: &[LayerRecord],
@@ -1044,11 +1090,23 @@ mod tests {
             snapshotter
                 .prepare(&key, None, snapshot_labels(&layers[i]))
                 .unwrap();
-            let parent = i.checked_sub(1).map(|p| layers[p].chain_id.clone());
-            plan.push((layers[i].clone(), parent));
+            plan.push((layers[i].clone(), parent_chain(layers, i)));
             keys.push(key);
         }
         (plan, keys)
+    }
+
+    /// Settles the outcomes in layer order, as `unpack_independent` does.
+    fn settle(
+        snapshotter: &Arc<MemorySnapshotter>,
+        plan: &[(LayerRecord, Option<Digest>)],
+        outcomes: Vec<Result<String, PullError>>,
+    ) -> Result<(), PullError> {
+        let mut settler = Settler::new(snapshotter.clone());
+        for ((layer, parent), outcome) in plan.iter().zip(outcomes) {
+            settler.settle(layer, parent.as_ref(), outcome);
+        }
+        settler.finish()
     }
 
     fn interrupted() -> PullError {
@@ -1060,7 +1118,7 @@ mod tests {
 
     #[test]
     fn settle_commits_missing_layers_on_top_of_present_ones() {
-        let snapshotter = MemorySnapshotter::default();
+        let snapshotter = Arc::new(MemorySnapshotter::default());
         let layers = layers(3);
         let base = layers[0].chain_id.as_str();
         snapshotter.prepare("base", None, BTreeMap::new()).unwrap();
@@ -1085,7 +1143,7 @@ mod tests {
 
     #[test]
     fn a_failed_layer_removes_every_snapshot_the_pull_unpacked() {
-        let snapshotter = MemorySnapshotter::default();
+        let snapshotter = Arc::new(MemorySnapshotter::default());
         let layers = layers(3);
         let (plan, keys) = unpacked(&snapshotter, &layers, &[0, 1, 2]);
         snapshotter.remove(&keys[1]).unwrap();
@@ -1098,8 +1156,8 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_commit_keeps_the_layers_below_and_removes_the_rest() {
-        let snapshotter = MemorySnapshotter::default();
+    fn a_failed_commit_removes_every_snapshot_the_pull_unpacked() {
+        let snapshotter = Arc::new(MemorySnapshotter::default());
         let layers = layers(3);
         let (plan, keys) = unpacked(&snapshotter, &layers, &[0, 1, 2]);
         let taken = layers[1].chain_id.as_str();
@@ -1111,13 +1169,9 @@ mod tests {
             panic!("{error}");
         };
         assert_eq!(key, taken);
-        let base = layers[0].chain_id.to_string();
         assert_eq!(
             snapshotter.tree(),
-            vec![
-                (base, Kind::Committed, None),
-                (taken.to_string(), Kind::Active, None),
-            ]
+            vec![(taken.to_string(), Kind::Active, None)]
         );
     }
 }

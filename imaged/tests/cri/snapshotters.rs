@@ -1,7 +1,8 @@
 //! The btrfs and native snapshotters through CRI: the fixture images unpack to the same
-//! trees as with overlayfs, each layer is fetched once although layers apply base first, a
-//! switch of snapshotter unpacks images again from the content store, and a btrfs
-//! snapshotter on another filesystem is refused at start-up.
+//! trees as with overlayfs, each layer is fetched once although btrfs applies layers base
+//! first, a layer that needs its parent's files unpacks with native too, a switch of
+//! snapshotter unpacks images again from the content store, and a btrfs snapshotter on
+//! another filesystem is refused at start-up.
 
 use crate::harness::{Imaged, assert_tree, disk_for, gets_of, push, registry};
 use fixtures::catalog;
@@ -183,6 +184,42 @@ async fn a_btrfs_snapshotter_on_another_filesystem_is_refused() {
     );
 }
 
+/// A hardlink to a file of a lower layer: native applies layers alone and merges them onto
+/// their parents, and a layer that needs its parent's files is then applied onto them
+/// instead, as btrfs applies every layer. Both give the link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hardlink_to_a_lower_layers_file_unpacks_where_layers_can_go_onto_their_parents() {
+    let registry = registry();
+    let spec = ImageSpec::new(vec![
+        Layer::new(vec![
+            Entry::dir("lib", 0o755),
+            Entry::file("lib/target", 0o644, "below"),
+        ]),
+        Layer::new(vec![Entry::file("top", 0o644, "above")]),
+        Layer::new(vec![Entry {
+            mode: 0o644,
+            ..Entry::hardlink("lib/link", "lib/target")
+        }]),
+    ]);
+    let built = push(&registry, "fixtures/lower-link", "v1", &spec);
+    let image = format!("{}/fixtures/lower-link:v1", registry.addr());
+    for backend in ["native", "btrfs"] {
+        let disk = disk_for(backend);
+        let imaged = Imaged::start_at(&disk.root, &format!("snapshotter = {backend:?}\n")).await;
+        let before = blob_gets(&registry, &built);
+        assert_eq!(imaged.pull(&image).await.unwrap(), built.id(), "{backend}");
+        let tree = imaged.rootfs(&image).await;
+        assert_tree(&spec.expected_tree(), &tree, backend);
+        // The layers that had arrived are applied again from the content store.
+        let fetched = blob_gets(&registry, &built) - before;
+        assert!(
+            fetched <= built.blobs().count() + 1,
+            "{backend}: {fetched} GETs"
+        );
+        assert!(imaged.stop().success(), "{backend}");
+    }
+}
+
 /// Layers applied base first stop at the first bad one; what the pull committed below it
 /// goes too, and the error names the bad layer, not one that only gave up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -203,8 +240,9 @@ async fn a_bad_middle_layer_fails_the_pull_and_leaves_no_snapshot() {
         .push_image("hostile/middle", &bad, &["v1"])
         .unwrap();
     let image = format!("{}/hostile/middle:v1", registry.addr());
-    for backend in ["native", "overlayfs"] {
-        let imaged = Imaged::start_with(&format!("snapshotter = {backend:?}\n")).await;
+    for backend in BACKENDS {
+        let disk = disk_for(backend);
+        let imaged = Imaged::start_at(&disk.root, &format!("snapshotter = {backend:?}\n")).await;
         let before = imaged.store_files();
         let err = imaged.pull(&image).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::DataLoss, "{backend}: {err:?}");

@@ -160,9 +160,23 @@ impl Drop for Mounted {
     }
 }
 
+/// How [`Env::layer`] unpacks a layer with a parent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unpack {
+    /// Prepared on the committed parent, applied, committed.
+    OnParent,
+    /// Prepared without a parent, applied alone, committed onto the parent (a rebase), as
+    /// the puller unpacks where the snapshotter offers it.
+    Rebased,
+}
+
+/// A backend and how its layers are unpacked, for checks that run both ways.
+pub type Setup = (Constructor, Unpack);
+
 /// A snapshotter in a temporary directory (on its own btrfs volume for btrfs).
 pub struct Env {
     pub sn: Snapshots,
+    pub unpack: Unpack,
     /// Unmounted after the snapshotter is gone and before its directory is removed.
     _volume: Option<Volume>,
     pub tmp: TempDir,
@@ -174,12 +188,29 @@ impl Env {
         Env::with(new, |sn| sn)
     }
 
+    /// An Env whose layers are unpacked as `setup` says.
+    pub fn setup((new, unpack): Setup) -> Env {
+        Env {
+            unpack,
+            ..Env::new(new)
+        }
+    }
+
+    /// [`Env::with`] for a [`Setup`].
+    pub fn setup_with((new, unpack): Setup, configure: impl FnOnce(Snapshots) -> Snapshots) -> Env {
+        Env {
+            unpack,
+            ..Env::with(new, configure)
+        }
+    }
+
     /// An Env whose snapshotter `configure` adjusts (limits, syncing).
     pub fn with(new: Constructor, configure: impl FnOnce(Snapshots) -> Snapshots) -> Env {
         let tmp = tempfile::tempdir().unwrap();
         let (sn, volume) = new(tmp.path());
         Env {
             sn: configure(sn),
+            unpack: Unpack::OnParent,
             _volume: volume,
             tmp,
             views: AtomicU64::new(0),
@@ -204,13 +235,17 @@ impl Env {
     }
 
     /// Unpacks one layer as the pull path does: prepare with the unpack label, apply,
-    /// commit.
+    /// commit; on the parent or onto it, as [`Env::unpack`] says.
     pub fn layer(&self, name: &str, parent: Option<&str>, tar: &[u8]) {
         let key = format!("extract {name}");
         let unpack = labels(&[(snapshotters::UNPACK_LABEL, name)]);
-        self.sn.prepare(&key, parent, unpack.clone()).unwrap();
+        let (prepared_on, committed_onto) = match self.unpack {
+            Unpack::OnParent => (parent, None),
+            Unpack::Rebased => (None, parent),
+        };
+        self.sn.prepare(&key, prepared_on, unpack.clone()).unwrap();
         self.apply(&key, tar).unwrap();
-        self.sn.commit(name, &key, None, unpack).unwrap();
+        self.sn.commit(name, &key, committed_onto, unpack).unwrap();
     }
 
     /// Applies one layer into a fresh Active snapshot with no parent and returns the error.
