@@ -71,9 +71,8 @@ pub(crate) enum Whiteouts {
     /// Deletions, in a tree that starts as a copy of the parent.
     Delete,
     /// A list of what they hide ([`hidden`]), beside a tree that starts empty and is merged
-    /// onto its parent later; the directories they name are created, so that the merge
-    /// enters them. A hardlink to a file the layer does not contain needs the parent, and
-    /// fails with [`LayerError::NeedsParent`].
+    /// onto its parent later. A hardlink to a file the layer does not contain needs the
+    /// parent, and fails with [`LayerError::NeedsParent`].
     Record,
 }
 
@@ -376,15 +375,22 @@ impl Layer {
     }
 
     /// With [`Whiteouts::Record`]: lists `parent/target` as hidden, or `parent` as opaque
-    /// without a target, after creating `parent` if the layer has not.
+    /// without a target. An opaque directory is created if the layer has not, as a copy
+    /// of the parent would have it; a whiteout creates nothing.
     fn record(&mut self, parent: &[u8], target: Option<&[u8]>) -> Result<(), LayerError> {
-        open_dir(&self.root, parent, Missing::Create).map_err(io_error("open parent directory"))?;
-        let recorder = self.recorder.as_mut().expect("a recorder in Record mode");
         let recorded = match target {
-            Some(target) => recorder.hide(&join(parent, target)),
-            None => recorder.opaque(parent),
+            Some(target) => self.recorder().hide(&join(parent, target)),
+            None => {
+                open_dir(&self.root, parent, Missing::Create)
+                    .map_err(io_error("open opaque directory"))?;
+                self.recorder().opaque(parent)
+            }
         };
         recorded.map_err(io_error("record whiteout"))
+    }
+
+    fn recorder(&mut self) -> &mut hidden::Recorder {
+        self.recorder.as_mut().expect("a recorder in Record mode")
     }
 
     /// Whether `path` or a directory above it was made opaque already.

@@ -173,9 +173,10 @@ impl Copier<'_> {
             .map_err(|f| f.at(self.path(None)))?;
         let mut subdirs = Vec::new();
         for (name, kind) in entries {
-            if let Some(hidden) = self.merge.filter(|_| merging) {
+            // Below a directory the layer does not have, only its whiteouts count.
+            if let Some(hidden) = self.merge.filter(|h| merging || !h.is_empty()) {
                 let merged = self
-                    .merge_entry(hidden, src, dst, &name, kind)
+                    .merge_entry(hidden, src, dst, &name, kind, merging)
                     .map_err(|f| f.at(self.path(Some(&name))))?;
                 match merged {
                     Merged::Absent => {}
@@ -203,7 +204,8 @@ impl Copier<'_> {
 
     /// What [`merge_tree`] does with the source's entry `name`: hidden by the layer, or
     /// replaced by its entry of that name, it stays out; a directory both have is merged
-    /// unless the layer made it opaque.
+    /// unless the layer made it opaque. Unless `merging`, `dst` is a directory of the
+    /// parent's that the walk created, and only the whiteouts are looked at.
     fn merge_entry(
         &self,
         hidden: &Hidden,
@@ -211,6 +213,7 @@ impl Copier<'_> {
         dst: &OwnedFd,
         name: &CStr,
         kind: FileType,
+        merging: bool,
     ) -> Result<Merged, Failed> {
         let mut path = self.rel.as_os_str().as_bytes().to_vec();
         if !path.is_empty() {
@@ -219,6 +222,9 @@ impl Copier<'_> {
         path.extend_from_slice(name.to_bytes());
         if hidden.hides(&path) {
             return Ok(Merged::Skipped);
+        }
+        if !merging {
+            return Ok(Merged::Absent);
         }
         let upper = match rustix::fs::statat(dst, name, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(upper) => upper,

@@ -127,9 +127,10 @@ pub enum LayerError {
         /// The configured cap.
         limit: u64,
     },
-    /// A hardlink to a file the layer does not contain, in a layer applied without its
-    /// parent: it can only be applied onto a copy of the parent, if it has one.
-    #[error("hard link to {target:?}, which the layer does not contain")]
+    /// A layer applied without its parent reaches into the parent's tree: a hardlink to a
+    /// file the layer does not contain, or a path through what the parent has as a symlink
+    /// or a file. It can only be applied onto a copy of the parent, if it has one.
+    #[error("{target:?} lies in the layers below, which a layer applied alone cannot reach")]
     NeedsParent {
         /// The cleaned target path.
         target: String,

@@ -4,16 +4,19 @@
 //! The list is written while the layer is applied, one record per whiteout: `h` and the
 //! cleaned path a `.wh.<name>` hides, or `o` and the directory a `.wh..wh..opq` makes opaque,
 //! each ending in NUL. It goes to a file rather than memory, since a layer may hold any number
-//! of whiteouts; the merge keeps only 64-bit hashes of the paths, as the applier does for the
-//! paths it wrote.
+//! of whiteouts, and is read back as a stream; the merge keeps only 64-bit hashes of the
+//! paths, as the applier does for the paths it wrote.
 
 use std::collections::HashSet;
-use std::fs::{self, File};
+use std::fs::File;
 use std::hash::{BuildHasher, RandomState};
-use std::io::{self, BufWriter, Write};
+use std::io::{self, BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use crate::Error;
+use rustix::fs::{Mode, OFlags};
+use rustix::io::Errno;
+
+use crate::{Error, LayerError};
 
 /// Name of the list, next to the snapshot's `fs` directory.
 pub(crate) const FILE: &str = "hidden";
@@ -76,26 +79,20 @@ impl Hidden {
             opaque: HashSet::new(),
             hasher: RandomState::new(),
         };
-        let text = match fs::read(path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(loaded),
-            Err(e) => return Err(Error::io("read", path)(e)),
-        };
-        for record in text.split(|b| *b == 0).filter(|r| !r.is_empty()) {
-            let hash = loaded.hasher.hash_one(&record[1..]);
-            match record[0] {
+        for_each_record(path, |tag, record| {
+            let hash = loaded.hasher.hash_one(record);
+            match tag {
                 HIDE => loaded.hidden.insert(hash),
-                OPAQUE => loaded.opaque.insert(hash),
-                _ => {
-                    let detail = format!("unknown record {:?}", String::from_utf8_lossy(record));
-                    return Err(Error::io("read", path)(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        detail,
-                    )));
-                }
+                _ => loaded.opaque.insert(hash),
             };
-        }
+            Ok(())
+        })?;
         Ok(loaded)
+    }
+
+    /// Whether the list hides nothing.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.hidden.is_empty() && self.opaque.is_empty()
     }
 
     /// Whether the parent's entry at `path` is hidden, with everything below it.
@@ -107,11 +104,129 @@ impl Hidden {
     pub(crate) fn is_opaque(&self, path: &[u8]) -> bool {
         !self.opaque.is_empty() && self.opaque.contains(&self.hasher.hash_one(path))
     }
+
+    /// Whether what the parent has at `path` is out of sight: hidden itself, or below a
+    /// hidden or opaque directory.
+    pub(crate) fn covers(&self, path: &[u8]) -> bool {
+        if self.hides(path) {
+            return true;
+        }
+        let mut above = path;
+        while let Some(end) = above.iter().rposition(|b| *b == b'/') {
+            above = &above[..end];
+            if self.hides(above) || self.is_opaque(above) {
+                return true;
+            }
+        }
+        !path.is_empty() && self.is_opaque(b"")
+    }
+}
+
+/// Fails with [`LayerError::NeedsParent`] when a path the layer names, as listed in
+/// `hidden_list` (whiteouts) and `implied_list` (directories the layer created without
+/// naming them, see [`crate::implicit`]), runs through a non-directory of `lower`: applied
+/// onto a copy of `lower` the layer would have followed a symlink there, or replaced a
+/// file, which a merge of the trees cannot do.
+pub(crate) fn check_reach(
+    lower: &Path,
+    hidden_list: &Path,
+    implied_list: &Path,
+) -> Result<(), Error> {
+    let root = rustix::fs::open(
+        lower,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| Error::io("open", lower)(e.into()))?;
+    let check = |path: &[u8], whole: bool| {
+        let components: Vec<&[u8]> = path.split(|b| *b == b'/').collect();
+        let upto = if whole {
+            components.len()
+        } else {
+            components.len() - 1
+        };
+        match through_non_directory(&root, &components[..upto]) {
+            Ok(false) => Ok(()),
+            Ok(true) => Err(Error::Layer {
+                path: String::from_utf8_lossy(path).into_owned(),
+                reason: LayerError::NeedsParent {
+                    target: String::from_utf8_lossy(path).into_owned(),
+                },
+            }),
+            Err(e) => Err(Error::io(
+                "inspect",
+                lower.join(String::from_utf8_lossy(path).as_ref()),
+            )(e)),
+        }
+    };
+    // A whiteout's last component may be anything; an opaque directory is entered.
+    for_each_record(hidden_list, |tag, path| check(path, tag == OPAQUE))?;
+    for_each_path(implied_list, |path| check(path, true))
+}
+
+/// Whether `components`, followed from `root`, meet something that is not a directory
+/// before they run out or reach a name that does not exist.
+fn through_non_directory(root: &impl rustix::fd::AsFd, components: &[&[u8]]) -> io::Result<bool> {
+    let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let mut dir: Option<rustix::fd::OwnedFd> = None;
+    for name in components.iter().filter(|name| !name.is_empty()) {
+        let at = dir
+            .as_ref()
+            .map_or(root.as_fd(), |d| rustix::fd::AsFd::as_fd(d));
+        match rustix::fs::openat(at, *name, flags, Mode::empty()) {
+            Ok(next) => dir = Some(next),
+            Err(Errno::NOENT) => return Ok(false),
+            Err(Errno::NOTDIR | Errno::LOOP) => return Ok(true),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(false)
+}
+
+/// Calls `f` with each record's tag and path, reading the list as a stream; a missing list
+/// has none.
+fn for_each_record(
+    path: &Path,
+    mut f: impl FnMut(u8, &[u8]) -> Result<(), Error>,
+) -> Result<(), Error> {
+    for_each_path(path, |record| match record.split_first() {
+        Some((&tag, rest)) if tag == HIDE || tag == OPAQUE => f(tag, rest),
+        _ => Err(Error::io("read", path)(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("unknown record {:?}", String::from_utf8_lossy(record)),
+        ))),
+    })
+}
+
+/// Calls `f` with each NUL-terminated entry of the file at `path`; a missing file has none.
+fn for_each_path(path: &Path, mut f: impl FnMut(&[u8]) -> Result<(), Error>) -> Result<(), Error> {
+    let file = match File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io("read", path)(e)),
+    };
+    let mut reader = BufReader::new(file);
+    let mut entry = Vec::new();
+    loop {
+        entry.clear();
+        let read = reader
+            .read_until(0, &mut entry)
+            .map_err(Error::io("read", path))?;
+        if read == 0 {
+            return Ok(());
+        }
+        if entry.last() == Some(&0) {
+            entry.pop();
+        }
+        if !entry.is_empty() {
+            f(&entry)?;
+        }
+    }
 }
 
 /// Removes the list at `path`, if there is one.
 pub(crate) fn remove(path: &Path) -> Result<(), Error> {
-    match fs::remove_file(path) {
+    match std::fs::remove_file(path) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(Error::io("remove", path)(e)),
         _ => Ok(()),
     }
@@ -120,6 +235,7 @@ pub(crate) fn remove(path: &Path) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     #[test]
     fn records_come_back_by_kind() {
@@ -127,18 +243,35 @@ mod tests {
         let path = dir.path().join(FILE);
         let mut recorder = Recorder::new(path.clone());
         recorder.hide(b"a/gone").unwrap();
-        recorder.opaque(b"").unwrap();
         recorder.opaque(b"d/e").unwrap();
         recorder.finish().unwrap();
         let hidden = Hidden::load(&path).unwrap();
         assert!(hidden.hides(b"a/gone"));
         assert!(!hidden.hides(b"a"));
         assert!(!hidden.hides(b"d/e"));
-        assert!(hidden.is_opaque(b""));
         assert!(hidden.is_opaque(b"d/e"));
         assert!(!hidden.is_opaque(b"a/gone"));
+        assert!(hidden.covers(b"a/gone"));
+        assert!(hidden.covers(b"a/gone/deeper"));
+        assert!(hidden.covers(b"d/e/f"));
+        assert!(!hidden.covers(b"d/e"));
+        assert!(!hidden.covers(b"a"));
         remove(&path).unwrap();
         remove(&path).unwrap();
+    }
+
+    #[test]
+    fn an_opaque_root_covers_everything_below_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE);
+        let mut recorder = Recorder::new(path.clone());
+        recorder.opaque(b"").unwrap();
+        recorder.finish().unwrap();
+        let hidden = Hidden::load(&path).unwrap();
+        assert!(hidden.is_opaque(b""));
+        assert!(hidden.covers(b"x"));
+        assert!(hidden.covers(b"x/y"));
+        assert!(!hidden.covers(b""));
     }
 
     #[test]
@@ -147,7 +280,7 @@ mod tests {
         let path = dir.path().join(FILE);
         Recorder::new(path.clone()).finish().unwrap();
         assert!(!path.exists());
-        assert!(!Hidden::load(&path).unwrap().hides(b"x"));
+        assert!(Hidden::load(&path).unwrap().is_empty());
     }
 
     #[test]
@@ -157,5 +290,36 @@ mod tests {
         fs::write(&path, b"hx\0zy\0").unwrap();
         let err = Hidden::load(&path).err().unwrap().to_string();
         assert!(err.contains(FILE), "{err}");
+    }
+
+    #[test]
+    fn paths_through_a_lower_symlink_or_file_need_the_parent() {
+        let dir = tempfile::tempdir().unwrap();
+        let lower = dir.path().join("lower");
+        fs::create_dir_all(lower.join("usr/bin")).unwrap();
+        std::os::unix::fs::symlink("usr/bin", lower.join("bin")).unwrap();
+        fs::write(lower.join("file"), b"f").unwrap();
+        let (hidden, implied) = (dir.path().join(FILE), dir.path().join("implied"));
+        let reach = |records: &[u8], implied_dirs: &[u8]| {
+            fs::write(&hidden, records).unwrap();
+            fs::write(&implied, implied_dirs).unwrap();
+            check_reach(&lower, &hidden, &implied)
+        };
+        reach(b"husr/bin/x\0hbin\0hmissing/x\0", b"usr\0new/dir\0").unwrap();
+        for (records, implied_dirs, target) in [
+            (&b"hbin/x\0"[..], &b""[..], "bin/x"),
+            (b"obin\0", b"", "bin"),
+            (b"hfile/x\0", b"", "file/x"),
+            (b"", b"usr\0bin\0", "bin"),
+            (b"", b"file/sub\0", "file/sub"),
+        ] {
+            match reach(records, implied_dirs) {
+                Err(Error::Layer {
+                    reason: LayerError::NeedsParent { target: t },
+                    ..
+                }) => assert_eq!(t, target),
+                other => panic!("{target}: {other:?}"),
+            }
+        }
     }
 }

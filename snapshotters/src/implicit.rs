@@ -52,13 +52,27 @@ pub(crate) fn record(fs: &Path, list: &Path, named: &[Vec<u8>]) -> Result<(), Er
 /// Gives each listed directory of `fs` the attributes of the same directory in the nearest
 /// lower layer that has it, then deletes the list.
 pub(crate) fn copy_up(fs: &Path, list: &Path, lowers: &[PathBuf]) -> Result<(), Error> {
+    copy_up_where(fs, list, lowers, |_| true)
+}
+
+/// [`copy_up`] for the listed directories `wanted` accepts (by path relative to `fs`); the
+/// others keep the attributes they were created with.
+pub(crate) fn copy_up_where(
+    fs: &Path,
+    list: &Path,
+    lowers: &[PathBuf],
+    wanted: impl Fn(&[u8]) -> bool,
+) -> Result<(), Error> {
     let text = match fs::read(list) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(Error::io("read", list)(e)),
     };
     if !lowers.is_empty() {
-        for rel in text.split(|b| *b == 0).filter(|p| !p.is_empty()) {
+        for rel in text
+            .split(|b| *b == 0)
+            .filter(|p| !p.is_empty() && wanted(p))
+        {
             if let Some(source) = lowers.iter().find_map(|lower| real_dir(lower, rel)) {
                 copy_attributes(&source, &fs.join(OsStr::from_bytes(rel)))?;
             }

@@ -87,19 +87,38 @@ impl Layout for NativeLayout {
     }
 
     /// Merges the layer onto its parent's tree: links in what it keeps of the parent, then
-    /// gives the directories the layer only implied the parent's attributes.
+    /// gives the directories the layer only implied the parent's attributes (unless what
+    /// the parent had there is hidden, when they stay as the layer made them). A layer
+    /// whose paths run through a symlink or file of the parent needs the parent's tree
+    /// under it and is refused before anything changes.
     fn rebase_onto(&self, dir: &Path, parent: &Path) -> Result<(), Error> {
         let fs = dir.join("fs");
-        let hidden = Hidden::load(&dir.join(hidden::FILE))?;
+        let (hidden_list, implied_list) = (dir.join(hidden::FILE), dir.join(implicit::FILE));
+        hidden::check_reach(parent, &hidden_list, &implied_list)?;
+        let hidden = Hidden::load(&hidden_list)?;
         copy::merge_tree(parent, &fs, &hidden)?;
-        implicit::copy_up(&fs, &dir.join(implicit::FILE), &[parent.to_path_buf()])
+        implicit::copy_up_where(&fs, &implied_list, &[parent.to_path_buf()], |rel| {
+            !hidden.covers(rel)
+        })
     }
 
-    /// What a layer applied alone listed is done with, whether it was merged or committed
-    /// without a parent.
-    fn committed(&self, snapshots: &Path, before: &Record, _: &Snapshot) -> Result<(), Error> {
+    /// A layer committed without a parent has nothing to merge: its lists go. (After a
+    /// merge, the implied directories' list is gone already and the whiteouts' goes once
+    /// the commit is in, [`Layout::rebased`].)
+    fn committed(
+        &self,
+        snapshots: &Path,
+        before: &Record,
+        snapshot: &Snapshot,
+    ) -> Result<(), Error> {
         let dir = snapshots.join(before.id.to_string());
-        hidden::remove(&dir.join(hidden::FILE))?;
+        if snapshot.parent_ids.is_empty() {
+            hidden::remove(&dir.join(hidden::FILE))?;
+        }
         implicit::copy_up(&dir.join("fs"), &dir.join(implicit::FILE), &[])
+    }
+
+    fn rebased(&self, dir: &Path) -> Result<(), Error> {
+        hidden::remove(&dir.join(hidden::FILE))
     }
 }

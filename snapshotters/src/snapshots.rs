@@ -24,6 +24,9 @@ use crate::{
     ApplyStats, Backend, Error, Finding, Info, Kind, Mount, Snapshotter, Usage, fsutil, hidden,
 };
 
+/// Present in the directory of an Active snapshot whose rebase failed part way.
+const REBASE_FAILED: &str = "rebase-failed";
+
 /// What one backend decides.
 pub(crate) trait Layout: Send + Sync {
     /// Fills `temp`, the directory of a snapshot being created, with at least `fs`.
@@ -59,8 +62,16 @@ pub(crate) trait Layout: Send + Sync {
 
     /// Runs before the commit transaction of `dir`, an Active snapshot prepared without a
     /// parent, onto the committed parent whose tree is `parent`: work too long to hold the
-    /// database's one writer for. Running it again after a failed commit changes nothing.
+    /// database's one writer for. After it succeeded, running it again (the transaction
+    /// failed, the commit is retried) changes nothing; after it failed other than with
+    /// [`LayerError::NeedsParent`](crate::LayerError::NeedsParent), the snapshot is
+    /// refused any further rebase.
     fn rebase_onto(&self, _dir: &Path, _parent: &Path) -> Result<(), Error> {
+        Ok(())
+    }
+
+    /// Runs once the commit transaction of a rebase through [`Layout::rebase_onto`] is in.
+    fn rebased(&self, _dir: &Path) -> Result<(), Error> {
         Ok(())
     }
 
@@ -336,28 +347,53 @@ impl Snapshots {
     }
 
     /// The part of a rebase of `key` onto `parent` that runs before the commit transaction,
-    /// once both are found fit for it (the transaction checks them again).
-    fn rebase_onto(&self, key: &str, parent: &str) -> Result<(), Error> {
+    /// once both are found fit for it (the transaction checks them again). Returns the
+    /// snapshot's directory, claimed until the commit is done, if there was a rebase.
+    fn rebase_onto(&self, key: &str, parent: &str) -> Result<Option<PathBuf>, Error> {
         let (record, parent_record) = self.store.read(key, |r| {
             let record = r.get(key)?;
             Ok((record, r.committed_parent(parent)?))
         })?;
         if record.kind != Kind::Active || record.parent.is_some() {
-            return Ok(());
+            return Ok(None);
         }
         self.check_rebase(key, &record, Some(parent))?;
         let dir = self.dir(record.id);
+        let refused = |reason: &str| Error::FailedPrecondition {
+            key: key.to_owned(),
+            reason: reason.to_owned(),
+        };
         if !self.try_claim(&dir) {
-            return Err(Error::FailedPrecondition {
-                key: key.to_owned(),
-                reason: "another commit of it is under way".into(),
-            });
+            return Err(refused("another commit or the removal of it is under way"));
         }
-        let rebased = self
-            .layout
-            .rebase_onto(&dir, &self.fs_dir(parent_record.id));
-        self.filled(&dir);
-        rebased
+        let failed_marker = dir.join(REBASE_FAILED);
+        let rebased = match failed_marker.try_exists() {
+            Ok(true) => Err(refused(
+                "an earlier rebase of it failed part way; remove it",
+            )),
+            Ok(false) => self
+                .layout
+                .rebase_onto(&dir, &self.fs_dir(parent_record.id)),
+            Err(e) => Err(Error::io("inspect", &failed_marker)(e)),
+        };
+        match rebased {
+            Ok(()) => Ok(Some(dir)),
+            Err(error) => {
+                let refused_before_any_change = matches!(
+                    error,
+                    Error::FailedPrecondition { .. }
+                        | Error::Layer {
+                            reason: crate::LayerError::NeedsParent { .. },
+                            ..
+                        }
+                );
+                if !refused_before_any_change && let Err(e) = fs::File::create(&failed_marker) {
+                    tracing::warn!(path = %failed_marker.display(), error = %e, "marking a failed rebase");
+                }
+                self.filled(&dir);
+                Err(error)
+            }
+        }
     }
 
     fn check_rebase(&self, key: &str, record: &Record, parent: Option<&str>) -> Result<(), Error> {
@@ -400,15 +436,22 @@ impl Snapshotter for Snapshots {
         parent: Option<&str>,
         labels: BTreeMap<String, String>,
     ) -> Result<(), Error> {
-        if let Some(parent) = parent {
-            self.rebase_onto(key, parent)?;
-        }
-        self.store.write(key, |tx| {
+        let rebasing = match parent {
+            Some(parent) => self.rebase_onto(key, parent)?,
+            None => None,
+        };
+        let committed = self.store.write(key, |tx| {
             let record = tx.get(key)?;
             self.check_rebase(key, &record, parent)?;
             let snapshot = tx.commit(key, name, parent, labels)?;
             self.layout.committed(&self.snapshots, &record, &snapshot)
-        })
+        });
+        let Some(dir) = rebasing else {
+            return committed;
+        };
+        let rebased = committed.and_then(|()| self.layout.rebased(&dir));
+        self.filled(&dir);
+        rebased
     }
 
     fn remove(&self, key: &str) -> Result<(), Error> {

@@ -12,7 +12,7 @@ use std::path::Path;
 
 use common::*;
 use fixtures::volume::Volume;
-use snapshotters::{Backend, Snapshots, Snapshotter, UNPACK_LABEL};
+use snapshotters::{Backend, LayerError, Snapshots, Snapshotter, UNPACK_LABEL};
 use tar::EntryType;
 
 /// btrfs caps an inode's links at 65,535 (BTRFS_LINK_MAX), a cap a test can reach.
@@ -225,4 +225,134 @@ fn the_merge_happens_at_commit_and_only_onto_a_committed_parent() {
     assert_eq!(Mounted::new(&mounts).list(""), ["above"]);
     env.sn.commit("2", key, Some("1"), unpack("2")).unwrap();
     assert_eq!(env.view("2").list(""), ["above", "below"]);
+}
+
+/// Where a merge cannot give what applying the layer onto a copy of its parent gives, the
+/// rebase is refused before anything changes: a path through the parent's symlink (a
+/// usr-merged `bin`), a whiteout through it, a path through the parent's file.
+#[test]
+fn paths_through_the_parents_symlinks_or_files_refuse_the_merge() {
+    let mut env = Env::new(native);
+    env.unpack = Unpack::Rebased;
+    let base = Tar::new()
+        .dir("usr/", 0o755)
+        .dir("usr/bin/", 0o755)
+        .file("usr/bin/x", b"x", 0o755)
+        .symlink("bin", "usr/bin")
+        .file("file", b"f", 0o644)
+        .build();
+    env.layer("1", None, &base);
+    let layers = [
+        Tar::new().file("bin/new", b"n", 0o755).build(),
+        Tar::new().file("bin/.wh.x", b"", 0o644).build(),
+        Tar::new().file("file/inner", b"i", 0o644).build(),
+    ];
+    for (i, layer) in layers.iter().enumerate() {
+        let key = format!("extract {i}");
+        env.sn.prepare(&key, None, unpack("2")).unwrap();
+        env.apply(&key, layer).unwrap();
+        let err = env
+            .sn
+            .commit("2", &key, Some("1"), unpack("2"))
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                snapshotters::Error::Layer {
+                    reason: LayerError::NeedsParent { .. },
+                    ..
+                }
+            ),
+            "layer {i}: {err}"
+        );
+        assert_eq!(env.sn.stat(&key).unwrap().kind, snapshotters::Kind::Active);
+        env.sn.remove(&key).unwrap();
+    }
+    // Onto a copy of the parent, they go through.
+    env.unpack = Unpack::OnParent;
+    env.layer("2", Some("1"), &layers[0]);
+    env.layer("3", Some("2"), &layers[1]);
+    assert_eq!(env.view("3").list("usr/bin"), ["new"]);
+}
+
+/// A whiteout in a directory the parent lacks creates nothing, and a directory the layer
+/// only implies below a path it hid keeps the layer's attributes, not the hidden one's.
+#[test]
+fn whiteouts_leave_nothing_of_their_own_after_a_merge() {
+    let mut env = Env::new(native);
+    env.unpack = Unpack::Rebased;
+    let base = Tar::new()
+        .entry(
+            owned(EntryType::Directory, "x/", 0o700, 5, 1_500_000_000),
+            b"",
+        )
+        .file("x/old", b"old", 0o644)
+        .build();
+    env.layer("1", None, &base);
+    let layer = Tar::new()
+        .file("nowhere/.wh.y", b"", 0o644)
+        .file(".wh.x", b"", 0o644)
+        .file("x/new", b"new", 0o644)
+        .build();
+    env.layer("2", Some("1"), &layer);
+    let view = env.view("2");
+    assert_eq!(view.list(""), ["x"]);
+    assert_eq!(view.list("x"), ["new"]);
+    let x = view.meta("x");
+    assert_eq!((x.mode() & 0o7777, x.uid()), (0o755, 0));
+}
+
+/// The same layers give the same tree whether each is applied onto a copy of its parent
+/// or applied alone and merged onto it.
+#[test]
+fn merged_layers_give_the_tree_of_layers_applied_onto_their_parents() {
+    let layers = [
+        Tar::new()
+            .entry(
+                owned(EntryType::Directory, "etc/", 0o750, 3, 1_400_000_000),
+                b"",
+            )
+            .file("etc/a", b"a", 0o644)
+            .file("etc/b", b"b", 0o600)
+            .dir("var/", 0o755)
+            .dir("var/lib/", 0o700)
+            .file("var/lib/db", b"db", 0o640)
+            .link("var/lib/db-link", "var/lib/db")
+            .symlink("etc/s", "a")
+            .dir("gone/", 0o755)
+            .file("gone/f", b"f", 0o644)
+            .build(),
+        Tar::new()
+            .file("etc/.wh.a", b"", 0o644)
+            .file("etc/c", b"c", 0o644)
+            .file("var/lib/.wh..wh..opq", b"", 0o644)
+            .file("var/lib/fresh", b"fresh", 0o644)
+            .file(".wh.gone", b"", 0o644)
+            .dir("gone/", 0o711)
+            .file("gone/again", b"again", 0o644)
+            .build(),
+        Tar::new()
+            .dir("etc/b/", 0o755)
+            .file("etc/b/inside", b"i", 0o644)
+            .file("etc/s", b"now a file", 0o644)
+            .file("deep/er/file", b"d", 0o644)
+            .build(),
+    ];
+    let tree = |unpack: Unpack| {
+        let mut env = Env::new(native);
+        env.unpack = unpack;
+        let mut parent = None;
+        for (i, layer) in layers.iter().enumerate() {
+            let name = i.to_string();
+            env.layer(&name, parent.as_deref(), layer);
+            parent = Some(name);
+        }
+        let view = env.view(parent.as_deref().unwrap());
+        fixtures::tree::Tree::read(&view.path("")).unwrap()
+    };
+    let (on_parents, merged) = (tree(Unpack::OnParent), tree(Unpack::Rebased));
+    let options = fixtures::tree::DiffOptions { file_mtimes: true };
+    assert_eq!(on_parents.diff_with(&merged, options), Vec::<String>::new());
+    assert_eq!(merged.diff_with(&on_parents, options), Vec::<String>::new());
+    assert_eq!(on_parents.nodes.len(), merged.nodes.len());
 }

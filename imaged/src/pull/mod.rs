@@ -166,15 +166,16 @@ pub enum PullError {
 }
 
 impl PullError {
-    /// Whether a layer applied without its parent needs the parent's files.
+    /// Whether a layer applied without its parent needs the parent's files, as its apply
+    /// or the rebase at its commit found.
     fn needs_parent(&self) -> bool {
+        let (PullError::Apply { source, .. } | PullError::Snapshot { source, .. }) = self else {
+            return false;
+        };
         matches!(
-            self,
-            PullError::Apply {
-                source: snapshotters::Error::Layer {
-                    reason: snapshotters::LayerError::NeedsParent { .. },
-                    ..
-                },
+            source,
+            snapshotters::Error::Layer {
+                reason: snapshotters::LayerError::NeedsParent { .. },
                 ..
             }
         )
@@ -483,8 +484,9 @@ impl Puller {
         };
         let committed = match self.snapshotter.rebase() {
             true => match self.unpack_independent(layers, &missing, &job).await {
-                // Rare (a hardlink to a lower layer's file), and only where a snapshotter
-                // can also apply a layer onto its parent: then it does.
+                // Rare (a hardlink to a lower layer's file, a path through a lower
+                // layer's symlink), and only where a snapshotter can also apply a layer
+                // onto its parent: then it does.
                 Err(e) if e.needs_parent() => {
                     tracing::info!(error = %e, "applying the layers onto their parents instead");
                     self.unpack_on_parents(layers, &missing, job).await
@@ -1153,6 +1155,35 @@ mod tests {
 
         assert!(matches!(error, PullError::Stream { .. }), "{error}");
         assert_eq!(snapshotter.tree(), vec![]);
+    }
+
+    #[test]
+    fn a_layer_that_needs_its_parent_says_so_from_its_apply_or_its_commit() {
+        let needs = || snapshotters::Error::Layer {
+            path: "bin/x".into(),
+            reason: snapshotters::LayerError::NeedsParent {
+                target: "bin/x".into(),
+            },
+        };
+        let digest = Digest::of(b"layer");
+        let apply = PullError::Apply {
+            digest: digest.clone(),
+            source: needs(),
+        };
+        let commit = PullError::Snapshot {
+            key: "chain".into(),
+            source: needs(),
+        };
+        assert!(apply.needs_parent() && commit.needs_parent());
+        assert!(!interrupted().needs_parent());
+        let other = PullError::Apply {
+            digest,
+            source: snapshotters::Error::Layer {
+                path: "x".into(),
+                reason: snapshotters::LayerError::Truncated,
+            },
+        };
+        assert!(!other.needs_parent());
     }
 
     #[test]

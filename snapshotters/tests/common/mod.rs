@@ -248,6 +248,33 @@ impl Env {
         self.sn.commit(name, &key, committed_onto, unpack).unwrap();
     }
 
+    /// [`Env::layer`], and where a rebase is refused because the layer needs its parent's
+    /// tree, applied onto the parent instead, as the puller then does. Returns whether it
+    /// was refused.
+    pub fn layer_or_onto_parent(&self, name: &str, parent: Option<&str>, tar: &[u8]) -> bool {
+        if self.unpack == Unpack::OnParent {
+            self.layer(name, parent, tar);
+            return false;
+        }
+        let key = format!("extract {name}");
+        let unpack = labels(&[(snapshotters::UNPACK_LABEL, name)]);
+        self.sn.prepare(&key, None, unpack.clone()).unwrap();
+        self.apply(&key, tar).unwrap();
+        match self.sn.commit(name, &key, parent, unpack.clone()) {
+            Ok(()) => return false,
+            Err(Error::Layer {
+                reason: LayerError::NeedsParent { .. },
+                ..
+            }) => {}
+            Err(other) => panic!("commit of {name}: {other}"),
+        }
+        self.sn.remove(&key).unwrap();
+        self.sn.prepare(&key, parent, unpack.clone()).unwrap();
+        self.apply(&key, tar).unwrap();
+        self.sn.commit(name, &key, None, unpack).unwrap();
+        true
+    }
+
     /// Applies one layer into a fresh Active snapshot with no parent and returns the error.
     pub fn apply_err(&self, tar: &[u8]) -> LayerError {
         let key = format!("failing-{}", self.views.fetch_add(1, Ordering::Relaxed));
