@@ -376,8 +376,18 @@ impl Layer {
 
     /// With [`Whiteouts::Record`]: lists `parent/target` as hidden, or `parent` as opaque
     /// without a target. An opaque directory is created if the layer has not, as a copy
-    /// of the parent would have it; a whiteout creates nothing.
+    /// of the parent would have it; a whiteout creates nothing. A `parent` that runs
+    /// through a symlink of the layer's own is refused as needing the parent's tree: what
+    /// it hides lies where the symlink leads, which the list cannot follow.
     fn record(&mut self, parent: &[u8], target: Option<&[u8]>) -> Result<(), LayerError> {
+        let components: Vec<&[u8]> = parent.split(|b| *b == b'/').collect();
+        if hidden::through_non_directory(&self.root, &components)
+            .map_err(io_error("inspect whiteout directory"))?
+        {
+            return Err(LayerError::NeedsParent {
+                target: String::from_utf8_lossy(parent).into_owned(),
+            });
+        }
         let recorded = match target {
             Some(target) => self.recorder().hide(&join(parent, target)),
             None => {

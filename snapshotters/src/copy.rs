@@ -174,7 +174,7 @@ impl Copier<'_> {
         let mut subdirs = Vec::new();
         for (name, kind) in entries {
             // Below a directory the layer does not have, only its whiteouts count.
-            if let Some(hidden) = self.merge.filter(|h| merging || !h.is_empty()) {
+            if let Some(hidden) = self.merge.filter(|h| merging || h.hides_any()) {
                 let merged = self
                     .merge_entry(hidden, src, dst, &name, kind, merging)
                     .map_err(|f| f.at(self.path(Some(&name))))?;

@@ -128,9 +128,11 @@ pub enum LayerError {
         limit: u64,
     },
     /// A layer applied without its parent reaches into the parent's tree: a hardlink to a
-    /// file the layer does not contain, or a path through what the parent has as a symlink
-    /// or a file. It can only be applied onto a copy of the parent, if it has one.
-    #[error("{target:?} lies in the layers below, which a layer applied alone cannot reach")]
+    /// file the layer does not contain, a path through what the parent has as a symlink
+    /// or a file, or a whiteout through a symlink of the layer's own, which may lead
+    /// anywhere in the parent's tree. It can only be applied onto a copy of the parent, if
+    /// it has one.
+    #[error("{target:?} reaches into the layers below, which a layer applied alone cannot")]
     NeedsParent {
         /// The cleaned target path.
         target: String,

@@ -72,27 +72,41 @@ pub(crate) struct Hidden {
 }
 
 impl Hidden {
-    /// Reads the list at `path`; a missing list hides nothing.
-    pub(crate) fn load(path: &Path) -> Result<Hidden, Error> {
+    /// Reads the list at `hidden_list` of a layer about to be merged onto `lower`, and
+    /// fails with [`LayerError::NeedsParent`] when a path the layer names, there or in
+    /// `implied_list` (directories it created without naming them, see
+    /// [`crate::implicit`]), runs through a non-directory of `lower`: applied onto a copy
+    /// of `lower` the layer would have followed a symlink there, or replaced a file, which
+    /// a merge of the trees cannot do. Missing lists name nothing.
+    pub(crate) fn for_merge(
+        lower: &Path,
+        hidden_list: &Path,
+        implied_list: &Path,
+    ) -> Result<Hidden, Error> {
+        let reach = Reach::open(lower)?;
         let mut loaded = Hidden {
             hidden: HashSet::new(),
             opaque: HashSet::new(),
             hasher: RandomState::new(),
         };
-        for_each_record(path, |tag, record| {
-            let hash = loaded.hasher.hash_one(record);
+        for_each_record(hidden_list, |tag, path| {
+            // A whiteout's last component may be anything; an opaque directory is entered.
+            reach.check(path, tag == OPAQUE)?;
+            let hash = loaded.hasher.hash_one(path);
             match tag {
                 HIDE => loaded.hidden.insert(hash),
                 _ => loaded.opaque.insert(hash),
             };
             Ok(())
         })?;
+        for_each_path(implied_list, |path| reach.check(path, true))?;
         Ok(loaded)
     }
 
-    /// Whether the list hides nothing.
-    pub(crate) fn is_empty(&self) -> bool {
-        self.hidden.is_empty() && self.opaque.is_empty()
+    /// Whether a whiteout hides some path; an opaque directory aside, which is the
+    /// layer's own.
+    pub(crate) fn hides_any(&self) -> bool {
+        !self.hidden.is_empty()
     }
 
     /// Whether the parent's entry at `path` is hidden, with everything below it.
@@ -122,51 +136,47 @@ impl Hidden {
     }
 }
 
-/// Fails with [`LayerError::NeedsParent`] when a path the layer names, as listed in
-/// `hidden_list` (whiteouts) and `implied_list` (directories the layer created without
-/// naming them, see [`crate::implicit`]), runs through a non-directory of `lower`: applied
-/// onto a copy of `lower` the layer would have followed a symlink there, or replaced a
-/// file, which a merge of the trees cannot do.
-pub(crate) fn check_reach(
-    lower: &Path,
-    hidden_list: &Path,
-    implied_list: &Path,
-) -> Result<(), Error> {
-    let root = rustix::fs::open(
-        lower,
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| Error::io("open", lower)(e.into()))?;
-    let check = |path: &[u8], whole: bool| {
+/// The tree a layer's paths are followed in, to find those that run through a
+/// non-directory.
+struct Reach<'a> {
+    tree: &'a Path,
+    root: rustix::fd::OwnedFd,
+}
+
+impl<'a> Reach<'a> {
+    fn open(tree: &'a Path) -> Result<Self, Error> {
+        let root = rustix::fs::open(
+            tree,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| Error::io("open", tree)(e.into()))?;
+        Ok(Reach { tree, root })
+    }
+
+    /// Fails with [`LayerError::NeedsParent`] when `path`, or all of it but its last
+    /// component unless `whole`, meets a non-directory.
+    fn check(&self, path: &[u8], whole: bool) -> Result<(), Error> {
         let components: Vec<&[u8]> = path.split(|b| *b == b'/').collect();
-        let upto = if whole {
-            components.len()
-        } else {
-            components.len() - 1
-        };
-        match through_non_directory(&root, &components[..upto]) {
+        let upto = components.len() - usize::from(!whole);
+        let lossy = || String::from_utf8_lossy(path).into_owned();
+        match through_non_directory(&self.root, &components[..upto]) {
             Ok(false) => Ok(()),
             Ok(true) => Err(Error::Layer {
-                path: String::from_utf8_lossy(path).into_owned(),
-                reason: LayerError::NeedsParent {
-                    target: String::from_utf8_lossy(path).into_owned(),
-                },
+                path: lossy(),
+                reason: LayerError::NeedsParent { target: lossy() },
             }),
-            Err(e) => Err(Error::io(
-                "inspect",
-                lower.join(String::from_utf8_lossy(path).as_ref()),
-            )(e)),
+            Err(e) => Err(Error::io("inspect", self.tree.join(lossy()))(e)),
         }
-    };
-    // A whiteout's last component may be anything; an opaque directory is entered.
-    for_each_record(hidden_list, |tag, path| check(path, tag == OPAQUE))?;
-    for_each_path(implied_list, |path| check(path, true))
+    }
 }
 
 /// Whether `components`, followed from `root`, meet something that is not a directory
 /// before they run out or reach a name that does not exist.
-fn through_non_directory(root: &impl rustix::fd::AsFd, components: &[&[u8]]) -> io::Result<bool> {
+pub(crate) fn through_non_directory(
+    root: &impl rustix::fd::AsFd,
+    components: &[&[u8]],
+) -> io::Result<bool> {
     let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     let mut dir: Option<rustix::fd::OwnedFd> = None;
     for name in components.iter().filter(|name| !name.is_empty()) {
@@ -237,6 +247,12 @@ mod tests {
     use super::*;
     use std::fs;
 
+    /// Loads the list at `path` for a merge onto the (empty but for it) directory it is in.
+    fn load(path: &Path) -> Result<Hidden, Error> {
+        let dir = path.parent().unwrap();
+        Hidden::for_merge(dir, path, &dir.join("no-implied-list"))
+    }
+
     #[test]
     fn records_come_back_by_kind() {
         let dir = tempfile::tempdir().unwrap();
@@ -245,7 +261,8 @@ mod tests {
         recorder.hide(b"a/gone").unwrap();
         recorder.opaque(b"d/e").unwrap();
         recorder.finish().unwrap();
-        let hidden = Hidden::load(&path).unwrap();
+        let hidden = load(&path).unwrap();
+        assert!(hidden.hides_any());
         assert!(hidden.hides(b"a/gone"));
         assert!(!hidden.hides(b"a"));
         assert!(!hidden.hides(b"d/e"));
@@ -267,8 +284,9 @@ mod tests {
         let mut recorder = Recorder::new(path.clone());
         recorder.opaque(b"").unwrap();
         recorder.finish().unwrap();
-        let hidden = Hidden::load(&path).unwrap();
+        let hidden = load(&path).unwrap();
         assert!(hidden.is_opaque(b""));
+        assert!(!hidden.hides_any());
         assert!(hidden.covers(b"x"));
         assert!(hidden.covers(b"x/y"));
         assert!(!hidden.covers(b""));
@@ -280,7 +298,7 @@ mod tests {
         let path = dir.path().join(FILE);
         Recorder::new(path.clone()).finish().unwrap();
         assert!(!path.exists());
-        assert!(Hidden::load(&path).unwrap().is_empty());
+        assert!(!load(&path).unwrap().hides_any());
     }
 
     #[test]
@@ -288,7 +306,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(FILE);
         fs::write(&path, b"hx\0zy\0").unwrap();
-        let err = Hidden::load(&path).err().unwrap().to_string();
+        let err = load(&path).err().unwrap().to_string();
         assert!(err.contains(FILE), "{err}");
     }
 
@@ -303,7 +321,7 @@ mod tests {
         let reach = |records: &[u8], implied_dirs: &[u8]| {
             fs::write(&hidden, records).unwrap();
             fs::write(&implied, implied_dirs).unwrap();
-            check_reach(&lower, &hidden, &implied)
+            Hidden::for_merge(&lower, &hidden, &implied).map(|_| ())
         };
         reach(b"husr/bin/x\0hbin\0hmissing/x\0", b"usr\0new/dir\0").unwrap();
         for (records, implied_dirs, target) in [

@@ -21,7 +21,7 @@ use std::path::Path;
 use crate::apply::{Inodes, Whiteouts};
 use crate::hidden::{self, Hidden};
 use crate::metastore::{Record, Snapshot};
-use crate::snapshots::{Layout, bind, make_dir};
+use crate::snapshots::{Layout, Merge, bind, make_dir};
 use crate::{Error, Kind, Mount, UNPACK_LABEL};
 use crate::{copy, implicit};
 
@@ -90,16 +90,15 @@ impl Layout for NativeLayout {
     /// gives the directories the layer only implied the parent's attributes (unless what
     /// the parent had there is hidden, when they stay as the layer made them). A layer
     /// whose paths run through a symlink or file of the parent needs the parent's tree
-    /// under it and is refused before anything changes.
-    fn rebase_onto(&self, dir: &Path, parent: &Path) -> Result<(), Error> {
-        let fs = dir.join("fs");
+    /// under it and is refused here, before anything changes.
+    fn rebase_onto(&self, dir: &Path, parent: &Path) -> Result<Option<Merge>, Error> {
         let (hidden_list, implied_list) = (dir.join(hidden::FILE), dir.join(implicit::FILE));
-        hidden::check_reach(parent, &hidden_list, &implied_list)?;
-        let hidden = Hidden::load(&hidden_list)?;
-        copy::merge_tree(parent, &fs, &hidden)?;
-        implicit::copy_up_where(&fs, &implied_list, &[parent.to_path_buf()], |rel| {
-            !hidden.covers(rel)
-        })
+        let hidden = Hidden::for_merge(parent, &hidden_list, &implied_list)?;
+        let (fs, parent) = (dir.join("fs"), parent.to_path_buf());
+        Ok(Some(Box::new(move || {
+            copy::merge_tree(&parent, &fs, &hidden)?;
+            implicit::copy_up_where(&fs, &implied_list, &[parent], |rel| !hidden.covers(rel))
+        })))
     }
 
     /// A layer committed without a parent has nothing to merge: its lists go. (After a

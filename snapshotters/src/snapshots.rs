@@ -24,8 +24,12 @@ use crate::{
     ApplyStats, Backend, Error, Finding, Info, Kind, Mount, Snapshotter, Usage, fsutil, hidden,
 };
 
-/// Present in the directory of an Active snapshot whose rebase failed part way.
-const REBASE_FAILED: &str = "rebase-failed";
+/// Beside the `fs` of an Active snapshot whose tree a rebase changes: `started <id> <key>`
+/// from before the change, `merged <id> <key>` once it is done, naming the parent.
+const REBASE_MARK: &str = "rebase";
+
+/// The change a rebase makes to an Active snapshot's tree, checked and ready to run.
+pub(crate) type Merge = Box<dyn FnOnce() -> Result<(), Error>>;
 
 /// What one backend decides.
 pub(crate) trait Layout: Send + Sync {
@@ -60,17 +64,16 @@ pub(crate) trait Layout: Send + Sync {
         Ok(())
     }
 
-    /// Runs before the commit transaction of `dir`, an Active snapshot prepared without a
-    /// parent, onto the committed parent whose tree is `parent`: work too long to hold the
-    /// database's one writer for. After it succeeded, running it again (the transaction
-    /// failed, the commit is retried) changes nothing; after it failed other than with
-    /// [`LayerError::NeedsParent`](crate::LayerError::NeedsParent), the snapshot is
-    /// refused any further rebase.
-    fn rebase_onto(&self, _dir: &Path, _parent: &Path) -> Result<(), Error> {
-        Ok(())
+    /// Checks, before the commit transaction of `dir`, an Active snapshot prepared without a
+    /// parent, that it can be rebased onto the committed parent whose tree is `parent`,
+    /// without changing anything. Returns the change to its tree the rebase needs, if any:
+    /// work too long to hold the database's one writer for, run next.
+    fn rebase_onto(&self, _dir: &Path, _parent: &Path) -> Result<Option<Merge>, Error> {
+        Ok(None)
     }
 
-    /// Runs once the commit transaction of a rebase through [`Layout::rebase_onto`] is in.
+    /// Runs once the commit transaction of a rebase whose [`Layout::rebase_onto`] changed
+    /// the tree is in.
     fn rebased(&self, _dir: &Path) -> Result<(), Error> {
         Ok(())
     }
@@ -346,53 +349,100 @@ impl Snapshots {
         Ok(broken)
     }
 
-    /// The part of a rebase of `key` onto `parent` that runs before the commit transaction,
-    /// once both are found fit for it (the transaction checks them again). Returns the
-    /// snapshot's directory, claimed until the commit is done, if there was a rebase.
-    fn rebase_onto(&self, key: &str, parent: &str) -> Result<Option<PathBuf>, Error> {
+    /// The part of a commit of `key` that runs before its transaction, once `key` and
+    /// `parent` are found fit for it (the transaction checks them again): the merge of a
+    /// rebase. Returns the snapshot's directory, claimed until the commit is done, when
+    /// its tree may have been merged.
+    fn before_commit(&self, key: &str, parent: Option<&str>) -> Result<Option<PathBuf>, Error> {
         let (record, parent_record) = self.store.read(key, |r| {
             let record = r.get(key)?;
-            Ok((record, r.committed_parent(parent)?))
+            let parent_record = parent.map(|p| r.committed_parent(p)).transpose()?;
+            Ok((record, parent_record))
         })?;
         if record.kind != Kind::Active || record.parent.is_some() {
             return Ok(None);
         }
-        self.check_rebase(key, &record, Some(parent))?;
-        let dir = self.dir(record.id);
-        let refused = |reason: &str| Error::FailedPrecondition {
-            key: key.to_owned(),
-            reason: reason.to_owned(),
-        };
-        if !self.try_claim(&dir) {
-            return Err(refused("another commit or the removal of it is under way"));
+        self.check_rebase(key, &record, parent)?;
+        if !self.layout.rebase() {
+            return Ok(None);
         }
-        let failed_marker = dir.join(REBASE_FAILED);
-        let rebased = match failed_marker.try_exists() {
-            Ok(true) => Err(refused(
-                "an earlier rebase of it failed part way; remove it",
-            )),
-            Ok(false) => self
-                .layout
-                .rebase_onto(&dir, &self.fs_dir(parent_record.id)),
-            Err(e) => Err(Error::io("inspect", &failed_marker)(e)),
-        };
-        match rebased {
+        let dir = self.dir(record.id);
+        if !self.try_claim(&dir) {
+            return Err(Error::FailedPrecondition {
+                key: key.to_owned(),
+                reason: "another commit or the removal of it is under way".to_owned(),
+            });
+        }
+        let onto = parent.zip(parent_record.as_ref());
+        match self.merge_for_commit(key, &dir, onto.map(|(p, r)| (p, r.id))) {
             Ok(()) => Ok(Some(dir)),
             Err(error) => {
-                let refused_before_any_change = matches!(
-                    error,
-                    Error::FailedPrecondition { .. }
-                        | Error::Layer {
-                            reason: crate::LayerError::NeedsParent { .. },
-                            ..
-                        }
-                );
-                if !refused_before_any_change && let Err(e) = fs::File::create(&failed_marker) {
-                    tracing::warn!(path = %failed_marker.display(), error = %e, "marking a failed rebase");
-                }
                 self.filled(&dir);
                 Err(error)
             }
+        }
+    }
+
+    /// Merges the tree of `key`, whose directory is `dir`, onto the committed parent
+    /// `onto` (key and id) if the rebase needs it and it is not done yet. The mark written
+    /// before the merge refuses, from then on, a commit onto any other parent or none, and
+    /// every commit once a merge stopped part way.
+    fn merge_for_commit(
+        &self,
+        key: &str,
+        dir: &Path,
+        onto: Option<(&str, u64)>,
+    ) -> Result<(), Error> {
+        let mark_path = dir.join(REBASE_MARK);
+        let refused = |reason: String| Error::FailedPrecondition {
+            key: key.to_owned(),
+            reason,
+        };
+        let mark = match fs::read_to_string(&mark_path) {
+            Ok(text) => Some(text),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(Error::io("read", &mark_path)(e)),
+        };
+        let Some(mark) = mark else {
+            let Some((parent, id)) = onto else {
+                return Ok(());
+            };
+            let Some(merge) = self.layout.rebase_onto(dir, &self.fs_dir(id))? else {
+                return Ok(());
+            };
+            let write = |state: &str| {
+                fs::write(&mark_path, format!("{state} {id} {parent}"))
+                    .map_err(Error::io("write", &mark_path))
+            };
+            write("started")?;
+            merge()?;
+            return write("merged");
+        };
+        let mut fields = mark.splitn(3, ' ');
+        let (state, id, parent) = (fields.next(), fields.next(), fields.next().unwrap_or("?"));
+        let merged_onto = id.and_then(|id| id.parse::<u64>().ok());
+        match (state, merged_onto, onto) {
+            (Some("merged"), Some(merged), Some((_, id))) if merged == id => Ok(()),
+            (Some("merged"), Some(_), _) => Err(refused(format!(
+                "its tree was merged onto the parent {parent:?}; commit it onto that parent or remove it"
+            ))),
+            _ => Err(refused(format!(
+                "a merge of its tree onto the parent {parent:?} stopped part way; remove it"
+            ))),
+        }
+    }
+
+    /// Tidies up after the commit of a snapshot whose tree was merged; what is left only
+    /// takes space.
+    fn after_commit(&self, dir: &Path) {
+        let mark = dir.join(REBASE_MARK);
+        if let Err(error) = fs::remove_file(&mark)
+            && error.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %mark.display(), %error, "removing a rebase mark");
+        }
+        if let Err(error) = self.layout.rebased(dir) {
+            tracing::warn!(dir = %dir.display(), %error, "tidying up after a rebase");
         }
     }
 
@@ -436,32 +486,35 @@ impl Snapshotter for Snapshots {
         parent: Option<&str>,
         labels: BTreeMap<String, String>,
     ) -> Result<(), Error> {
-        let rebasing = match parent {
-            Some(parent) => self.rebase_onto(key, parent)?,
-            None => None,
-        };
+        let merged = self.before_commit(key, parent)?;
         let committed = self.store.write(key, |tx| {
             let record = tx.get(key)?;
             self.check_rebase(key, &record, parent)?;
             let snapshot = tx.commit(key, name, parent, labels)?;
             self.layout.committed(&self.snapshots, &record, &snapshot)
         });
-        let Some(dir) = rebasing else {
-            return committed;
-        };
-        let rebased = committed.and_then(|()| self.layout.rebased(&dir));
-        self.filled(&dir);
-        rebased
+        if let Some(dir) = merged {
+            if committed.is_ok() {
+                self.after_commit(&dir);
+            }
+            self.filled(&dir);
+        }
+        committed
     }
 
     fn remove(&self, key: &str) -> Result<(), Error> {
         let mut claimed = None;
         let removed = self.store.write(key, |tx| {
-            let record = tx.remove(key)?;
+            let record = tx.get(key)?;
             let dir = self.dir(record.id);
-            self.claim(&dir);
+            if !self.try_claim(&dir) {
+                return Err(Error::FailedPrecondition {
+                    key: key.to_owned(),
+                    reason: "a commit of it is under way".to_owned(),
+                });
+            }
             claimed = Some(dir);
-            Ok(record)
+            tx.remove(key)
         });
         match removed {
             Ok(record) => self.delete_dir(record.id),

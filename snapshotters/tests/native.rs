@@ -266,6 +266,18 @@ fn paths_through_the_parents_symlinks_or_files_refuse_the_merge() {
             "layer {i}: {err}"
         );
         assert_eq!(env.sn.stat(&key).unwrap().kind, snapshotters::Kind::Active);
+        // Nothing changed, so nothing is marked: the same refusal again.
+        let again = env.sn.commit("2", &key, Some("1"), unpack("2"));
+        assert!(
+            matches!(
+                again,
+                Err(snapshotters::Error::Layer {
+                    reason: LayerError::NeedsParent { .. },
+                    ..
+                })
+            ),
+            "layer {i}: {again:?}"
+        );
         env.sn.remove(&key).unwrap();
     }
     // Onto a copy of the parent, they go through.
@@ -355,4 +367,121 @@ fn merged_layers_give_the_tree_of_layers_applied_onto_their_parents() {
     assert_eq!(on_parents.diff_with(&merged, options), Vec::<String>::new());
     assert_eq!(merged.diff_with(&on_parents, options), Vec::<String>::new());
     assert_eq!(on_parents.nodes.len(), merged.nodes.len());
+}
+
+/// A whiteout or opaque directory through a symlink the layer itself holds hides what
+/// lies where the symlink leads, which only the parent's tree shows: applying the layer
+/// alone refuses it, and applied onto its parent it hides the right entry.
+#[test]
+fn whiteouts_through_the_layers_own_symlink_need_the_parent() {
+    let env = Env::new(native);
+    let base = Tar::new()
+        .dir("usr/", 0o755)
+        .dir("usr/lib/", 0o755)
+        .file("usr/lib/x", b"x", 0o644)
+        .file("usr/lib/y", b"y", 0o644)
+        .build();
+    env.layer("1", None, &base);
+    let layers = [
+        Tar::new()
+            .symlink("lib", "usr/lib")
+            .file("lib/.wh.x", b"", 0o644)
+            .build(),
+        Tar::new()
+            .symlink("lib", "usr/lib")
+            .file("lib/.wh..wh..opq", b"", 0o644)
+            .build(),
+    ];
+    for layer in &layers {
+        match env.apply_err(layer) {
+            LayerError::NeedsParent { target } => assert_eq!(target, "lib"),
+            other => panic!("expected NeedsParent, got {other}"),
+        }
+    }
+    env.layer("2", Some("1"), &layers[0]);
+    assert_eq!(env.view("2").list("usr/lib"), ["y"]);
+    env.layer("3", Some("1"), &layers[1]);
+    assert!(env.view("3").list("usr/lib").is_empty());
+}
+
+/// Once a commit merged a layer's tree onto a parent, only a commit onto that same parent
+/// may follow (its transaction failed: the name was taken), and it merges nothing twice.
+#[test]
+fn a_merged_tree_commits_only_onto_the_parent_it_was_merged_onto() {
+    let env = Env::new(native);
+    env.layer("1", None, &Tar::new().file("below", b"b", 0o644).build());
+    env.layer(
+        "other",
+        None,
+        &Tar::new().file("elsewhere", b"e", 0o644).build(),
+    );
+    let key = "extract 2";
+    env.sn.prepare(key, None, unpack("2")).unwrap();
+    env.apply(key, &Tar::new().file("above", b"a", 0o644).build())
+        .unwrap();
+    assert!(matches!(
+        env.sn.commit("other", key, Some("1"), unpack("2")),
+        Err(snapshotters::Error::AlreadyExists { .. })
+    ));
+    for parent in [Some("other"), None] {
+        let err = env.sn.commit("2", key, parent, unpack("2")).unwrap_err();
+        assert!(
+            matches!(&err, snapshotters::Error::FailedPrecondition { key: k, .. } if k == key),
+            "{parent:?}: {err}"
+        );
+        assert!(err.to_string().contains("\"1\""), "{err}");
+    }
+    env.sn.commit("2", key, Some("1"), unpack("2")).unwrap();
+    assert_eq!(env.view("2").list(""), ["above", "below"]);
+}
+
+/// A merge that stopped part way (here: the layer's directory is immutable, so nothing
+/// can be linked into it) leaves a tree that is neither the layer nor the layer on its
+/// parent: every later commit is refused, and the snapshot can only be removed.
+#[test]
+fn a_merge_that_stopped_part_way_refuses_every_commit() {
+    let env = Env::new(native);
+    let base = Tar::new()
+        .dir("d/", 0o755)
+        .file("d/from-parent", b"p", 0o644)
+        .build();
+    env.layer("1", None, &base);
+    let key = "extract 2";
+    let mounts = env.sn.prepare(key, None, unpack("2")).unwrap();
+    env.apply(
+        key,
+        &Tar::new()
+            .dir("d/", 0o755)
+            .file("d/own", b"o", 0o644)
+            .build(),
+    )
+    .unwrap();
+    let active = Mounted::new(&mounts);
+    let immutable = |on: bool| {
+        let dir = fs::File::open(active.path("d")).unwrap();
+        let flags = rustix::fs::ioctl_getflags(&dir).unwrap();
+        let flags = match on {
+            true => flags | rustix::fs::IFlags::IMMUTABLE,
+            false => flags - rustix::fs::IFlags::IMMUTABLE,
+        };
+        rustix::fs::ioctl_setflags(&dir, flags).unwrap();
+    };
+    immutable(true);
+    let failed = env.sn.commit("2", key, Some("1"), unpack("2"));
+    immutable(false);
+    assert!(
+        matches!(failed, Err(snapshotters::Error::Io { .. })),
+        "{failed:?}"
+    );
+    for parent in [Some("1"), None] {
+        let err = env.sn.commit("2", key, parent, unpack("2")).unwrap_err();
+        assert!(
+            matches!(&err, snapshotters::Error::FailedPrecondition { .. }),
+            "{parent:?}: {err}"
+        );
+        assert!(err.to_string().contains("part way"), "{err}");
+    }
+    drop(active);
+    env.sn.remove(key).unwrap();
+    assert!(env.sn.stat(key).is_err());
 }
