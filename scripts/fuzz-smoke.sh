@@ -117,17 +117,19 @@ printf 'unknown_key = 1\n[registry]\nconfig_path = 7\n' | seed config_file unkno
 
 # layer_tar: layers tar writes in each format, whiteouts, links, a fifo, and escape attempts.
 tree="$work/tree"
-mkdir -p "$tree/etc/ssl" "$tree/usr/bin" "$tree/gone/sub" "$tree/esc"
+mkdir -p "$tree/etc/ssl" "$tree/usr/bin" "$tree/gone/sub" "$tree/esc" "$tree/wh"
 printf 'root:x:0:0:root:/root:/bin/sh\n' >"$tree/etc/passwd"
 printf 'hello\n' >"$tree/usr/bin/tool"
 ln -s /usr/bin "$tree/bin"
 ln "$tree/usr/bin/tool" "$tree/usr/bin/tool-link"
 mkfifo "$tree/fifo"
-touch "$tree/.wh.removed" "$tree/gone/.wh..wh..opq" "$tree/esc/x"
+touch "$tree/.wh.removed" "$tree/gone/.wh..wh..opq" "$tree/esc/x" "$tree/wh/.wh.tool" "$tree/wh/.wh..wh..opq"
 ln -s ../../../../sentinel "$tree/up"
 for format in gnu ustar pax; do
-  tar -c -C "$tree" --format=$format --owner=0 --group=0 --exclude=esc --exclude=up . | seed layer_tar "tree-$format"
+  tar -c -C "$tree" --format=$format --owner=0 --group=0 --exclude=esc --exclude=up --exclude=wh . | seed layer_tar "tree-$format"
 done
+# Whiteouts through the layer's own symlink.
+tar -c -C "$tree" --format=pax --no-recursion --transform 's,^wh,bin,' bin wh/.wh.tool wh/.wh..wh..opq | seed layer_tar whiteout-through-own-symlink
 # A symlink that points out of the layer, then a file written through it, then `..` names.
 tar -c -C "$tree" --format=pax --no-recursion --transform 's,^esc,up,' up esc/x | seed layer_tar escape-symlink
 tar -c -C "$tree" --format=gnu --absolute-names --no-recursion --transform 's,^esc,../../../../sentinel,' esc esc/x | seed layer_tar escape-dotdot
