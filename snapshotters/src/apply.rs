@@ -377,24 +377,21 @@ impl Layer {
     /// With [`Whiteouts::Record`]: lists `parent/target` as hidden, or `parent` as opaque
     /// without a target. An opaque directory is created if the layer has not, as a copy
     /// of the parent would have it; a whiteout creates nothing. A `parent` that runs
-    /// through a symlink of the layer's own is refused as needing the parent's tree: what
-    /// it hides lies where the symlink leads, which the list cannot follow.
+    /// through a symlink of the layer's own is listed as such instead: what it hides lies
+    /// where the symlink leads, which only the parent's tree shows.
     fn record(&mut self, parent: &[u8], target: Option<&[u8]>) -> Result<(), LayerError> {
         let components: Vec<&[u8]> = parent.split(|b| *b == b'/').collect();
-        if hidden::through_non_directory(&self.root, &components)
+        let through_symlink = hidden::first_non_directory(&self.root, &components)
             .map_err(io_error("inspect whiteout directory"))?
-        {
-            return Err(LayerError::NeedsParent {
-                target: String::from_utf8_lossy(parent).into_owned(),
-            });
+            == Some(FileType::Symlink);
+        if target.is_none() {
+            open_dir(&self.root, parent, Missing::Create)
+                .map_err(io_error("open opaque directory"))?;
         }
         let recorded = match target {
+            _ if through_symlink => self.recorder().through_symlink(parent),
             Some(target) => self.recorder().hide(&join(parent, target)),
-            None => {
-                open_dir(&self.root, parent, Missing::Create)
-                    .map_err(io_error("open opaque directory"))?;
-                self.recorder().opaque(parent)
-            }
+            None => self.recorder().opaque(parent),
         };
         recorded.map_err(io_error("record whiteout"))
     }

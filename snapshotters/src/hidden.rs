@@ -13,7 +13,8 @@ use std::hash::{BuildHasher, RandomState};
 use std::io::{self, BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use rustix::fs::{Mode, OFlags};
+use rustix::fd::{AsFd, OwnedFd};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use rustix::io::Errno;
 
 use crate::{Error, LayerError};
@@ -23,6 +24,7 @@ pub(crate) const FILE: &str = "hidden";
 
 const HIDE: u8 = b'h';
 const OPAQUE: u8 = b'o';
+const THROUGH_SYMLINK: u8 = b's';
 
 /// Writes the list of one layer application; the file appears with the first record.
 pub(crate) struct Recorder {
@@ -43,6 +45,13 @@ impl Recorder {
     /// The lower layers' entries of the directory `path` are hidden, its own stay.
     pub(crate) fn opaque(&mut self, path: &[u8]) -> io::Result<()> {
         self.record(OPAQUE, path)
+    }
+
+    /// A whiteout in the directory `path` runs through a symlink of the layer's own: what
+    /// it hides lies where the symlink leads, which only the parent's tree shows, so the
+    /// layer cannot be merged onto a parent.
+    pub(crate) fn through_symlink(&mut self, path: &[u8]) -> io::Result<()> {
+        self.record(THROUGH_SYMLINK, path)
     }
 
     fn record(&mut self, tag: u8, path: &[u8]) -> io::Result<()> {
@@ -90,6 +99,9 @@ impl Hidden {
             hasher: RandomState::new(),
         };
         for_each_record(hidden_list, |tag, path| {
+            if tag == THROUGH_SYMLINK {
+                return Err(needs_parent(path));
+            }
             // A whiteout's last component may be anything; an opaque directory is entered.
             reach.check(path, tag == OPAQUE)?;
             let hash = loaded.hasher.hash_one(path);
@@ -140,7 +152,7 @@ impl Hidden {
 /// non-directory.
 struct Reach<'a> {
     tree: &'a Path,
-    root: rustix::fd::OwnedFd,
+    root: OwnedFd,
 }
 
 impl<'a> Reach<'a> {
@@ -159,38 +171,46 @@ impl<'a> Reach<'a> {
     fn check(&self, path: &[u8], whole: bool) -> Result<(), Error> {
         let components: Vec<&[u8]> = path.split(|b| *b == b'/').collect();
         let upto = components.len() - usize::from(!whole);
-        let lossy = || String::from_utf8_lossy(path).into_owned();
-        match through_non_directory(&self.root, &components[..upto]) {
-            Ok(false) => Ok(()),
-            Ok(true) => Err(Error::Layer {
-                path: lossy(),
-                reason: LayerError::NeedsParent { target: lossy() },
-            }),
-            Err(e) => Err(Error::io("inspect", self.tree.join(lossy()))(e)),
+        match first_non_directory(&self.root, &components[..upto]) {
+            Ok(None) => Ok(()),
+            Ok(Some(_)) => Err(needs_parent(path)),
+            Err(e) => Err(Error::io(
+                "inspect",
+                self.tree.join(String::from_utf8_lossy(path).as_ref()),
+            )(e)),
         }
     }
 }
 
-/// Whether `components`, followed from `root`, meet something that is not a directory
-/// before they run out or reach a name that does not exist.
-pub(crate) fn through_non_directory(
-    root: &impl rustix::fd::AsFd,
+fn needs_parent(path: &[u8]) -> Error {
+    let lossy = String::from_utf8_lossy(path).into_owned();
+    Error::Layer {
+        path: lossy.clone(),
+        reason: LayerError::NeedsParent { target: lossy },
+    }
+}
+
+/// The type of the first thing that is not a directory that `components`, followed from
+/// `root`, meet before they run out or reach a name that does not exist.
+pub(crate) fn first_non_directory(
+    root: &impl AsFd,
     components: &[&[u8]],
-) -> io::Result<bool> {
+) -> io::Result<Option<FileType>> {
     let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    let mut dir: Option<rustix::fd::OwnedFd> = None;
+    let mut dir: Option<OwnedFd> = None;
     for name in components.iter().filter(|name| !name.is_empty()) {
-        let at = dir
-            .as_ref()
-            .map_or(root.as_fd(), |d| rustix::fd::AsFd::as_fd(d));
+        let at = dir.as_ref().map_or(root.as_fd(), AsFd::as_fd);
         match rustix::fs::openat(at, *name, flags, Mode::empty()) {
             Ok(next) => dir = Some(next),
-            Err(Errno::NOENT) => return Ok(false),
-            Err(Errno::NOTDIR | Errno::LOOP) => return Ok(true),
+            Err(Errno::NOENT) => return Ok(None),
+            Err(Errno::NOTDIR | Errno::LOOP) => {
+                let stat = rustix::fs::statat(at, *name, AtFlags::SYMLINK_NOFOLLOW)?;
+                return Ok(Some(FileType::from_raw_mode(stat.st_mode)));
+            }
             Err(e) => return Err(e.into()),
         }
     }
-    Ok(false)
+    Ok(None)
 }
 
 /// Calls `f` with each record's tag and path, reading the list as a stream; a missing list
@@ -200,7 +220,7 @@ fn for_each_record(
     mut f: impl FnMut(u8, &[u8]) -> Result<(), Error>,
 ) -> Result<(), Error> {
     for_each_path(path, |record| match record.split_first() {
-        Some((&tag, rest)) if tag == HIDE || tag == OPAQUE => f(tag, rest),
+        Some((&tag, rest)) if [HIDE, OPAQUE, THROUGH_SYMLINK].contains(&tag) => f(tag, rest),
         _ => Err(Error::io("read", path)(io::Error::new(
             io::ErrorKind::InvalidData,
             format!("unknown record {:?}", String::from_utf8_lossy(record)),
@@ -330,6 +350,7 @@ mod tests {
             (b"hfile/x\0", b"", "file/x"),
             (b"", b"usr\0bin\0", "bin"),
             (b"", b"file/sub\0", "file/sub"),
+            (b"hmissing/x\0slib\0", b"", "lib"),
         ] {
             match reach(records, implied_dirs) {
                 Err(Error::Layer {

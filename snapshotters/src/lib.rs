@@ -23,6 +23,7 @@ mod implicit;
 mod metastore;
 mod native;
 mod overlayfs;
+mod rebase;
 mod snapshots;
 
 use std::collections::BTreeMap;

@@ -101,23 +101,15 @@ impl Layout for NativeLayout {
         })))
     }
 
-    /// A layer committed without a parent has nothing to merge: its lists go. (After a
-    /// merge, the implied directories' list is gone already and the whiteouts' goes once
-    /// the commit is in, [`Layout::rebased`].)
-    fn committed(
-        &self,
-        snapshots: &Path,
-        before: &Record,
-        snapshot: &Snapshot,
-    ) -> Result<(), Error> {
-        let dir = snapshots.join(before.id.to_string());
-        if snapshot.parent_ids.is_empty() {
-            hidden::remove(&dir.join(hidden::FILE))?;
-        }
-        implicit::copy_up(&dir.join("fs"), &dir.join(implicit::FILE), &[])
+    /// Nothing to do in the transaction: the lists a layer applied alone keeps go once the
+    /// commit is in ([`Layout::tidy`]), so a failed transaction leaves them for a retry.
+    fn committed(&self, _: &Path, _: &Record, _: &Snapshot) -> Result<(), Error> {
+        Ok(())
     }
 
-    fn rebased(&self, dir: &Path) -> Result<(), Error> {
-        hidden::remove(&dir.join(hidden::FILE))
+    /// The whiteouts' list, and the implied directories' when no merge used it up.
+    fn tidy(&self, dir: &Path) -> Result<(), Error> {
+        hidden::remove(&dir.join(hidden::FILE))?;
+        hidden::remove(&dir.join(implicit::FILE))
     }
 }

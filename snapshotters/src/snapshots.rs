@@ -22,11 +22,8 @@ use crate::apply::{self, ApplyLimits, Inodes, Whiteouts};
 use crate::metastore::{MetaStore, Record, Snapshot};
 use crate::{
     ApplyStats, Backend, Error, Finding, Info, Kind, Mount, Snapshotter, Usage, fsutil, hidden,
+    rebase,
 };
-
-/// Beside the `fs` of an Active snapshot whose tree a rebase changes: `started <id> <key>`
-/// from before the change, `merged <id> <key>` once it is done, naming the parent.
-const REBASE_MARK: &str = "rebase";
 
 /// The change a rebase makes to an Active snapshot's tree, checked and ready to run.
 pub(crate) type Merge = Box<dyn FnOnce() -> Result<(), Error>>;
@@ -72,9 +69,9 @@ pub(crate) trait Layout: Send + Sync {
         Ok(None)
     }
 
-    /// Runs once the commit transaction of a rebase whose [`Layout::rebase_onto`] changed
-    /// the tree is in.
-    fn rebased(&self, _dir: &Path) -> Result<(), Error> {
+    /// Tidies `dir` once the commit of an Active snapshot prepared without a parent is in;
+    /// what it leaves only takes space.
+    fn tidy(&self, _dir: &Path) -> Result<(), Error> {
         Ok(())
     }
 
@@ -95,6 +92,21 @@ pub(crate) trait Layout: Send + Sync {
     /// Removes a snapshot's directory, or a leftover one, with everything in it.
     fn remove(&self, dir: &Path) -> io::Result<()> {
         fsutil::remove_path(dir)
+    }
+}
+
+/// A snapshot prepared without a parent that a commit holds.
+struct Held {
+    /// Its directory, claimed.
+    dir: PathBuf,
+    /// The id of the parent its tree was merged onto, if it was.
+    merged_onto: Option<u64>,
+}
+
+fn refused(key: &str, reason: &str) -> Error {
+    Error::FailedPrecondition {
+        key: key.to_owned(),
+        reason: reason.to_owned(),
     }
 }
 
@@ -349,16 +361,11 @@ impl Snapshots {
         Ok(broken)
     }
 
-    /// The part of a commit of `key` that runs before its transaction, once `key` and
-    /// `parent` are found fit for it (the transaction checks them again): the merge of a
-    /// rebase. Returns the snapshot's directory, claimed until the commit is done, when
-    /// its tree may have been merged.
-    fn before_commit(&self, key: &str, parent: Option<&str>) -> Result<Option<PathBuf>, Error> {
-        let (record, parent_record) = self.store.read(key, |r| {
-            let record = r.get(key)?;
-            let parent_record = parent.map(|p| r.committed_parent(p)).transpose()?;
-            Ok((record, parent_record))
-        })?;
+    /// The part of a commit of `key` onto `parent` that runs before its transaction, for
+    /// a snapshot prepared without a parent where the layout can rebase: the merge, if the
+    /// rebase needs one. Returns the snapshot held (claimed) until the commit is done.
+    fn before_commit(&self, key: &str, parent: Option<&str>) -> Result<Option<Held>, Error> {
+        let record = self.store.read(key, |r| r.get(key))?;
         if record.kind != Kind::Active || record.parent.is_some() {
             return Ok(None);
         }
@@ -368,14 +375,13 @@ impl Snapshots {
         }
         let dir = self.dir(record.id);
         if !self.try_claim(&dir) {
-            return Err(Error::FailedPrecondition {
-                key: key.to_owned(),
-                reason: "another commit or the removal of it is under way".to_owned(),
-            });
+            return Err(refused(
+                key,
+                "another commit or the removal of it is under way",
+            ));
         }
-        let onto = parent.zip(parent_record.as_ref());
-        match self.merge_for_commit(key, &dir, onto.map(|(p, r)| (p, r.id))) {
-            Ok(()) => Ok(Some(dir)),
+        match self.merge_held(key, record.id, parent) {
+            Ok(merged_onto) => Ok(Some(Held { dir, merged_onto })),
             Err(error) => {
                 self.filled(&dir);
                 Err(error)
@@ -383,66 +389,65 @@ impl Snapshots {
         }
     }
 
-    /// Merges the tree of `key`, whose directory is `dir`, onto the committed parent
-    /// `onto` (key and id) if the rebase needs it and it is not done yet. The mark written
-    /// before the merge refuses, from then on, a commit onto any other parent or none, and
-    /// every commit once a merge stopped part way.
-    fn merge_for_commit(
-        &self,
-        key: &str,
-        dir: &Path,
-        onto: Option<(&str, u64)>,
-    ) -> Result<(), Error> {
-        let mark_path = dir.join(REBASE_MARK);
-        let refused = |reason: String| Error::FailedPrecondition {
-            key: key.to_owned(),
-            reason,
-        };
-        let mark = match fs::read_to_string(&mark_path) {
-            Ok(text) => Some(text),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-            Err(e) => return Err(Error::io("read", &mark_path)(e)),
-        };
-        let Some(mark) = mark else {
-            let Some((parent, id)) = onto else {
-                return Ok(());
-            };
-            let Some(merge) = self.layout.rebase_onto(dir, &self.fs_dir(id))? else {
-                return Ok(());
-            };
-            let write = |state: &str| {
-                fs::write(&mark_path, format!("{state} {id} {parent}"))
-                    .map_err(Error::io("write", &mark_path))
-            };
-            write("started")?;
-            merge()?;
-            return write("merged");
-        };
-        let mut fields = mark.splitn(3, ' ');
-        let (state, id, parent) = (fields.next(), fields.next(), fields.next().unwrap_or("?"));
-        let merged_onto = id.and_then(|id| id.parse::<u64>().ok());
-        match (state, merged_onto, onto) {
-            (Some("merged"), Some(merged), Some((_, id))) if merged == id => Ok(()),
-            (Some("merged"), Some(_), _) => Err(refused(format!(
-                "its tree was merged onto the parent {parent:?}; commit it onto that parent or remove it"
-            ))),
-            _ => Err(refused(format!(
-                "a merge of its tree onto the parent {parent:?} stopped part way; remove it"
-            ))),
+    /// Merges the tree of `key`, claimed with the id it had when read, onto the committed
+    /// `parent` if the rebase needs it and it is not done yet; returns the id of the parent
+    /// it is merged onto. The mark written before the merge refuses, from then on, a
+    /// commit onto any other parent or none, and every commit once a merge stopped part
+    /// way.
+    fn merge_held(&self, key: &str, id: u64, parent: Option<&str>) -> Result<Option<u64>, Error> {
+        // Read again under the claim, which removal needs: the record stays this one now.
+        let parent_id = self.store.read(key, |r| {
+            if r.get(key)?.id != id {
+                return Err(refused(key, "it was removed and prepared again meanwhile"));
+            }
+            parent
+                .map(|p| r.committed_parent(p).map(|record| record.id))
+                .transpose()
+        })?;
+        let dir = self.dir(id);
+        match (rebase::read(&dir)?, parent.zip(parent_id)) {
+            (None, None) => Ok(None),
+            (None, Some((parent, parent_id))) => {
+                let Some(merge) = self.layout.rebase_onto(&dir, &self.fs_dir(parent_id))? else {
+                    return Ok(None);
+                };
+                let onto = || rebase::Onto {
+                    id: parent_id,
+                    key: parent.to_owned(),
+                };
+                rebase::write(&dir, &rebase::Mark::Started(onto()))?;
+                merge()?;
+                rebase::write(&dir, &rebase::Mark::Merged(onto()))?;
+                Ok(Some(parent_id))
+            }
+            (Some(rebase::Mark::Merged(onto)), Some((_, parent_id))) if onto.id == parent_id => {
+                Ok(Some(parent_id))
+            }
+            (Some(rebase::Mark::Merged(onto)), _) => Err(refused(
+                key,
+                &format!(
+                    "its tree was merged onto the parent {:?}; commit it onto that parent or remove it",
+                    onto.key
+                ),
+            )),
+            (Some(rebase::Mark::Started(onto)), _) => Err(refused(
+                key,
+                &format!(
+                    "a merge of its tree onto the parent {:?} stopped part way; remove it",
+                    onto.key
+                ),
+            )),
         }
     }
 
-    /// Tidies up after the commit of a snapshot whose tree was merged; what is left only
-    /// takes space.
+    /// Tidies up after the commit of a snapshot prepared without a parent; what is left
+    /// only takes space.
     fn after_commit(&self, dir: &Path) {
-        let mark = dir.join(REBASE_MARK);
-        if let Err(error) = fs::remove_file(&mark)
-            && error.kind() != io::ErrorKind::NotFound
-        {
-            tracing::warn!(path = %mark.display(), %error, "removing a rebase mark");
+        if let Err((path, error)) = rebase::remove(dir) {
+            tracing::warn!(path = %path.display(), %error, "removing a rebase mark");
         }
-        if let Err(error) = self.layout.rebased(dir) {
-            tracing::warn!(dir = %dir.display(), %error, "tidying up after a rebase");
+        if let Err(error) = self.layout.tidy(dir) {
+            tracing::warn!(dir = %dir.display(), %error, "tidying up after a commit");
         }
     }
 
@@ -486,18 +491,28 @@ impl Snapshotter for Snapshots {
         parent: Option<&str>,
         labels: BTreeMap<String, String>,
     ) -> Result<(), Error> {
-        let merged = self.before_commit(key, parent)?;
+        let held = self.before_commit(key, parent)?;
+        let merged_onto = held.as_ref().and_then(|held| held.merged_onto);
         let committed = self.store.write(key, |tx| {
             let record = tx.get(key)?;
             self.check_rebase(key, &record, parent)?;
             let snapshot = tx.commit(key, name, parent, labels)?;
+            if merged_onto.is_some() && snapshot.parent_ids.first() != merged_onto.as_ref() {
+                return Err(refused(
+                    key,
+                    &format!(
+                        "its parent {:?} was replaced while its tree was merged onto it",
+                        parent.unwrap_or_default()
+                    ),
+                ));
+            }
             self.layout.committed(&self.snapshots, &record, &snapshot)
         });
-        if let Some(dir) = merged {
+        if let Some(held) = held {
             if committed.is_ok() {
-                self.after_commit(&dir);
+                self.after_commit(&held.dir);
             }
-            self.filled(&dir);
+            self.filled(&held.dir);
         }
         committed
     }
@@ -508,10 +523,7 @@ impl Snapshotter for Snapshots {
             let record = tx.get(key)?;
             let dir = self.dir(record.id);
             if !self.try_claim(&dir) {
-                return Err(Error::FailedPrecondition {
-                    key: key.to_owned(),
-                    reason: "a commit of it is under way".to_owned(),
-                });
+                return Err(refused(key, "a commit of it is under way"));
             }
             claimed = Some(dir);
             tx.remove(key)
@@ -584,6 +596,12 @@ impl Snapshotter for Snapshots {
             });
         }
         let dir = self.dir(record.id);
+        if rebase::read(&dir)?.is_some() {
+            return Err(refused(
+                key,
+                "its tree was merged onto a parent; commit it or remove it",
+            ));
+        }
         let fs = self.fs_dir(record.id);
         let inodes = self.layout.inodes(&dir)?;
         let whiteouts = self.layout.whiteouts(&record);

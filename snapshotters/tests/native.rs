@@ -370,11 +370,13 @@ fn merged_layers_give_the_tree_of_layers_applied_onto_their_parents() {
 }
 
 /// A whiteout or opaque directory through a symlink the layer itself holds hides what
-/// lies where the symlink leads, which only the parent's tree shows: applying the layer
-/// alone refuses it, and applied onto its parent it hides the right entry.
+/// lies where the symlink leads, which only the parent's tree shows: the layer applied
+/// alone cannot be merged onto a parent (it can be committed without one), and applied
+/// onto its parent it hides the right entry.
 #[test]
 fn whiteouts_through_the_layers_own_symlink_need_the_parent() {
-    let env = Env::new(native);
+    let mut env = Env::new(native);
+    env.unpack = Unpack::Rebased;
     let base = Tar::new()
         .dir("usr/", 0o755)
         .dir("usr/lib/", 0o755)
@@ -388,20 +390,34 @@ fn whiteouts_through_the_layers_own_symlink_need_the_parent() {
             .file("lib/.wh.x", b"", 0o644)
             .build(),
         Tar::new()
-            .symlink("lib", "usr/lib")
+            .symlink("lib", "/usr/lib")
             .file("lib/.wh..wh..opq", b"", 0o644)
             .build(),
     ];
-    for layer in &layers {
-        match env.apply_err(layer) {
-            LayerError::NeedsParent { target } => assert_eq!(target, "lib"),
-            other => panic!("expected NeedsParent, got {other}"),
-        }
-    }
-    env.layer("2", Some("1"), &layers[0]);
+    assert!(env.layer_or_onto_parent("2", Some("1"), &layers[0]));
     assert_eq!(env.view("2").list("usr/lib"), ["y"]);
-    env.layer("3", Some("1"), &layers[1]);
+    assert!(env.layer_or_onto_parent("3", Some("1"), &layers[1]));
     assert!(env.view("3").list("usr/lib").is_empty());
+    // As a base layer there is nothing below to reach.
+    env.layer("base", None, &layers[0]);
+    assert_eq!(env.view("base").list(""), ["lib"]);
+}
+
+/// A whiteout below one of the layer's own files hides what the file replaces anyway:
+/// nothing to refuse.
+#[test]
+fn a_whiteout_below_the_layers_own_file_merges() {
+    let mut env = Env::new(native);
+    env.unpack = Unpack::Rebased;
+    let base = Tar::new().dir("d/", 0o755).file("d/x", b"x", 0o644).build();
+    env.layer("1", None, &base);
+    let layer = Tar::new()
+        .file(".wh.d", b"", 0o644)
+        .file("d", b"now a file", 0o644)
+        .file("d/.wh.x", b"", 0o644)
+        .build();
+    assert!(!env.layer_or_onto_parent("2", Some("1"), &layer));
+    assert_eq!(env.view("2").read("d"), "now a file");
 }
 
 /// Once a commit merged a layer's tree onto a parent, only a commit onto that same parent
@@ -423,6 +439,13 @@ fn a_merged_tree_commits_only_onto_the_parent_it_was_merged_onto() {
         env.sn.commit("other", key, Some("1"), unpack("2")),
         Err(snapshotters::Error::AlreadyExists { .. })
     ));
+    let err = env
+        .apply(key, &Tar::new().file("late", b"l", 0o644).build())
+        .unwrap_err();
+    assert!(
+        matches!(&err, snapshotters::Error::FailedPrecondition { .. }),
+        "{err}"
+    );
     for parent in [Some("other"), None] {
         let err = env.sn.commit("2", key, parent, unpack("2")).unwrap_err();
         assert!(

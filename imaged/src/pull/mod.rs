@@ -485,8 +485,8 @@ impl Puller {
         let committed = match self.snapshotter.rebase() {
             true => match self.unpack_independent(layers, &missing, &job).await {
                 // Rare (a hardlink to a lower layer's file, a path through a lower
-                // layer's symlink), and only where a snapshotter can also apply a layer
-                // onto its parent: then it does.
+                // layer's symlink, a whiteout through the layer's own), and only where a
+                // snapshotter can also apply a layer onto its parent: then it does.
                 Err(e) if e.needs_parent() => {
                     tracing::info!(error = %e, "applying the layers onto their parents instead");
                     self.unpack_on_parents(layers, &missing, job).await
