@@ -57,7 +57,11 @@ impl Recorder {
     fn record(&mut self, tag: u8, path: &[u8]) -> io::Result<()> {
         let file = match &mut self.file {
             Some(file) => file,
-            None => self.file.insert(BufWriter::new(File::create(&self.path)?)),
+            // Appended to: a second layer applied into the snapshot keeps the first's.
+            None => {
+                let file = File::options().create(true).append(true).open(&self.path)?;
+                self.file.insert(BufWriter::new(file))
+            }
         };
         file.write_all(&[tag])?;
         file.write_all(path)?;

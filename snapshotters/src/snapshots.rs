@@ -69,8 +69,8 @@ pub(crate) trait Layout: Send + Sync {
         Ok(None)
     }
 
-    /// Tidies `dir` once the commit of an Active snapshot prepared without a parent is in;
-    /// what it leaves only takes space.
+    /// Tidies `dir` once the commit of an Active snapshot is in; what it leaves only takes
+    /// space.
     fn tidy(&self, _dir: &Path) -> Result<(), Error> {
         Ok(())
     }
@@ -95,10 +95,24 @@ pub(crate) trait Layout: Send + Sync {
     }
 }
 
-/// A snapshot prepared without a parent that a commit holds.
-struct Held {
-    /// Its directory, claimed.
+/// A directory claimed ([`Snapshots::try_claim`]) until dropped.
+struct Claim<'a> {
+    snapshots: &'a Snapshots,
     dir: PathBuf,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.snapshots.filled(&self.dir);
+    }
+}
+
+/// What a commit found before its transaction.
+struct Committing<'a> {
+    /// The id of the record read: the transaction commits that record only.
+    id: u64,
+    /// The claim on an Active snapshot, held until the commit is done.
+    claim: Option<Claim<'a>>,
     /// The id of the parent its tree was merged onto, if it was.
     merged_onto: Option<u64>,
 }
@@ -280,6 +294,16 @@ impl Snapshots {
             .insert(dir.to_path_buf());
     }
 
+    /// Syncs the filesystem of `fs` if the snapshotter was asked to
+    /// ([`Snapshots::with_sync_fs`]).
+    fn sync(&self, fs: &Path) -> Result<(), Error> {
+        if !self.sync_fs {
+            return Ok(());
+        }
+        let dir = fs::File::open(fs).map_err(Error::io("open", fs))?;
+        rustix::fs::syncfs(&dir).map_err(|e| Error::io("sync filesystem of", fs)(e.into()))
+    }
+
     fn measure(&self, id: u64, kind: Kind) -> Result<Usage, Error> {
         let fs = self.fs_dir(id);
         self.layout
@@ -361,32 +385,50 @@ impl Snapshots {
         Ok(broken)
     }
 
-    /// The part of a commit of `key` onto `parent` that runs before its transaction, for
-    /// a snapshot prepared without a parent where the layout can rebase: the merge, if the
-    /// rebase needs one. Returns the snapshot held (claimed) until the commit is done.
-    fn before_commit(&self, key: &str, parent: Option<&str>) -> Result<Option<Held>, Error> {
+    /// The part of a commit of `key` onto `parent` that runs before its transaction: the
+    /// claim of an Active snapshot and, for one prepared without a parent where the layout
+    /// can rebase, the merge if the rebase needs one.
+    fn before_commit(&self, key: &str, parent: Option<&str>) -> Result<Committing<'_>, Error> {
         let record = self.store.read(key, |r| r.get(key))?;
-        if record.kind != Kind::Active || record.parent.is_some() {
-            return Ok(None);
+        let mut committing = Committing {
+            id: record.id,
+            claim: None,
+            merged_onto: None,
+        };
+        // The transaction refuses a snapshot that is not Active.
+        if record.kind != Kind::Active {
+            return Ok(committing);
+        }
+        committing.claim = Some(self.hold(key, record.id)?);
+        if record.parent.is_some() {
+            return Ok(committing);
         }
         self.check_rebase(key, &record, parent)?;
-        if !self.layout.rebase() {
-            return Ok(None);
+        if self.layout.rebase() {
+            committing.merged_onto = self.merge_held(key, record.id, parent)?;
         }
-        let dir = self.dir(record.id);
+        Ok(committing)
+    }
+
+    /// Claims the directory of `key`, whose record had `id`, for a commit or an apply;
+    /// refused while another holds it.
+    fn hold(&self, key: &str, id: u64) -> Result<Claim<'_>, Error> {
+        let dir = self.dir(id);
         if !self.try_claim(&dir) {
             return Err(refused(
                 key,
-                "another commit or the removal of it is under way",
+                "a commit of it, a layer applied to it or its removal is under way",
             ));
         }
-        match self.merge_held(key, record.id, parent) {
-            Ok(merged_onto) => Ok(Some(Held { dir, merged_onto })),
-            Err(error) => {
-                self.filled(&dir);
-                Err(error)
-            }
+        let claim = Claim {
+            snapshots: self,
+            dir,
+        };
+        // Read again under the claim, which removal needs: the record stays this one now.
+        if self.store.read(key, |r| r.get(key))?.id != id {
+            return Err(refused(key, "it was removed and prepared again meanwhile"));
         }
+        Ok(claim)
     }
 
     /// Merges the tree of `key`, claimed with the id it had when read, onto the committed
@@ -395,11 +437,7 @@ impl Snapshots {
     /// commit onto any other parent or none, and every commit once a merge stopped part
     /// way.
     fn merge_held(&self, key: &str, id: u64, parent: Option<&str>) -> Result<Option<u64>, Error> {
-        // Read again under the claim, which removal needs: the record stays this one now.
         let parent_id = self.store.read(key, |r| {
-            if r.get(key)?.id != id {
-                return Err(refused(key, "it was removed and prepared again meanwhile"));
-            }
             parent
                 .map(|p| r.committed_parent(p).map(|record| record.id))
                 .transpose()
@@ -418,6 +456,7 @@ impl Snapshots {
                 rebase::write(&dir, &rebase::Mark::Started(onto()))?;
                 merge()?;
                 rebase::write(&dir, &rebase::Mark::Merged(onto()))?;
+                self.sync(&self.fs_dir(id))?;
                 Ok(Some(parent_id))
             }
             (Some(rebase::Mark::Merged(onto)), Some((_, parent_id))) if onto.id == parent_id => {
@@ -440,8 +479,7 @@ impl Snapshots {
         }
     }
 
-    /// Tidies up after the commit of a snapshot prepared without a parent; what is left
-    /// only takes space.
+    /// Tidies up after the commit of an Active snapshot; what is left only takes space.
     fn after_commit(&self, dir: &Path) {
         if let Err((path, error)) = rebase::remove(dir) {
             tracing::warn!(path = %path.display(), %error, "removing a rebase mark");
@@ -491,13 +529,16 @@ impl Snapshotter for Snapshots {
         parent: Option<&str>,
         labels: BTreeMap<String, String>,
     ) -> Result<(), Error> {
-        let held = self.before_commit(key, parent)?;
-        let merged_onto = held.as_ref().and_then(|held| held.merged_onto);
+        let committing = self.before_commit(key, parent)?;
         let committed = self.store.write(key, |tx| {
             let record = tx.get(key)?;
+            if record.id != committing.id {
+                return Err(refused(key, "it was removed and prepared again meanwhile"));
+            }
             self.check_rebase(key, &record, parent)?;
             let snapshot = tx.commit(key, name, parent, labels)?;
-            if merged_onto.is_some() && snapshot.parent_ids.first() != merged_onto.as_ref() {
+            let merged_onto = committing.merged_onto.as_ref();
+            if merged_onto.is_some() && snapshot.parent_ids.first() != merged_onto {
                 return Err(refused(
                     key,
                     &format!(
@@ -508,11 +549,8 @@ impl Snapshotter for Snapshots {
             }
             self.layout.committed(&self.snapshots, &record, &snapshot)
         });
-        if let Some(held) = held {
-            if committed.is_ok() {
-                self.after_commit(&held.dir);
-            }
-            self.filled(&held.dir);
+        if let (Some(claim), Ok(())) = (&committing.claim, &committed) {
+            self.after_commit(&claim.dir);
         }
         committed
     }
@@ -523,7 +561,10 @@ impl Snapshotter for Snapshots {
             let record = tx.get(key)?;
             let dir = self.dir(record.id);
             if !self.try_claim(&dir) {
-                return Err(refused(key, "a commit of it is under way"));
+                return Err(refused(
+                    key,
+                    "a commit of it or a layer applied to it is under way",
+                ));
             }
             claimed = Some(dir);
             tx.remove(key)
@@ -595,15 +636,16 @@ impl Snapshotter for Snapshots {
                 ),
             });
         }
-        let dir = self.dir(record.id);
-        if rebase::read(&dir)?.is_some() {
+        let claim = self.hold(key, record.id)?;
+        let dir = &claim.dir;
+        if rebase::read(dir)?.is_some() {
             return Err(refused(
                 key,
                 "its tree was merged onto a parent; commit it or remove it",
             ));
         }
         let fs = self.fs_dir(record.id);
-        let inodes = self.layout.inodes(&dir)?;
+        let inodes = self.layout.inodes(dir)?;
         let whiteouts = self.layout.whiteouts(&record);
         let (stats, named) = apply::apply_layer(
             &fs,
@@ -614,11 +656,8 @@ impl Snapshotter for Snapshots {
             &dir.join(hidden::FILE),
         )
         .map_err(|e| on_full_disk(e, &fs))?;
-        self.layout.applied(&dir, &record, &named)?;
-        if self.sync_fs {
-            let dir = fs::File::open(&fs).map_err(Error::io("open", &fs))?;
-            rustix::fs::syncfs(&dir).map_err(|e| Error::io("sync filesystem of", &fs)(e.into()))?;
-        }
+        self.layout.applied(dir, &record, &named)?;
+        self.sync(&fs)?;
         Ok(stats)
     }
 

@@ -359,6 +359,7 @@ fn merged_layers_give_the_tree_of_layers_applied_onto_their_parents() {
             env.layer(&name, parent.as_deref(), layer);
             parent = Some(name);
         }
+        assert_eq!(beside_trees(&env), Vec::<String>::new());
         let view = env.view(parent.as_deref().unwrap());
         fixtures::tree::Tree::read(&view.path("")).unwrap()
     };
@@ -401,6 +402,25 @@ fn whiteouts_through_the_layers_own_symlink_need_the_parent() {
     // As a base layer there is nothing below to reach.
     env.layer("base", None, &layers[0]);
     assert_eq!(env.view("base").list(""), ["lib"]);
+    env.layer("opaque base", None, &layers[1]);
+    assert!(env.view("opaque base").list("usr/lib").is_empty());
+    assert_eq!(beside_trees(&env), Vec::<String>::new());
+}
+
+/// What the snapshot directories hold besides `fs` (and the `linked` marker): the lists
+/// and marks of a rebase, which go once the commit is in.
+fn beside_trees(env: &Env) -> Vec<String> {
+    let mut found = Vec::new();
+    for dir in fs::read_dir(env.snapshots()).unwrap() {
+        for entry in fs::read_dir(dir.unwrap().path()).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap();
+            if name != "fs" && name != "linked" {
+                found.push(path.display().to_string());
+            }
+        }
+    }
+    found
 }
 
 /// A whiteout below one of the layer's own files hides what the file replaces anyway:
