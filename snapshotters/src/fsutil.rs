@@ -200,6 +200,14 @@ pub(crate) fn remove_path(path: &Path) -> io::Result<()> {
     }
 }
 
+/// Removes the file at `path`; a missing file is not an error.
+pub(crate) fn remove_file_if_present(path: &Path) -> io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
 /// Measures `path` as `du` does: `st_blocks * 512` of every inode, hardlinked inodes once,
 /// the top directory included.
 pub fn disk_usage(path: &Path) -> io::Result<Usage> {

@@ -23,7 +23,7 @@ use crate::hidden::{self, Hidden};
 use crate::metastore::{Record, Snapshot};
 use crate::snapshots::{Layout, Merge, bind, make_dir};
 use crate::{Error, Kind, Mount, UNPACK_LABEL};
-use crate::{copy, implicit};
+use crate::{copy, fsutil, implicit};
 
 pub(crate) struct NativeLayout;
 
@@ -109,7 +109,10 @@ impl Layout for NativeLayout {
 
     /// The whiteouts' list, and the implied directories' when no merge used it up.
     fn tidy(&self, dir: &Path) -> Result<(), Error> {
-        hidden::remove(&dir.join(hidden::FILE))?;
-        hidden::remove(&dir.join(implicit::FILE))
+        for list in [hidden::FILE, implicit::FILE] {
+            let path = dir.join(list);
+            fsutil::remove_file_if_present(&path).map_err(Error::io("remove", &path))?;
+        }
+        Ok(())
     }
 }

@@ -8,7 +8,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::Error;
+use crate::{Error, fsutil};
 
 /// Name of the mark, next to the snapshot's `fs` directory.
 pub(crate) const FILE: &str = "rebase";
@@ -82,10 +82,7 @@ pub(crate) fn write(dir: &Path, mark: &Mark) -> Result<(), Error> {
 /// Removes the mark in `dir`, if there is one, and says where it could not.
 pub(crate) fn remove(dir: &Path) -> Result<(), (PathBuf, io::Error)> {
     let path = dir.join(FILE);
-    match fs::remove_file(&path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err((path, e)),
-        _ => Ok(()),
-    }
+    fsutil::remove_file_if_present(&path).map_err(|e| (path, e))
 }
 
 #[cfg(test)]

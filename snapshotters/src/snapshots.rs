@@ -389,7 +389,17 @@ impl Snapshots {
     /// claim of an Active snapshot and, for one prepared without a parent where the layout
     /// can rebase, the merge if the rebase needs one.
     fn before_commit(&self, key: &str, parent: Option<&str>) -> Result<Committing<'_>, Error> {
-        let record = self.store.read(key, |r| r.get(key))?;
+        // The parent is looked up in the same read; the transaction checks it is the same.
+        let (record, parent_id) = self.store.read(key, |r| {
+            let record = r.get(key)?;
+            let merges =
+                record.kind == Kind::Active && record.parent.is_none() && self.layout.rebase();
+            let parent_id = parent
+                .filter(|_| merges)
+                .map(|p| r.committed_parent(p).map(|parent| parent.id))
+                .transpose()?;
+            Ok((record, parent_id))
+        })?;
         let mut committing = Committing {
             id: record.id,
             claim: None,
@@ -405,7 +415,7 @@ impl Snapshots {
         }
         self.check_rebase(key, &record, parent)?;
         if self.layout.rebase() {
-            committing.merged_onto = self.merge_held(key, record.id, parent)?;
+            committing.merged_onto = self.merge_held(key, record.id, parent.zip(parent_id))?;
         }
         Ok(committing)
     }
@@ -432,18 +442,18 @@ impl Snapshots {
     }
 
     /// Merges the tree of `key`, claimed with the id it had when read, onto the committed
-    /// `parent` if the rebase needs it and it is not done yet; returns the id of the parent
-    /// it is merged onto. The mark written before the merge refuses, from then on, a
-    /// commit onto any other parent or none, and every commit once a merge stopped part
-    /// way.
-    fn merge_held(&self, key: &str, id: u64, parent: Option<&str>) -> Result<Option<u64>, Error> {
-        let parent_id = self.store.read(key, |r| {
-            parent
-                .map(|p| r.committed_parent(p).map(|record| record.id))
-                .transpose()
-        })?;
+    /// `parent` (its key and id) if the rebase needs it and it is not done yet; returns the
+    /// id of the parent it is merged onto. The mark written before the merge refuses, from
+    /// then on, a commit onto any other parent or none, and every commit once a merge
+    /// stopped part way.
+    fn merge_held(
+        &self,
+        key: &str,
+        id: u64,
+        parent: Option<(&str, u64)>,
+    ) -> Result<Option<u64>, Error> {
         let dir = self.dir(id);
-        match (rebase::read(&dir)?, parent.zip(parent_id)) {
+        match (rebase::read(&dir)?, parent) {
             (None, None) => Ok(None),
             (None, Some((parent, parent_id))) => {
                 let Some(merge) = self.layout.rebase_onto(&dir, &self.fs_dir(parent_id))? else {
