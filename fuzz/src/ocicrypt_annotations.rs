@@ -71,7 +71,7 @@ pub fn run(data: &[u8]) {
     };
     let chain = chain();
     let checked = chain.check_access(&layer);
-    match chain.open(&layer, Box::new(io::repeat(7).take(64))) {
+    match chain.open(&layer, Box::new(&[7; 64][..])) {
         Ok(mut stream) => {
             assert!(checked.is_ok());
             let _ = stream.read_to_end(&mut Vec::new());

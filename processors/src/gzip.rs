@@ -9,16 +9,13 @@
 //! `isal_inflate` makes for itself lives for one call, so a header with a name, comment or
 //! extra field split by a short read would lose its flags.
 
-use crate::Stream;
+use crate::{Input, Stream};
 use isal_sys::igzip_lib as isal;
-use std::io::{self, BufRead, BufReader, Read};
-
-/// Input buffer size: large reads keep the inflater busy between refills.
-const BUFFER: usize = 256 * 1024;
+use std::io::{self, BufRead, Read};
 
 /// Wraps a gzip stream; concatenated members are read as one stream, like `gzip -d`.
-pub(crate) fn decoder<'a>(input: Stream<'a>) -> Stream<'a> {
-    Box::new(Gunzip::new(BufReader::with_capacity(BUFFER, input)))
+pub(crate) fn decoder<'a>(input: Input<'a>) -> Stream<'a> {
+    Box::new(Gunzip::new(input))
 }
 
 /// A streaming gunzip over a buffered reader: each member's header is parsed and its CRC32
@@ -177,7 +174,7 @@ fn describe(code: i32) -> std::borrow::Cow<'static, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
+    use std::io::{BufReader, Write};
 
     fn gzip(data: &[u8]) -> Vec<u8> {
         let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
@@ -204,7 +201,7 @@ mod tests {
 
     fn gunzip(input: impl Read) -> io::Result<Vec<u8>> {
         let mut out = Vec::new();
-        Gunzip::new(BufReader::with_capacity(BUFFER, input)).read_to_end(&mut out)?;
+        Gunzip::new(BufReader::with_capacity(256 * 1024, input)).read_to_end(&mut out)?;
         Ok(out)
     }
 

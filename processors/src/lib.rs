@@ -21,7 +21,7 @@ pub mod ocicrypt;
 mod zstd;
 
 use std::collections::BTreeMap;
-use std::io::{self, Read};
+use std::io::{self, BufRead, BufReader, Read};
 
 pub use external::ExternalProcessor;
 pub use media::MediaType;
@@ -130,6 +130,35 @@ impl Error {
 /// A boxed byte stream handed from one processor to the next.
 pub type Stream<'a> = Box<dyn Read + Send + 'a>;
 
+/// A boxed buffered byte stream: the blob a chain starts from. A decompressor reads straight
+/// from its buffer, so the blob's bytes are not copied into a buffer of the decompressor's.
+pub type Input<'a> = Box<dyn BufRead + Send + 'a>;
+
+/// Buffer put in front of a decompressor whose input is another stage's output.
+const BUFFER: usize = 256 * 1024;
+
+/// The stream between two stages, buffered when it came so.
+enum Link<'a> {
+    Buffered(Input<'a>),
+    Plain(Stream<'a>),
+}
+
+impl<'a> Link<'a> {
+    fn buffered(self) -> Input<'a> {
+        match self {
+            Link::Buffered(input) => input,
+            Link::Plain(stream) => Box::new(BufReader::with_capacity(BUFFER, stream)),
+        }
+    }
+
+    fn plain(self) -> Stream<'a> {
+        match self {
+            Link::Buffered(input) => input,
+            Link::Plain(stream) => stream,
+        }
+    }
+}
+
 /// The layer descriptor as processors see it.
 #[derive(Debug, Clone, Copy)]
 pub struct Layer<'a> {
@@ -199,10 +228,10 @@ impl Chain {
     }
 
     /// Wraps `input`, the blob of `layer`, into a reader of the plain tar stream.
-    pub fn open<'a>(&self, layer: &Layer<'_>, input: Stream<'a>) -> Result<Stream<'a>, Error> {
+    pub fn open<'a>(&self, layer: &Layer<'_>, input: Input<'a>) -> Result<Stream<'a>, Error> {
         let mut current = layer.media_type.to_string();
         let mut seen = vec![current.clone()];
-        let mut stream = input;
+        let mut stream = Link::Buffered(input);
         while current != TAR {
             if seen.len() > MAX_STAGES {
                 return Err(Error::ChainTooLong {
@@ -222,7 +251,7 @@ impl Chain {
             seen.push(next.clone());
             current = next;
         }
-        Ok(stream)
+        Ok(stream.plain())
     }
 
     /// Checks that an encrypted layer's key can be unwrapped with the node's keys, without
@@ -288,15 +317,15 @@ impl Chain {
         &self,
         layer: &Layer<'_>,
         media_type: &str,
-        input: Stream<'a>,
-    ) -> Result<(Stream<'a>, String), Error> {
+        input: Link<'a>,
+    ) -> Result<(Link<'a>, String), Error> {
         if let Some(processor) = self.external_for(media_type) {
             let payload = match &self.decryption {
                 Decryption::Node(_) => external::payload_for(&processor.name, layer),
                 Decryption::Disabled => None,
             };
-            let stream = processor.spawn(media_type, payload, input)?;
-            return Ok((stream, processor.returns.clone()));
+            let stream = processor.spawn(media_type, payload, input.plain())?;
+            return Ok((Link::Plain(stream), processor.returns.clone()));
         }
         if ocicrypt::is_encrypted(media_type) {
             let Decryption::Node(keys) = &self.decryption else {
@@ -305,13 +334,14 @@ impl Chain {
                     media_type: media_type.to_string(),
                 });
             };
-            let stream = ocicrypt::decrypt(keys, layer, input)?;
-            return Ok((stream, ocicrypt::plain_media_type(media_type).to_string()));
+            let stream = ocicrypt::decrypt(keys, layer, input.plain())?;
+            let plain = ocicrypt::plain_media_type(media_type).to_string();
+            return Ok((Link::Plain(stream), plain));
         }
         let stream = match MediaType::parse(media_type)? {
             MediaType::Tar => input,
-            MediaType::TarGzip => gzip::decoder(input),
-            MediaType::TarZstd => zstd::decoder(input)?,
+            MediaType::TarGzip => Link::Plain(gzip::decoder(input.buffered())),
+            MediaType::TarZstd => Link::Plain(zstd::decoder(input.buffered())?),
         };
         Ok((stream, TAR.to_string()))
     }
@@ -342,25 +372,35 @@ mod tests {
         }
     }
 
-    fn read_all(chain: &Chain, media_type: &str, blob: Vec<u8>) -> Vec<u8> {
+    /// The chain's output for `blob`, handed to it from a buffer of `buffer` bytes.
+    fn read_buffered(chain: &Chain, media_type: &str, blob: Vec<u8>, buffer: usize) -> Vec<u8> {
         let annotations = BTreeMap::new();
         let layer = layer(media_type, "sha256:00", &annotations);
+        let input = BufReader::with_capacity(buffer, io::Cursor::new(blob));
         let mut out = Vec::new();
         chain
-            .open(&layer, Box::new(io::Cursor::new(blob)))
+            .open(&layer, Box::new(input))
             .unwrap()
             .read_to_end(&mut out)
             .unwrap();
         out
     }
 
+    /// `plain` gzipped and zstd-compressed.
+    fn compressed(plain: &[u8]) -> (Vec<u8>, Vec<u8>) {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(plain).unwrap();
+        (gz.finish().unwrap(), ::zstd::encode_all(plain, 3).unwrap())
+    }
+
+    fn read_all(chain: &Chain, media_type: &str, blob: Vec<u8>) -> Vec<u8> {
+        read_buffered(chain, media_type, blob, BUFFER)
+    }
+
     #[test]
     fn every_builtin_chain_yields_the_same_tar() {
         let plain = tar_bytes();
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-        gz.write_all(&plain).unwrap();
-        let gz = gz.finish().unwrap();
-        let zst = ::zstd::encode_all(&plain[..], 3).unwrap();
+        let (gz, zst) = compressed(&plain);
         let chain = Chain::builtin();
         for (media, blob) in [
             (TAR, plain.clone()),
@@ -369,6 +409,24 @@ mod tests {
             ("application/vnd.oci.image.layer.v1.tar+zstd", zst),
         ] {
             assert_eq!(read_all(&chain, media, blob), plain, "{media}");
+        }
+    }
+
+    /// The decompressors read from the blob's own buffer, however little it holds at a time
+    /// (the end of a chunk, a short read from the registry).
+    #[test]
+    fn decompressors_read_a_blob_buffered_a_few_bytes_at_a_time() {
+        let plain = tar_bytes();
+        let (gz, zst) = compressed(&plain);
+        let chain = Chain::builtin();
+        for buffer in [1, 3, 1000] {
+            for (media, blob) in [
+                ("application/vnd.oci.image.layer.v1.tar+gzip", &gz),
+                ("application/vnd.oci.image.layer.v1.tar+zstd", &zst),
+            ] {
+                let out = read_buffered(&chain, media, blob.clone(), buffer);
+                assert!(out == plain, "{media} through a buffer of {buffer} bytes");
+            }
         }
     }
 

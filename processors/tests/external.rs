@@ -56,7 +56,11 @@ fn chain(processors: Vec<ExternalProcessor>) -> Chain {
     Chain::new(processors, Decryption::Disabled).unwrap()
 }
 
-fn open<'a>(chain: &Chain, media_type: &str, blob: Stream<'a>) -> Result<Stream<'a>, Error> {
+fn open<'a>(
+    chain: &Chain,
+    media_type: &str,
+    blob: impl Read + Send + 'a,
+) -> Result<Stream<'a>, Error> {
     let annotations = BTreeMap::new();
     let layer = Layer {
         media_type,
@@ -64,7 +68,7 @@ fn open<'a>(chain: &Chain, media_type: &str, blob: Stream<'a>) -> Result<Stream<
         size: 0,
         annotations: &annotations,
     };
-    chain.open(&layer, blob)
+    chain.open(&layer, Box::new(io::BufReader::new(blob)))
 }
 
 fn read_all(chain: &Chain, media_type: &str, blob: Vec<u8>) -> io::Result<Vec<u8>> {

@@ -152,11 +152,11 @@ pub(super) fn apply_blob(
             Source::Remote { rx, writer } => {
                 let (tx, blob_rx) = sync_channel(QUEUE);
                 let ingest = scope.spawn(move || ingest(rx, Some(tx), writer, layer));
-                let blob: processors::Stream<'_> = Box::new(ChunkReader::new(blob_rx, None));
+                let blob: processors::Input<'_> = Box::new(ChunkReader::new(blob_rx, None));
                 (blob, Some(ingest))
             }
             Source::Local(file) => {
-                let blob: processors::Stream<'_> =
+                let blob: processors::Input<'_> =
                     Box::new(io::BufReader::with_capacity(CHUNK, file));
                 (blob, None)
             }
@@ -172,7 +172,7 @@ pub(super) fn apply_blob(
         let decode = scope.spawn(move || {
             let counted = Counted::new(blob);
             let read = counted.read.clone();
-            let blob: processors::Stream<'_> = Box::new(counted);
+            let blob: processors::Input<'_> = Box::new(counted);
             let limits = Limits { limits, read };
             decode(processors, layer, blob, &limits, plain_tx, free_rx)
         });
@@ -346,7 +346,7 @@ fn forward_resumed(
 fn decode(
     processors: &processors::Chain,
     layer: &LayerRecord,
-    blob: processors::Stream<'_>,
+    blob: processors::Input<'_>,
     limits: &Limits,
     tx: SyncSender<io::Result<Vec<u8>>>,
     free: Receiver<Vec<u8>>,
@@ -417,12 +417,12 @@ impl Limits {
 /// A blob reader counting the bytes read through it, for the decoder to compare with what
 /// they unpack to.
 struct Counted<'a> {
-    inner: processors::Stream<'a>,
+    inner: processors::Input<'a>,
     read: Arc<AtomicU64>,
 }
 
 impl<'a> Counted<'a> {
-    fn new(inner: processors::Stream<'a>) -> Self {
+    fn new(inner: processors::Input<'a>) -> Self {
         Self {
             inner,
             read: Arc::default(),
@@ -435,6 +435,17 @@ impl Read for Counted<'_> {
         let n = self.inner.read(buf)?;
         self.read.fetch_add(n as u64, Ordering::Relaxed);
         Ok(n)
+    }
+}
+
+impl BufRead for Counted<'_> {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        self.inner.fill_buf()
+    }
+
+    fn consume(&mut self, amount: usize) {
+        self.read.fetch_add(amount as u64, Ordering::Relaxed);
+        self.inner.consume(amount);
     }
 }
 
