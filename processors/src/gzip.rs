@@ -201,7 +201,7 @@ mod tests {
 
     fn gunzip(input: impl Read) -> io::Result<Vec<u8>> {
         let mut out = Vec::new();
-        Gunzip::new(BufReader::with_capacity(256 * 1024, input)).read_to_end(&mut out)?;
+        Gunzip::new(BufReader::with_capacity(crate::BUFFER, input)).read_to_end(&mut out)?;
         Ok(out)
     }
 

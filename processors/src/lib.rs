@@ -151,7 +151,7 @@ impl<'a> Link<'a> {
         }
     }
 
-    fn plain(self) -> Stream<'a> {
+    fn into_stream(self) -> Stream<'a> {
         match self {
             Link::Buffered(input) => input,
             Link::Plain(stream) => stream,
@@ -251,7 +251,7 @@ impl Chain {
             seen.push(next.clone());
             current = next;
         }
-        Ok(stream.plain())
+        Ok(stream.into_stream())
     }
 
     /// Checks that an encrypted layer's key can be unwrapped with the node's keys, without
@@ -324,7 +324,7 @@ impl Chain {
                 Decryption::Node(_) => external::payload_for(&processor.name, layer),
                 Decryption::Disabled => None,
             };
-            let stream = processor.spawn(media_type, payload, input.plain())?;
+            let stream = processor.spawn(media_type, payload, input.into_stream())?;
             return Ok((Link::Plain(stream), processor.returns.clone()));
         }
         if ocicrypt::is_encrypted(media_type) {
@@ -334,7 +334,7 @@ impl Chain {
                     media_type: media_type.to_string(),
                 });
             };
-            let stream = ocicrypt::decrypt(keys, layer, input.plain())?;
+            let stream = ocicrypt::decrypt(keys, layer, input.into_stream())?;
             let plain = ocicrypt::plain_media_type(media_type).to_string();
             return Ok((Link::Plain(stream), plain));
         }
@@ -351,6 +351,7 @@ impl Chain {
 mod tests {
     use super::*;
     use std::io::Write;
+    use std::sync::Arc;
 
     fn tar_bytes() -> Vec<u8> {
         let mut data = b"hello layer".repeat(1000);
@@ -372,14 +373,12 @@ mod tests {
         }
     }
 
-    /// The chain's output for `blob`, handed to it from a buffer of `buffer` bytes.
-    fn read_buffered(chain: &Chain, media_type: &str, blob: Vec<u8>, buffer: usize) -> Vec<u8> {
+    fn read_all(chain: &Chain, media_type: &str, blob: Vec<u8>) -> Vec<u8> {
         let annotations = BTreeMap::new();
         let layer = layer(media_type, "sha256:00", &annotations);
-        let input = BufReader::with_capacity(buffer, io::Cursor::new(blob));
         let mut out = Vec::new();
         chain
-            .open(&layer, Box::new(input))
+            .open(&layer, Box::new(io::Cursor::new(blob)))
             .unwrap()
             .read_to_end(&mut out)
             .unwrap();
@@ -391,10 +390,6 @@ mod tests {
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         gz.write_all(plain).unwrap();
         (gz.finish().unwrap(), ::zstd::encode_all(plain, 3).unwrap())
-    }
-
-    fn read_all(chain: &Chain, media_type: &str, blob: Vec<u8>) -> Vec<u8> {
-        read_buffered(chain, media_type, blob, BUFFER)
     }
 
     #[test]
@@ -412,20 +407,59 @@ mod tests {
         }
     }
 
+    /// A blob that can only be taken from its buffer, `step` bytes at a time at most; counts
+    /// what was consumed.
+    struct BufferOnly {
+        blob: Vec<u8>,
+        step: usize,
+        consumed: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl Read for BufferOnly {
+        fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+            panic!("a decompressor copied the blob out of its buffer");
+        }
+    }
+
+    impl BufRead for BufferOnly {
+        fn fill_buf(&mut self) -> io::Result<&[u8]> {
+            let at = self.consumed.load(std::sync::atomic::Ordering::Relaxed);
+            Ok(&self.blob[at..self.blob.len().min(at + self.step)])
+        }
+
+        fn consume(&mut self, amount: usize) {
+            self.consumed
+                .fetch_add(amount, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
     /// The decompressors read from the blob's own buffer, however little it holds at a time
-    /// (the end of a chunk, a short read from the registry).
+    /// (the end of a chunk, a short read from the registry), and consume all of it.
     #[test]
-    fn decompressors_read_a_blob_buffered_a_few_bytes_at_a_time() {
+    fn decompressors_take_the_blob_from_its_buffer_a_few_bytes_at_a_time() {
         let plain = tar_bytes();
         let (gz, zst) = compressed(&plain);
-        let chain = Chain::builtin();
-        for buffer in [1, 3, 1000] {
+        let annotations = BTreeMap::new();
+        for step in [1, 3, 1000] {
             for (media, blob) in [
                 ("application/vnd.oci.image.layer.v1.tar+gzip", &gz),
                 ("application/vnd.oci.image.layer.v1.tar+zstd", &zst),
             ] {
-                let out = read_buffered(&chain, media, blob.clone(), buffer);
-                assert!(out == plain, "{media} through a buffer of {buffer} bytes");
+                let consumed = Arc::default();
+                let input = BufferOnly {
+                    blob: blob.clone(),
+                    step,
+                    consumed: Arc::clone(&consumed),
+                };
+                let mut out = Vec::new();
+                Chain::builtin()
+                    .open(&layer(media, "sha256:00", &annotations), Box::new(input))
+                    .unwrap()
+                    .read_to_end(&mut out)
+                    .unwrap();
+                assert!(out == plain, "{media} in steps of {step} bytes");
+                let consumed = consumed.load(std::sync::atomic::Ordering::Relaxed);
+                assert_eq!(consumed, blob.len(), "{media} in steps of {step} bytes");
             }
         }
     }

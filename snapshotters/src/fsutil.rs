@@ -264,6 +264,21 @@ mod tests {
     use std::os::unix::fs::symlink;
 
     #[test]
+    fn a_file_already_gone_is_removed_without_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("list");
+        fs::write(&path, b"x").unwrap();
+        remove_file_if_present(&path).unwrap();
+        remove_file_if_present(&path).unwrap();
+        assert!(!path.exists());
+        fs::create_dir(&path).unwrap();
+        assert!(
+            remove_file_if_present(&path).is_err(),
+            "a directory is not a file"
+        );
+    }
+
+    #[test]
     fn remove_path_deletes_deep_trees_without_following_symlinks() {
         let tmp = tempfile::tempdir().unwrap();
         let outside = tmp.path().join("outside");

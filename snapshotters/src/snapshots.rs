@@ -389,16 +389,17 @@ impl Snapshots {
     /// claim of an Active snapshot and, for one prepared without a parent where the layout
     /// can rebase, the merge if the rebase needs one.
     fn before_commit(&self, key: &str, parent: Option<&str>) -> Result<Committing<'_>, Error> {
-        // The parent is looked up in the same read; the transaction checks it is the same.
-        let (record, parent_id) = self.store.read(key, |r| {
+        // The parent a rebase would merge onto is looked up in the same read; once a merge
+        // used it, the transaction checks it is still the committed parent.
+        let (record, onto) = self.store.read(key, |r| {
             let record = r.get(key)?;
-            let merges =
+            let rebases =
                 record.kind == Kind::Active && record.parent.is_none() && self.layout.rebase();
-            let parent_id = parent
-                .filter(|_| merges)
-                .map(|p| r.committed_parent(p).map(|parent| parent.id))
+            let onto = parent
+                .filter(|_| rebases)
+                .map(|p| r.committed_parent(p).map(|parent| (p, parent.id)))
                 .transpose()?;
-            Ok((record, parent_id))
+            Ok((record, onto))
         })?;
         let mut committing = Committing {
             id: record.id,
@@ -415,7 +416,7 @@ impl Snapshots {
         }
         self.check_rebase(key, &record, parent)?;
         if self.layout.rebase() {
-            committing.merged_onto = self.merge_held(key, record.id, parent.zip(parent_id))?;
+            committing.merged_onto = self.merge_held(key, record.id, onto)?;
         }
         Ok(committing)
     }

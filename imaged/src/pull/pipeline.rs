@@ -414,8 +414,8 @@ impl Limits {
     }
 }
 
-/// A blob reader counting the bytes read through it, for the decoder to compare with what
-/// they unpack to.
+/// A blob reader counting the bytes read or consumed through it, for the decoder to compare
+/// with what they unpack to.
 struct Counted<'a> {
     inner: processors::Input<'a>,
     read: Arc<AtomicU64>,
