@@ -5,8 +5,9 @@
 # imaged, by containerd 2.2.7 with parallel unpack (its fastest configuration) and by
 # Debian's containerd 1.6 (CRI PullImage timed from request to answer by the same client,
 # imaged/examples/cri_latency.rs, and 1.6's `ctr images pull`), and the raw limit (the same
-# layer blobs decompressed and extracted from local disk, all layers in parallel), with the
-# CPU seconds (user + sys) of imaged, containerd 2.2.7 and the raw limit; then a 10-way
+# layer blobs decompressed and extracted from local disk, all layers in parallel, right after
+# imaged's pull in each run, so that the ratio of the two within a run is also reported), with
+# the CPU seconds (user + sys) of imaged, containerd 2.2.7 and the raw limit; then a 10-way
 # concurrent pull, imaged's idle RSS, the round-trip times of a warm PullImage and of
 # ListImages over 1,000 stored images (imaged and containerd, over one connection each), the
 # latencies of ImageStatus (200 calls at a time), ListImages and ImageFsInfo while the gzip
@@ -301,7 +302,7 @@ stop_imaged() {
 }
 
 # Cold-pull results per "contender variant": space-separated values of each run.
-declare -A seconds rss cpu
+declare -A seconds rss cpu paired
 record() { seconds[$1]+="$2 "; }
 
 # cri_pull CONTENDER VARIANT PID SOCKET: a timed CRI pull of VARIANT through SOCKET, with the
@@ -337,6 +338,24 @@ for variant in "${variants[@]}"; do
     cri_pull imaged "$variant" "$imaged_pid" "$socket"
     stop_imaged
 
+    echo "run $run/$runs, $variant: raw limit" >&2
+    rm -rf "$work/raw"
+    blobs=("$image_dir/blobs/$variant"/*)
+    for n in "${!blobs[@]}"; do mkdir -p "$work/raw/$n"; done
+    drop_caches
+    # bash's time counts the CPU of every process it waited for, pipelines in subshells too.
+    TIMEFORMAT='%3R %3U %3S'
+    { time raw_extract "$variant" 2>"$work/raw.err"; } 2>"$work/raw.time"
+    read -r raw_wall raw_user raw_sys <"$work/raw.time"
+    record "raw $variant" "$raw_wall"
+    cpu["raw $variant"]+="$(awk -v u="$raw_user" -v s="$raw_sys" 'BEGIN { printf "%.2f", u + s }') "
+    rm -rf "$work/raw"
+    # The raw limit runs right after imaged, so the two share the host's state (CPU steal
+    # on a shared hypervisor comes and goes over seconds); their ratio per run is steadier
+    # than the ratio of medians.
+    imaged_runs=${seconds["imaged $variant"]% }
+    paired["$variant"]+="$(ratio "${imaged_runs##* }" "$raw_wall") "
+
     if [ "$snapshotter" != overlayfs ]; then
       echo "run $run/$runs, $variant: imaged with overlayfs" >&2
       IMAGED_EXTRA= fresh_imaged
@@ -361,24 +380,12 @@ for variant in "${variants[@]}"; do
     record "ctr $variant" "$(elapsed "$t0")"
     stop_containerd
 
-    echo "run $run/$runs, $variant: raw limit" >&2
-    rm -rf "$work/raw"
-    blobs=("$image_dir/blobs/$variant"/*)
-    for n in "${!blobs[@]}"; do mkdir -p "$work/raw/$n"; done
-    drop_caches
-    # bash's time counts the CPU of every process it waited for, pipelines in subshells too.
-    TIMEFORMAT='%3R %3U %3S'
-    { time raw_extract "$variant" 2>"$work/raw.err"; } 2>"$work/raw.time"
-    read -r raw_wall raw_user raw_sys <"$work/raw.time"
-    record "raw $variant" "$raw_wall"
-    cpu["raw $variant"]+="$(awk -v u="$raw_user" -v s="$raw_sys" 'BEGIN { printf "%.2f", u + s }') "
-    rm -rf "$work/raw"
   done
 done
 
 # cold_medians VARIANT: sets imaged_s, cri22_s, cri16_s, ctr_s, raw_s (wall seconds), cpu_s,
-# cri22_cpu_s, raw_cpu_s (CPU seconds), rss_mb, cri22_rss_mb and cri16_rss_mb (peak RSS) to
-# the medians of VARIANT's cold pulls.
+# cri22_cpu_s, raw_cpu_s (CPU seconds), rss_mb, cri22_rss_mb and cri16_rss_mb (peak RSS) and
+# paired_ratio (imaged / raw limit within each run) to the medians of VARIANT's cold pulls.
 cold_medians() {
   # shellcheck disable=SC2086 # the values are space-separated on purpose
   {
@@ -390,6 +397,7 @@ cold_medians() {
     cpu_s=$(median ${cpu["imaged $1"]})
     cri22_cpu_s=$(median ${cpu["cri22 $1"]})
     raw_cpu_s=$(median ${cpu["raw $1"]})
+    paired_ratio=$(median ${paired[$1]})
     rss_mb=$(median ${rss["imaged $1"]})
     cri22_rss_mb=$(median ${rss["cri22 $1"]})
     cri16_rss_mb=$(median ${rss["cri16 $1"]})
@@ -406,9 +414,10 @@ if [ "$snapshotter" != overlayfs ]; then
     "$snapshotter" "$scale" "$runs" "$containerd22_version" "$containerd_version" "$filesystem" >"$json"
   printf '\nsnapshotter %s on %s (containerd %s and %s with the same snapshotter)\n' \
     "$snapshotter" "$filesystem" "$containerd22_version" "$containerd_version"
-  format='%-10s %9s %12s %8s %8s %8s %10s %16s %10s %9s %7s\n'
+  format='%-10s %9s %12s %8s %8s %8s %10s %16s %10s %11s %9s %7s\n'
   # shellcheck disable=SC2059 # the format is built once for the header and the rows
-  printf "$format" variant imaged_s overlayfs_s cri22_s cri16_s raw_s imaged/cri22 imaged/overlayfs imaged/raw rss_MB cpu_s
+  printf "$format" variant imaged_s overlayfs_s cri22_s cri16_s raw_s imaged/cri22 imaged/overlayfs imaged/raw \
+    paired/raw rss_MB cpu_s
   first=1
   for variant in "${variants[@]}"; do
     cold_medians "$variant"
@@ -417,12 +426,12 @@ if [ "$snapshotter" != overlayfs ]; then
     # shellcheck disable=SC2059
     printf "$format" "$variant" "$imaged_s" "$overlay_s" "$cri22_s" "$cri16_s" "$raw_s" \
       "$(ratio "$imaged_s" "$cri22_s")" "$(ratio "$imaged_s" "$overlay_s")" "$(ratio "$imaged_s" "$raw_s")" \
-      "$rss_mb" "$cpu_s"
+      "$paired_ratio" "$rss_mb" "$cpu_s"
     [ $first = 1 ] || printf ',\n' >>"$json"
     first=0
-    printf '    "%s": {"imaged_s": %s, "imaged_overlayfs_s": %s, "containerd22_cri_s": %s, "containerd16_cri_s": %s, "raw_s": %s, "imaged_over_containerd22_cri": %s, "imaged_over_imaged_overlayfs": %s, "imaged_peak_rss_mb": %s, "imaged_cpu_s": %s, "containerd22_cpu_s": %s}' \
+    printf '    "%s": {"imaged_s": %s, "imaged_overlayfs_s": %s, "containerd22_cri_s": %s, "containerd16_cri_s": %s, "raw_s": %s, "imaged_over_containerd22_cri": %s, "imaged_over_imaged_overlayfs": %s, "imaged_over_raw_paired": %s, "imaged_peak_rss_mb": %s, "imaged_cpu_s": %s, "containerd22_cpu_s": %s}' \
       "$variant" "$imaged_s" "$overlay_s" "$cri22_s" "$cri16_s" "$raw_s" "$(ratio "$imaged_s" "$cri22_s")" \
-      "$(ratio "$imaged_s" "$overlay_s")" "$rss_mb" "$cpu_s" "$cri22_cpu_s" >>"$json"
+      "$(ratio "$imaged_s" "$overlay_s")" "$paired_ratio" "$rss_mb" "$cpu_s" "$cri22_cpu_s" >>"$json"
   done
   printf '\n  },\n  "total_s": %s\n}\n' "$(elapsed "$started")" >>"$json"
   exit 0
@@ -530,10 +539,10 @@ json=$out_dir/pull.json
     "$scale" "$runs" "$containerd22_version" "$containerd_version" "$filesystem"
   printf '  "variants": {\n'
 }>"$json"
-format='%-10s %7s %7s %8s %8s %8s %7s %7s %12s %12s %10s %6s %10s %8s %7s %7s %9s\n'
+format='%-10s %7s %7s %8s %8s %8s %7s %7s %12s %12s %10s %11s %6s %10s %8s %7s %7s %9s\n'
 # shellcheck disable=SC2059 # the format is built once for the header and the rows
 printf "\n$format" variant MB_tar MB_blob imaged_s cri22_s cri16_s ctr_s raw_s imaged/cri22 imaged/cri16 \
-  imaged/raw cpu_s raw_cpu_s cpu/raw rss_MB x2_s x2_rss_MB
+  imaged/raw paired/raw cpu_s raw_cpu_s cpu/raw rss_MB x2_s x2_rss_MB
 first=1
 for variant in "${variants[@]}"; do
   cold_medians "$variant"
@@ -549,18 +558,19 @@ for variant in "${variants[@]}"; do
   # shellcheck disable=SC2059
   printf "$format" "$variant" "${uncompressed_mb[$variant]}" "${compressed_mb[$variant]}" "$imaged_s" \
     "$cri22_s" "$cri16_s" "$ctr_s" "$raw_s" "$(ratio "$imaged_s" "$cri22_s")" "$(ratio "$imaged_s" "$cri16_s")" \
-    "$(ratio "$imaged_s" "$raw_s")" "$cpu_s" "$raw_cpu_s" "$(ratio "$cpu_s" "$raw_cpu_s")" "$rss_mb" \
-    "${x2_s/null/-}" "${x2_rss_mb/null/-}"
+    "$(ratio "$imaged_s" "$raw_s")" "$paired_ratio" "$cpu_s" "$raw_cpu_s" "$(ratio "$cpu_s" "$raw_cpu_s")" \
+    "$rss_mb" "${x2_s/null/-}" "${x2_rss_mb/null/-}"
   [ $first = 1 ] || printf ',\n' >>"$json"
   first=0
-  printf '    "%s": {"image": "%s", "uncompressed_mb": %s, "compressed_mb": %s, "imaged_s": %s, "containerd22_cri_s": %s, "containerd16_cri_s": %s, "ctr_s": %s, "raw_s": %s, "imaged_over_containerd22_cri": %s, "imaged_over_containerd16_cri": %s, "imaged_over_raw": %s, "imaged_cpu_s": %s, "containerd22_cpu_s": %s, "raw_cpu_s": %s, "imaged_cpu_over_raw": %s, "imaged_peak_rss_mb": %s, "containerd22_peak_rss_mb": %s, "containerd16_peak_rss_mb": %s, "double": {"uncompressed_mb": %s, "imaged_s": %s, "imaged_peak_rss_mb": %s}, "runs_s": {"imaged": %s, "containerd22_cri": %s, "containerd16_cri": %s, "ctr": %s, "raw": %s}}' \
+  printf '    "%s": {"image": "%s", "uncompressed_mb": %s, "compressed_mb": %s, "imaged_s": %s, "containerd22_cri_s": %s, "containerd16_cri_s": %s, "ctr_s": %s, "raw_s": %s, "imaged_over_containerd22_cri": %s, "imaged_over_containerd16_cri": %s, "imaged_over_raw": %s, "imaged_over_raw_paired": %s, "imaged_cpu_s": %s, "containerd22_cpu_s": %s, "raw_cpu_s": %s, "imaged_cpu_over_raw": %s, "imaged_peak_rss_mb": %s, "containerd22_peak_rss_mb": %s, "containerd16_peak_rss_mb": %s, "double": {"uncompressed_mb": %s, "imaged_s": %s, "imaged_peak_rss_mb": %s}, "runs_s": {"imaged": %s, "containerd22_cri": %s, "containerd16_cri": %s, "ctr": %s, "raw": %s}, "paired_ratios": [%s]}' \
     "$variant" "${ref[$variant]}" "${uncompressed_mb[$variant]}" "${compressed_mb[$variant]}" \
     "$imaged_s" "$cri22_s" "$cri16_s" "$ctr_s" "$raw_s" \
     "$(ratio "$imaged_s" "$cri22_s")" "$(ratio "$imaged_s" "$cri16_s")" "$(ratio "$imaged_s" "$raw_s")" \
-    "$cpu_s" "$cri22_cpu_s" "$raw_cpu_s" "$(ratio "$cpu_s" "$raw_cpu_s")" \
+    "$paired_ratio" "$cpu_s" "$cri22_cpu_s" "$raw_cpu_s" "$(ratio "$cpu_s" "$raw_cpu_s")" \
     "$rss_mb" "$cri22_rss_mb" "$cri16_rss_mb" "$x2_mb" "$x2_s" "$x2_rss_mb" \
     "$(runs_json imaged "$variant")" "$(runs_json cri22 "$variant")" "$(runs_json cri16 "$variant")" \
-    "$(runs_json ctr "$variant")" "$(runs_json raw "$variant")" >>"$json"
+    "$(runs_json ctr "$variant")" "$(runs_json raw "$variant")" \
+    "$(echo ${paired[$variant]} | tr ' ' ',')" >>"$json"
 done
 read -r warm_imaged_p50 warm_imaged_p99 <<<"$warm_imaged"
 read -r warm_containerd_p50 warm_containerd_p99 <<<"$warm_containerd"
@@ -592,6 +602,7 @@ for variant in "${variants[@]}"; do
   cold_medians "$variant"
   cri22_cpus+=("$variant $cri22_cpu_s s")
 done
+printf 'paired/raw: the median of imaged / raw limit within each run (the raw limit runs right after imaged)\n'
 printf 'cpu_s, raw_cpu_s: user + sys seconds of imaged and of the raw limit (containerd %s: %s)\n' \
   "$containerd22_version" "$(IFS=,; echo "${cri22_cpus[*]}" | sed 's/,/, /g')"
 printf '10-way concurrent pull of bench/gzip: %ss, %s blob GETs for %s distinct blobs\n' \
