@@ -127,6 +127,7 @@ const PROBLEMS_FOUND: u8 = 1;
 const CHECK_FAILED: u8 = 2;
 
 fn main() -> std::process::ExitCode {
+    limit_malloc_arenas();
     let args = Args::parse();
     if let Command::Check {
         config,
@@ -149,6 +150,23 @@ fn main() -> std::process::ExitCode {
     }
     plumbing::main("imaged", run(args))
 }
+
+/// glibc gives threads that allocate at the same time arenas of their own, up to eight per
+/// core, and each keeps what is freed in it. A pull runs four threads per layer that pass
+/// 256 KiB chunks along, so freed chunks pile up across many arenas. With two, a cold zstd pull
+/// of a 1.1 GB image peaks at 42-43 MB of RSS instead of 44-49 MB, at the same CPU within
+/// the noise of the measurement. `MALLOC_ARENA_MAX` in the environment still decides when set.
+#[cfg(target_env = "gnu")]
+fn limit_malloc_arenas() {
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets a parameter of the allocator, and runs here before any
+        // thread is started.
+        unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
+    }
+}
+
+#[cfg(not(target_env = "gnu"))]
+fn limit_malloc_arenas() {}
 
 async fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
