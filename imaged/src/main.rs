@@ -151,21 +151,24 @@ fn main() -> std::process::ExitCode {
     plumbing::main("imaged", run(args))
 }
 
-/// glibc gives threads that allocate at the same time arenas of their own, up to eight per
-/// core, and each keeps what is freed in it. A pull runs four threads per layer that pass
-/// 256 KiB chunks along, so freed chunks pile up across many arenas. With two, a cold zstd pull
-/// of a 1.1 GB image peaks at 42-43 MB of RSS instead of 44-49 MB, at the same CPU within
-/// the noise of the measurement. `MALLOC_ARENA_MAX` in the environment still decides when set.
-#[cfg(target_env = "gnu")]
+/// glibc gives each thread an arena on its first allocation, up to eight per core on 64-bit,
+/// and each keeps what is freed in it. A pull runs four threads per layer that pass 256 KiB
+/// chunks along, so freed chunks pile up across many arenas. With two, a cold zstd pull of a
+/// 1.1 GB image peaks at 42-43 MB of RSS instead of 44-49 MB, at the same CPU within the
+/// noise of the measurement. An arena cap set in the environment (`MALLOC_ARENA_MAX`, or
+/// `glibc.malloc.arena_max` in `GLIBC_TUNABLES`) still decides.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn limit_malloc_arenas() {
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+    let set = std::env::var_os("MALLOC_ARENA_MAX").is_some()
+        || std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("glibc.malloc.arena_max"));
+    if !set {
         // SAFETY: mallopt only sets a parameter of the allocator, and runs here before any
         // thread is started.
         unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
     }
 }
 
-#[cfg(not(target_env = "gnu"))]
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn limit_malloc_arenas() {}
 
 async fn run(args: Args) -> anyhow::Result<()> {
