@@ -302,7 +302,7 @@ stop_imaged() {
 }
 
 # Cold-pull results per "contender variant": space-separated values of each run.
-declare -A seconds rss cpu paired
+declare -A seconds rss cpu
 record() { seconds[$1]+="$2 "; }
 
 # cri_pull CONTENDER VARIANT PID SOCKET: a timed CRI pull of VARIANT through SOCKET, with the
@@ -338,6 +338,8 @@ for variant in "${variants[@]}"; do
     cri_pull imaged "$variant" "$imaged_pid" "$socket"
     stop_imaged
 
+    # The raw limit runs right after imaged, so the two share the host's state (CPU steal
+    # on a shared hypervisor comes and goes over seconds): see paired_ratios.
     echo "run $run/$runs, $variant: raw limit" >&2
     rm -rf "$work/raw"
     blobs=("$image_dir/blobs/$variant"/*)
@@ -350,11 +352,6 @@ for variant in "${variants[@]}"; do
     record "raw $variant" "$raw_wall"
     cpu["raw $variant"]+="$(awk -v u="$raw_user" -v s="$raw_sys" 'BEGIN { printf "%.2f", u + s }') "
     rm -rf "$work/raw"
-    # The raw limit runs right after imaged, so the two share the host's state (CPU steal
-    # on a shared hypervisor comes and goes over seconds); their ratio per run is steadier
-    # than the ratio of medians.
-    imaged_runs=${seconds["imaged $variant"]% }
-    paired["$variant"]+="$(ratio "${imaged_runs##* }" "$raw_wall") "
 
     if [ "$snapshotter" != overlayfs ]; then
       echo "run $run/$runs, $variant: imaged with overlayfs" >&2
@@ -397,15 +394,28 @@ cold_medians() {
     cpu_s=$(median ${cpu["imaged $1"]})
     cri22_cpu_s=$(median ${cpu["cri22 $1"]})
     raw_cpu_s=$(median ${cpu["raw $1"]})
-    paired_ratio=$(median ${paired[$1]})
+    paired_ratio=$(median $(paired_ratios "$1"))
     rss_mb=$(median ${rss["imaged $1"]})
     cri22_rss_mb=$(median ${rss["cri22 $1"]})
     cri16_rss_mb=$(median ${rss["cri16 $1"]})
   }
 }
 
+# paired_ratios VARIANT: imaged / raw limit within each run of VARIANT, space-separated; a
+# pair run seconds apart is steadier than the ratio of medians.
+paired_ratios() {
+  local imaged raw i
+  read -r -a imaged <<<"${seconds["imaged $1"]}"
+  read -r -a raw <<<"${seconds["raw $1"]}"
+  for i in "${!imaged[@]}"; do printf '%s ' "$(ratio "${imaged[$i]}" "${raw[$i]}")"; done
+}
+
+# json_list VALUES...: the values as a JSON list.
+json_list() { printf '[%s]' "$(echo "$@" | tr ' ' ',')"; }
+
 # runs_json CONTENDER VARIANT: the recorded wall seconds of each run as a JSON list.
-runs_json() { printf '[%s]' "$(echo ${seconds["$1 $2"]} | tr ' ' ',')"; }
+# shellcheck disable=SC2086 # the values are space-separated on purpose
+runs_json() { json_list ${seconds["$1 $2"]}; }
 
 if [ "$snapshotter" != overlayfs ]; then
   mkdir -p "$out_dir"
@@ -562,7 +572,7 @@ for variant in "${variants[@]}"; do
     "$rss_mb" "${x2_s/null/-}" "${x2_rss_mb/null/-}"
   [ $first = 1 ] || printf ',\n' >>"$json"
   first=0
-  printf '    "%s": {"image": "%s", "uncompressed_mb": %s, "compressed_mb": %s, "imaged_s": %s, "containerd22_cri_s": %s, "containerd16_cri_s": %s, "ctr_s": %s, "raw_s": %s, "imaged_over_containerd22_cri": %s, "imaged_over_containerd16_cri": %s, "imaged_over_raw": %s, "imaged_over_raw_paired": %s, "imaged_cpu_s": %s, "containerd22_cpu_s": %s, "raw_cpu_s": %s, "imaged_cpu_over_raw": %s, "imaged_peak_rss_mb": %s, "containerd22_peak_rss_mb": %s, "containerd16_peak_rss_mb": %s, "double": {"uncompressed_mb": %s, "imaged_s": %s, "imaged_peak_rss_mb": %s}, "runs_s": {"imaged": %s, "containerd22_cri": %s, "containerd16_cri": %s, "ctr": %s, "raw": %s}, "paired_ratios": [%s]}' \
+  printf '    "%s": {"image": "%s", "uncompressed_mb": %s, "compressed_mb": %s, "imaged_s": %s, "containerd22_cri_s": %s, "containerd16_cri_s": %s, "ctr_s": %s, "raw_s": %s, "imaged_over_containerd22_cri": %s, "imaged_over_containerd16_cri": %s, "imaged_over_raw": %s, "imaged_over_raw_paired": %s, "imaged_cpu_s": %s, "containerd22_cpu_s": %s, "raw_cpu_s": %s, "imaged_cpu_over_raw": %s, "imaged_peak_rss_mb": %s, "containerd22_peak_rss_mb": %s, "containerd16_peak_rss_mb": %s, "double": {"uncompressed_mb": %s, "imaged_s": %s, "imaged_peak_rss_mb": %s}, "runs_s": {"imaged": %s, "containerd22_cri": %s, "containerd16_cri": %s, "ctr": %s, "raw": %s}, "paired_ratios": %s}' \
     "$variant" "${ref[$variant]}" "${uncompressed_mb[$variant]}" "${compressed_mb[$variant]}" \
     "$imaged_s" "$cri22_s" "$cri16_s" "$ctr_s" "$raw_s" \
     "$(ratio "$imaged_s" "$cri22_s")" "$(ratio "$imaged_s" "$cri16_s")" "$(ratio "$imaged_s" "$raw_s")" \
@@ -570,7 +580,7 @@ for variant in "${variants[@]}"; do
     "$rss_mb" "$cri22_rss_mb" "$cri16_rss_mb" "$x2_mb" "$x2_s" "$x2_rss_mb" \
     "$(runs_json imaged "$variant")" "$(runs_json cri22 "$variant")" "$(runs_json cri16 "$variant")" \
     "$(runs_json ctr "$variant")" "$(runs_json raw "$variant")" \
-    "$(echo ${paired[$variant]} | tr ' ' ',')" >>"$json"
+    "$(json_list $(paired_ratios "$variant"))" >>"$json"
 done
 read -r warm_imaged_p50 warm_imaged_p99 <<<"$warm_imaged"
 read -r warm_containerd_p50 warm_containerd_p99 <<<"$warm_containerd"
